@@ -1,0 +1,210 @@
+"""T2VLP: CLIP towers + tube tokens + local alignment, with the original's state-dict layout (METHOD §10.1)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from modules.alignment import local_alignment_loss, text_side_centers
+from modules.checkpoint import (
+    init_state_from_clip,
+    load_state_dict_checked,
+    read_clip_state_dict,
+    read_model_state_dict,
+)
+from modules.clip import CLIPConfig, VisionTransformer, build_text_parts, encode_text_tokens, init_text_parts
+from modules.similarity import meanp_logits, symmetric_contrastive_loss
+from modules.tube import encode_tubes, tube_sequences
+
+logger = logging.getLogger("t2vlp.model")
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class T2VLPConfig:
+    """What T2VLP adds to CLIP. Defaults are the original's (for ViT-B/16: split before block 10)."""
+
+    num_centers: int = 8
+    split_layer: int | None = None  # first joint-attention block; None = vision_layers - 2
+    tube_layers: int = 2
+    detach_tube_input: bool = False  # True in stage 2 and downstream (METHOD §11.5)
+
+    def resolved(self, clip: CLIPConfig) -> T2VLPConfig:
+        split = clip.vision_layers - 2 if self.split_layer is None else self.split_layer
+        if not 0 <= split <= clip.vision_layers:
+            raise ValueError(f"split_layer {split} is outside the {clip.vision_layers} blocks of this CLIP")
+        if not 1 <= self.tube_layers <= clip.vision_layers:
+            raise ValueError(f"tube_layers {self.tube_layers} must be in 1..{clip.vision_layers}")
+        if self.num_centers < 1:
+            raise ValueError(f"num_centers must be positive, got {self.num_centers}")
+        return replace(self, split_layer=split)
+
+
+class ClipWithTubes(nn.Module):
+    """Everything under the `clip.` prefix of the original state dict."""
+
+    def __init__(self, clip: CLIPConfig, config: T2VLPConfig) -> None:
+        super().__init__()
+        self.visual = self._vision_tower(clip, clip.vision_layers)
+        for name, part in build_text_parts(clip).items():
+            setattr(self, name, part)
+        init_text_parts(self, clip)
+        self.local_visual = self._vision_tower(clip, config.tube_layers)
+        self.fusion_center = nn.Parameter(
+            torch.randn(1, 1, config.num_centers, clip.vision_width) * clip.vision_width**-0.5
+        )
+        self.fusion_proj_center = nn.Linear(clip.vision_width, clip.embed_dim)
+        self.lm_head = nn.Linear(clip.embed_dim, clip.embed_dim)  # unused; kept for checkpoint compatibility
+        for unused in (
+            self.local_visual.conv1,
+            self.local_visual.ln_pre,
+            self.lm_head,
+        ):
+            unused.requires_grad_(False)
+        self.local_visual.class_embedding.requires_grad_(False)
+        self.local_visual.positional_embedding.requires_grad_(False)
+
+    @staticmethod
+    def _vision_tower(clip: CLIPConfig, layers: int) -> VisionTransformer:
+        return VisionTransformer(
+            clip.image_resolution,
+            clip.vision_patch_size,
+            clip.vision_width,
+            layers,
+            clip.vision_heads,
+            clip.embed_dim,
+        )
+
+    @property
+    def centers(self) -> torch.Tensor:
+        return self.fusion_center.reshape(-1, self.fusion_center.shape[-1])
+
+
+class T2VLP(nn.Module):
+    """The one model of every stage and task. Public API in ARCHITECTURE §2; outputs are fp32."""
+
+    def __init__(self, clip_config: CLIPConfig, config: T2VLPConfig | None = None) -> None:
+        super().__init__()
+        self.clip_config = clip_config
+        self.config = (config or T2VLPConfig()).resolved(clip_config)
+        self.clip = ClipWithTubes(clip_config, self.config)
+        self._bert_style_init()
+
+    def _bert_style_init(self) -> None:
+        """METHOD §10.3 step 4: Linear and Embedding weights N(0, 0.02), zero biases (before loading)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        clip_path: str | os.PathLike,
+        init_model: str | os.PathLike | None = None,
+        config: T2VLPConfig | None = None,
+    ) -> T2VLP:
+        """Sizes from the CLIP checkpoint, CLIP initialisation (METHOD §10.3), then `init_model` on top."""
+        clip_state = read_clip_state_dict(clip_path)
+        clip_config = CLIPConfig.from_state_dict(clip_state)
+        model = cls(clip_config, config)
+        init_state = read_model_state_dict(init_model) if init_model else None
+        state = init_state_from_clip(
+            clip_state, init_state, clip_config.vision_layers, model.config.tube_layers
+        )
+        load_state_dict_checked(model, state)
+        logger.info(
+            "built T2VLP from %s%s: %s, %s",
+            clip_path,
+            f" + {init_model}" if init_model else "",
+            clip_config,
+            model.config,
+        )
+        return model
+
+    @property
+    def image_resolution(self) -> int:
+        return self.clip_config.image_resolution
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask [B, L] -> (EOT feature [B, D], all token states [B, L, D]), fp32."""
+        if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]"
+            )
+        if input_ids.shape[1] > self.clip_config.context_length:
+            raise ValueError(
+                f"text length {input_ids.shape[1]} exceeds the CLIP context length {self.clip_config.context_length}"
+            )
+        tokens = encode_text_tokens(self.clip, input_ids).float()
+        eot = tokens[torch.arange(tokens.shape[0], device=tokens.device), input_ids.argmax(dim=-1)]
+        return eot, tokens
+
+    def encode_video(
+        self, video: torch.Tensor, video_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised video [B, T, 3, H, W], mask [B, T] -> (frame features [B, T, D], tubes [B, K, D]), fp32.
+
+        `video_mask` is not used inside the encoder: as in the original, padded frames take part in the joint
+        attention and the tube head mean (METHOD §11.2); it matters for meanP pooling.
+        """
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"expected video [B, T, 3, H, W], got {tuple(video.shape)}")
+        batch, num_frames = video.shape[:2]
+        if tuple(video_mask.shape) != (batch, num_frames):
+            raise ValueError(
+                f"video_mask {tuple(video_mask.shape)} does not match video [B, T] = {(batch, num_frames)}"
+            )
+        frames, middle = self.clip.visual.forward_frames(
+            video.reshape(batch * num_frames, *video.shape[2:]), num_frames, self.config.split_layer
+        )
+        if self.config.detach_tube_input:
+            middle = middle.detach()
+        sequences = tube_sequences(middle, num_frames, self.clip.centers.to(middle.dtype))
+        tubes = encode_tubes(self.clip.local_visual, sequences, self.config.num_centers)
+        return frames.reshape(batch, num_frames, -1).float(), tubes.float()
+
+    def text_side_centers(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        projected = self.clip.fusion_proj_center(self.clip.centers)
+        return text_side_centers(projected, text_tokens, attention_mask)
+
+    def alignment_loss(
+        self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, tubes: torch.Tensor
+    ) -> torch.Tensor:
+        return local_alignment_loss(self.text_side_centers(text_tokens, attention_mask), tubes)
+
+    def similarity(
+        self, text_eot: torch.Tensor, frames: torch.Tensor, video_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """meanP logits [Bt, Bv] scaled by exp(logit_scale)."""
+        return meanp_logits(text_eot, frames, video_mask, self.clip.logit_scale)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        gather: Gather | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Stage-1 losses (METHOD §5): contrastive over the gathered batch + local alignment."""
+        text_eot, text_tokens = self.encode_text(input_ids, attention_mask)
+        frames, tubes = self.encode_video(video, video_mask)
+        if gather is not None:
+            text_eot, frames, video_mask = gather(text_eot), gather(frames), gather(video_mask)
+        sim_loss = symmetric_contrastive_loss(self.similarity(text_eot, frames, video_mask))
+        align_loss = self.alignment_loss(text_tokens, attention_mask, tubes)
+        return {
+            "loss": sim_loss + align_loss,
+            "sim_loss": sim_loss.detach(),
+            "align_loss": align_loss.detach(),
+        }
