@@ -1,0 +1,264 @@
+"""Small synthetic video-text dataset for the demo, laid out exactly like MSR-VTT (and a WebVid-style csv).
+
+Every video shows one large coloured shape moving in one direction on a plain dark background; its captions
+say which ("a red circle moves to the left"). Colour and shape are clear enough at 64 px for a tiny CLIP
+trained from scratch on a CPU to learn them.
+
+    python -m dataloaders.demo_data --out demo_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dataloaders.video import read_frames
+
+COLOURS = {  # RGB, far apart in hue so mp4v compression cannot confuse them
+    "red": (230, 20, 20),
+    "green": (20, 200, 20),
+    "blue": (30, 60, 255),
+    "yellow": (250, 240, 20),
+    "purple": (160, 30, 220),
+    "cyan": (20, 220, 230),
+    "orange": (255, 140, 0),
+    "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+DIRECTIONS = {  # unit motion (dx, dy) in image coordinates and the caption words
+    "left": ((-1, 0), "to the left"),
+    "right": ((1, 0), "to the right"),
+    "up": ((0, -1), "upwards"),
+    "down": ((0, 1), "downwards"),
+}
+CAPTION_TEMPLATES = (
+    "{a_colour} {shape} moves {direction}",
+    "{a_colour} {shape} is moving {direction}",
+    "the {colour} {shape} slides {direction}",
+    "{a_shape} that is {colour} moves {direction}",
+    "video of {a_colour} {shape} going {direction}",
+)
+MARKER_NAME = ".demo_data_complete.json"
+WEBVID_FIRST_ID = 10_000_000
+
+
+def make_demo_dataset(
+    out_dir: str | Path,
+    n_train: int = 400,
+    n_test: int = 50,
+    seed: int = 0,
+    size: int = 64,
+    fps: int = 8,
+    seconds: int = 3,
+) -> dict[str, Path]:
+    """Write the demo dataset under `out_dir` (skipped when a complete one with these settings is there).
+
+    Train videos are `video0 .. video<n_train-1>`, test videos follow. Returns the paths the loaders need.
+    """
+    out_dir = Path(out_dir)
+    settings = dict(n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds)
+    paths = demo_paths(out_dir)
+    marker = out_dir / MARKER_NAME
+    if marker.is_file():
+        if json.loads(marker.read_text()) == settings:
+            return paths
+        # Ours (the marker says so) but made with other settings: start clean so no stale video remains.
+        shutil.rmtree(paths["msrvtt_dir"], ignore_errors=True)
+        shutil.rmtree(paths["webvid_dir"], ignore_errors=True)
+        marker.unlink()
+
+    rng = np.random.default_rng(seed)
+    videos = _plan_videos(rng, n_train, n_test)
+    paths["videos_dir"].mkdir(parents=True, exist_ok=True)
+    for number, video in enumerate(videos):
+        video_path = paths["videos_dir"] / f"video{number}.mp4"
+        _write_video(video_path, video, rng, size, fps, seconds)
+        _check_decodes(video_path, fps * seconds)
+    _write_msrvtt_annotations(paths, videos, rng, seconds)
+    _write_webvid(paths, videos[:n_train], seconds)
+    marker.write_text(json.dumps(settings))
+    return paths
+
+
+def demo_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Where `make_demo_dataset` puts each file (MSR-VTT layout, plus WebVid-style files)."""
+    root = Path(out_dir)
+    msrvtt = root / "MSRVTT"
+    webvid = root / "webvid"
+    return {
+        "root": root,
+        "msrvtt_dir": msrvtt,
+        "videos_dir": msrvtt / "videos" / "all",
+        "data_json": msrvtt / "MSRVTT_data.json",
+        "train_csv": msrvtt / "MSRVTT_train.9k.csv",
+        "test_csv": msrvtt / "MSRVTT_JSFUSION_test.csv",
+        "webvid_dir": webvid,
+        "webvid_csv": webvid / "results_2M_train.csv",
+        "webvid_videos_dir": webvid / "videos",
+    }
+
+
+def _plan_videos(rng: np.random.Generator, n_train: int, n_test: int) -> list[dict]:
+    """Attributes and captions of every video: train cycles through all combinations, test ones are distinct."""
+    combinations = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    if n_test > len(combinations):
+        raise ValueError(f"n_test must be at most {len(combinations)} so that test captions are distinct")
+    train_order = np.concatenate([rng.permutation(len(combinations)) for _ in range(-(-n_train // len(combinations)))])
+    test_order = rng.permutation(len(combinations))[:n_test]
+    chosen = [combinations[i] for i in train_order[:n_train]] + [combinations[i] for i in test_order]
+    videos = []
+    for number, (colour, shape, direction) in enumerate(chosen):
+        words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
+                     a_colour=_with_article(colour), a_shape=_with_article(shape))
+        captions = [template.format(**words) for template in CAPTION_TEMPLATES]
+        videos.append({
+            "video_id": f"video{number}", "colour": colour, "shape": shape, "direction": direction,
+            "captions": captions, "split": "train" if number < n_train else "test",
+        })
+    return videos
+
+
+def _with_article(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _write_video(path: Path, video: dict, rng: np.random.Generator, size: int, fps: int, seconds: int) -> None:
+    n_frames = fps * seconds
+    radius = 0.2 * size
+    travel = 0.4 * size
+    (dx, dy), _ = DIRECTIONS[video["direction"]]
+    # Start so that the whole path stays inside the frame, with a random offset across the motion.
+    across = rng.uniform(0.35, 0.65) * size
+    start_x = 0.5 * size - dx * travel / 2 if dx else across
+    start_y = 0.5 * size - dy * travel / 2 if dy else across
+    background = int(rng.integers(30, 70))
+    bgr = tuple(reversed(COLOURS[video["colour"]]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write mp4v video {path}")
+    for frame_index in range(n_frames):
+        progress = frame_index / max(n_frames - 1, 1)
+        centre = (start_x + dx * travel * progress, start_y + dy * travel * progress)
+        frame = np.full((size, size, 3), background, dtype=np.uint8)
+        _draw_shape(frame, video["shape"], centre, radius, bgr)
+        writer.write(frame)
+    writer.release()
+
+
+def _draw_shape(frame: np.ndarray, shape: str, centre: tuple[float, float], radius: float, bgr: tuple) -> None:
+    x, y = centre
+    r = radius
+    if shape == "circle":
+        cv2.circle(frame, (round(x), round(y)), round(r), bgr, thickness=-1, lineType=cv2.LINE_AA)
+        return
+    if shape == "square":
+        points = [(x - r, y - r), (x + r, y - r), (x + r, y + r), (x - r, y + r)]
+    elif shape == "triangle":
+        points = [(x, y - r), (x + r, y + r), (x - r, y + r)]
+    elif shape == "diamond":
+        points = [(x, y - 1.2 * r), (x + r, y), (x, y + 1.2 * r), (x - r, y)]
+    elif shape == "cross":
+        t = r / 3
+        points = [(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
+                  (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    polygon = np.round(np.array(points)).astype(np.int32)
+    cv2.fillPoly(frame, [polygon], bgr, lineType=cv2.LINE_AA)
+
+
+def _check_decodes(path: Path, n_frames: int) -> None:
+    decoded = read_frames(path, feature_framerate=0)
+    if len(decoded) != n_frames:
+        raise RuntimeError(f"{path}: wrote {n_frames} frames but decoded {len(decoded)}")
+
+
+def _write_msrvtt_annotations(paths: dict[str, Path], videos: list[dict], rng: np.random.Generator,
+                              seconds: int) -> None:
+    data = {
+        "info": {"year": "2016", "version": "1.0", "description": "Synthetic T2VLP demo data in the MSR-VTT layout.",
+                 "contributor": "t2vlp dataloaders.demo_data", "data_created": "2016-04-14 14:30:20"},
+        "videos": [
+            {"category": SHAPES.index(video["shape"]), "url": f"https://www.youtube.com/watch?v=demo{number:07d}",
+             "video_id": video["video_id"], "start time": 0.0, "end time": float(seconds),
+             "split": video["split"], "id": number}
+            for number, video in enumerate(videos)
+        ],
+        "sentences": _shuffled_sentences(videos, rng),
+    }
+    paths["data_json"].write_text(json.dumps(data))
+    with paths["train_csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["video_id"])
+        writer.writerows([video["video_id"]] for video in videos if video["split"] == "train")
+    with paths["test_csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["key", "vid_key", "video_id", "sentence"])
+        test_videos = [video for video in videos if video["split"] == "test"]
+        for position, video in enumerate(test_videos):
+            number = video["video_id"].removeprefix("video")
+            caption = video["captions"][rng.integers(len(video["captions"]))]
+            writer.writerow([f"ret{position}", f"msr{number}", video["video_id"], caption])
+
+
+def _shuffled_sentences(videos: list[dict], rng: np.random.Generator) -> list[dict]:
+    """Sentences in random order, as in the real file (not grouped by video); sen_id follows the final order."""
+    pairs = [(video["video_id"], caption) for video in videos for caption in video["captions"]]
+    order = rng.permutation(len(pairs))
+    return [{"caption": pairs[i][1], "video_id": pairs[i][0], "sen_id": sen_id} for sen_id, i in enumerate(order)]
+
+
+def _write_webvid(paths: dict[str, Path], train_videos: list[dict], seconds: int) -> None:
+    """WebVid's `results_2M_train.csv` (one caption per video) and `videos/<page_dir>/<videoid>.mp4`."""
+    paths["webvid_dir"].mkdir(parents=True, exist_ok=True)
+    with paths["webvid_csv"].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"])
+        for number, video in enumerate(train_videos):
+            videoid = str(WEBVID_FIRST_ID + number)
+            page_idx = number // 2 + 1
+            first_page = (page_idx - 1) // 50 * 50 + 1
+            page_dir = f"{first_page:06d}_{first_page + 49:06d}"
+            # Sentence case with a comma, like WebVid names (forces csv quoting).
+            name = f"{video['colour'].capitalize()} {video['shape']}, moving {DIRECTIONS[video['direction']][1]}."
+            slug = name.lower().replace(",", "").replace(".", "").replace(" ", "-")
+            url = f"https://ak.picdn.net/shutterstock/videos/{videoid}/preview/stock-footage-{slug}.mp4"
+            writer.writerow([videoid, name, page_idx, page_dir, f"PT00H00M{seconds:02d}S", url])
+            target = paths["webvid_videos_dir"] / page_dir / f"{videoid}.mp4"
+            _link_or_copy(paths["videos_dir"] / f"{video['video_id']}.mp4", target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_data", help="output folder (default: demo_data)")
+    parser.add_argument("--n_train", type=int, default=400)
+    parser.add_argument("--n_test", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=3)
+    args = parser.parse_args()
+    paths = make_demo_dataset(args.out, args.n_train, args.n_test, args.seed, args.size, args.fps, args.seconds)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
