@@ -1,0 +1,309 @@
+"""Command-line flags shared by every entry script.
+
+Every flag of the original scripts (CLIP4Clip's parser plus T2VLP's additions, METHOD §8) is accepted verbatim,
+with CLIP4Clip's defaults. Flags that only mattered to the original's internals are accepted and ignored: if one
+is set to a non-default value, `report_ignored_flags` logs one warning for it (nothing is re-purposed). New flags
+are additive.
+
+Differences in meaning that a copied original command line would hit:
+* `--batch_size` is the *global* batch over all processes (the original divided a per-node value by the number
+  of GPUs per node, so its global batch was batch_size x nodes).
+* the world size, ranks and GPU count come from torchrun's environment, never from flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger("t2vlp.args")
+
+TASKS = ("clip", "fusion", "retrieval", "caption", "qa")
+
+# Cadences and fixed learning rates the original scripts hard-coded per task (METHOD §8 table).
+TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "clip": {"eval_steps": 500, "save_steps": 0, "new_params_lr": 1e-5},
+    "fusion": {"eval_steps": 1000, "save_steps": 2000, "new_params_lr": 1e-5},
+    "retrieval": {"eval_steps": 500, "save_steps": 500, "new_params_lr": 5e-6},
+    "caption": {"eval_steps": 1000, "save_steps": 1000, "new_params_lr": 1e-6},
+    "qa": {"eval_steps": 0, "save_steps": 0, "new_params_lr": 5e-6, "seed": 2021, "datatype": "msrvtt_qa"},
+}
+
+# dest -> hint; a warning is logged when any of these differs from its default.
+IGNORED_FLAGS: dict[str, str] = {
+    "do_pretrain": "use --do_train",
+    "do_lower_case": "the CLIP tokenizer always lower-cases",
+    "lr_decay": "the schedule is warmup_cosine",
+    "video_dim": "sizes come from the CLIP checkpoint",
+    "margin": "CLIP4Clip leftover, unused by the original too",
+    "hard_negative_rate": "CLIP4Clip leftover, unused by the original too",
+    "negative_weighting": "CLIP4Clip leftover, unused by the original too",
+    "n_pair": "CLIP4Clip leftover, unused by the original too",
+    "use_mil": "CLIP4Clip leftover, unused by the original too",
+    "sampled_use_mil": "CLIP4Clip leftover, unused by the original too",
+    "mask_ratio": "the original hard-coded 0.15 and never read this flag",
+    "cross_model": "no CLIP4Clip cross model is built (meanP similarity)",
+    "cache_dir": "nothing is downloaded",
+    "n_gpu": "one process per GPU under torchrun",
+    "fp16": "use --precision fp16 (autocast + GradScaler); apex is not used",
+    "fp16_opt_level": "use --precision; apex is not used",
+    "task_type": "the entry script decides the task",
+    "world_size": "read from torchrun's WORLD_SIZE",
+    "local_rank": "read from torchrun's LOCAL_RANK",
+    "rank": "read from torchrun's RANK",
+    "text_num_hidden_layers": "sizes come from the CLIP checkpoint",
+    "visual_num_hidden_layers": "sizes come from the CLIP checkpoint",
+    "cross_num_hidden_layers": "no CLIP4Clip cross model is built",
+    "pretrained_clip_name": "use --visual_pretrain_path",
+    "webvid_train_json": "the original QA script passed it but never read it",
+    "webvid_tfrecord": "the original QA script passed it but never read it",
+}
+
+BATCH_HELP = (
+    "GLOBAL training batch over all processes (default %(default)s). Each process loads batch_size / world_size "
+    "samples per optimiser step (must divide), and each forward pass batch_size / world_size / "
+    "gradient_accumulation_steps (must divide). The original divided a per-node value by the GPUs per node: to "
+    "reproduce an original run on n nodes, pass its --batch_size times n."
+)
+FREEZE_HELP = (
+    "CLIP4Clip's freeze rule (default %(default)s). With N > -1 every clip.* parameter is frozen except "
+    "ln_final, text_projection, logit_scale, visual.ln_post, visual.proj, transformer blocks with index >= N "
+    "(visual.transformer.resblocks.N / transformer.resblocks.N) and parameters whose name contains 'fusion' or "
+    "'local'. So 0 does NOT mean 'freeze nothing': it still freezes visual.conv1, class and positional "
+    "embeddings, ln_pre, token_embedding, the text positional embedding and lm_head. -1 freezes nothing."
+)
+
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    """Parser with every original flag plus the new ones, with `task`-specific defaults (see TASK_DEFAULTS)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    parser = argparse.ArgumentParser(description=f"T2VLP ({task})", allow_abbrev=False)
+    _add_original_flags(parser)
+    _add_ignored_flags(parser, task)
+    _add_new_flags(parser)
+    parser.set_defaults(**TASK_DEFAULTS[task])
+    return parser
+
+
+def _add_original_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("original flags")
+    add = group.add_argument
+    add("--do_train", action="store_true", help="Train.")
+    add("--do_eval", action="store_true", help="Evaluate only.")
+    add("--train_csv", type=str, default="data/.train.csv", help="Training annotation CSV (unused for WebVid).")
+    add("--val_csv", type=str, default="data/.val.csv", help="Evaluation annotation CSV.")
+    add("--data_path", type=str, default="data/caption.pickle",
+        help="Annotation file or folder (for WebVid: the labels JSON).")
+    add("--features_path", type=str, default="data/videos_feature.pickle", help="Folder of raw videos.")
+    add("--dir_path", type=str, default="./WebVid_TFRecord", help="Folder holding the WebVid path.index.")
+    add("--num_thread_reader", type=int, default=1, help="DataLoader workers per process.")
+    add("--lr", type=float, default=1e-4, help="Base learning rate (non-CLIP parameters; backbone: lr*coef_lr).")
+    add("--epochs", type=int, default=20)
+    add("--batch_size", type=int, default=256, help=BATCH_HELP)
+    add("--batch_size_val", type=int, default=3500, help="Evaluation batch per process.")
+    add("--n_display", type=int, default=100, help="Log the training loss every n optimiser steps.")
+    add("--seed", type=int, default=42)
+    add("--max_words", type=int, default=20, help="Text length in tokens, SOT and EOT included.")
+    add("--max_frames", type=int, default=100, help="Frames per clip (the T2VLP model needs its num_frames, 12).")
+    add("--feature_framerate", type=int, default=1, help="Frames sampled per second when decoding raw videos.")
+    add("--output_dir", type=str, required=True, help="Logs, metrics, checkpoints and restore.bin go here.")
+    add("--init_model", type=str, default=None, help="Starting checkpoint (original format or ours).")
+    add("--resume_model", type=str, default=None,
+        help="restore.bin to resume from (default: <output_dir>/restore.bin when it exists).")
+    add("--warmup_proportion", type=float, default=0.1, help="Warmup fraction of the total optimiser steps.")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--datatype", type=str, default="msrvtt", help="Dataset of the (evaluation) loader.")
+    add("--coef_lr", type=float, default=1.0, help="LR multiplier of the CLIP backbone parameters.")
+    add("--loose_type", action="store_true",
+        help="meanP similarity without a cross encoder; the only type implemented, so always on.")
+    add("--expand_msrvtt_sentences", action="store_true", help="One MSR-VTT training sample per caption.")
+    add("--train_frame_order", type=int, default=0, choices=[0, 1, 2], help="0 keep, 1 reverse, 2 shuffle.")
+    add("--eval_frame_order", type=int, default=0, choices=[0, 1, 2], help="0 keep, 1 reverse, 2 shuffle.")
+    add("--freeze_layer_num", type=int, default=0, help=FREEZE_HELP)
+    add("--slice_framepos", type=int, default=0, choices=[0, 1, 2],
+        help="Cut long videos to max_frames: 0 head, 1 tail, 2 uniform.")
+    add("--linear_patch", type=str, default="2d", choices=["2d", "3d"], help="Only 2d is implemented.")
+    add("--sim_header", type=str, default="meanP", choices=["meanP", "seqLSTM", "seqTransf", "tightTransf"],
+        help="Only meanP is implemented.")
+    add("--cross_config_path", type=str, default="./CLIP-modules",
+        help="Folder containing cross-base/cross_config.json.")
+    add("--visual_pretrain_path", type=str, default="./CLIP-modules/ViT-B-16.pt", help="OpenAI CLIP checkpoint.")
+
+
+def _add_ignored_flags(parser: argparse.ArgumentParser, task: str) -> None:
+    group = parser.add_argument_group("accepted for compatibility and ignored (a warning if set)")
+    add = group.add_argument
+    add("--do_pretrain", action="store_true")
+    add("--do_lower_case", action="store_true")
+    add("--lr_decay", type=float, default=0.9)
+    add("--video_dim", type=int, default=1024)
+    add("--margin", type=float, default=0.1)
+    add("--hard_negative_rate", type=float, default=0.5)
+    add("--negative_weighting", type=int, default=1)
+    add("--n_pair", type=int, default=1)
+    add("--use_mil", action="store_true")
+    add("--sampled_use_mil", action="store_true")
+    add("--mask_ratio", type=float, default=0.15)
+    add("--cross_model", type=str, default="cross-base")
+    add("--cache_dir", type=str, default="")
+    add("--n_gpu", type=int, default=1)
+    add("--fp16", action="store_true")
+    add("--fp16_opt_level", type=str, default="O1")
+    add("--task_type", type=str, default="retrieval")
+    add("--world_size", type=int, default=0)
+    add("--local_rank", "--local-rank", type=int, default=0)
+    add("--rank", type=int, default=0)
+    add("--text_num_hidden_layers", type=int, default=12)
+    add("--visual_num_hidden_layers", type=int, default=12)
+    add("--cross_num_hidden_layers", type=int, default=4)
+    add("--pretrained_clip_name", type=str, default="ViT-B/32")
+    if task == "qa":
+        add("--webvid_train_json", type=str, default=None)
+        add("--webvid_tfrecord", type=str, default=None)
+
+
+def _add_new_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("new flags")
+    add = group.add_argument
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="Autocast precision over fp32 master weights: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a "
+             "GradScaler.")
+    add("--new_params_lr", type=float,
+        help="Fixed LR of the new tube/alignment/fusion parameters, independent of --lr (the original "
+             "hard-coded it per script; default %(default)s for this task). The schedule still applies.")
+    add("--weight_decay", type=float, default=0.2, help="Decoupled weight decay of the non-bias parameters.")
+    add("--max_grad_norm", type=float, default=1.0, help="Global gradient-norm clipping; 0 disables.")
+    add("--eval_steps", type=int, help="Evaluate every n optimiser steps and after each epoch; 0: epochs only.")
+    add("--save_steps", type=int, help="Checkpoint every n optimiser steps; 0: only after each epoch.")
+    add("--max_bad_steps", type=int, default=20,
+        help="Stop the run after this many consecutive non-finite losses (those steps are skipped).")
+    add("--max_steps", type=int, default=0, help="Stop after this many optimiser steps (0: no limit).")
+    add("--num_centers", type=int, default=8, help="Semantic centers / tube tokens per video.")
+    add("--split_layer", "--joint_layers", dest="split_layer", type=int, default=10,
+        help="Index of the first ViT block that attends jointly over all frames of a clip (the original "
+             "hard-codes 10: blocks 10 and 11 are joint). --joint_layers is the same flag.")
+    add("--tube_layers", type=int, default=2, help="Depth of the tube encoder (copies of the last ViT blocks).")
+    add("--fusion_layers", type=int, default=6, help="Fusion-encoder blocks executed (of 12).")
+    add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+        help="Write TensorBoard scalars to <output_dir>/tensorboard.")
+
+
+def parse_args(argv: Sequence[str] | None = None, task: str = "clip",
+               world_size: int | None = None) -> argparse.Namespace:
+    """Parse and validate. `world_size` defaults to torchrun's WORLD_SIZE (1 without torchrun).
+
+    The result carries `ignored_flags`: one message per ignored flag that was set; call `report_ignored_flags`
+    once logging is configured.
+    """
+    parser = build_parser(task)
+    args = parser.parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    error = validation_error(args, world_size)
+    if error:
+        parser.error(error)
+    args.task = task
+    args.ignored_flags = _ignored_flag_messages(parser, args)
+    return args
+
+
+def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
+    """The first problem with flags that are impossible whatever the model, or None."""
+    checks = [
+        (args.do_train or args.do_eval, "one of --do_train / --do_eval is required"),
+        (args.sim_header == "meanP", f"--sim_header {args.sim_header} is not implemented (only meanP)"),
+        (args.linear_patch == "2d", "--linear_patch 3d is not implemented (only 2d)"),
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (args.lr > 0, "--lr must be > 0"),
+        (args.coef_lr >= 0 and args.new_params_lr >= 0, "--coef_lr and --new_params_lr must be >= 0"),
+        (0 <= args.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+        (args.batch_size >= 1 and args.batch_size_val >= 1, "--batch_size and --batch_size_val must be >= 1"),
+        (args.max_words >= 2, "--max_words must be >= 2 (SOT and EOT)"),
+        (args.max_frames >= 1, "--max_frames must be >= 1"),
+        (args.feature_framerate >= 1, "--feature_framerate must be >= 1"),
+        (args.freeze_layer_num >= -1, "--freeze_layer_num must be >= -1"),
+        (args.eval_steps >= 0 and args.save_steps >= 0, "--eval_steps and --save_steps must be >= 0"),
+        (args.max_steps >= 0, "--max_steps must be >= 0"),
+        (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
+        (args.n_display >= 1, "--n_display must be >= 1"),
+        (args.num_thread_reader >= 0, "--num_thread_reader must be >= 0"),
+        (args.num_centers >= 1 and args.tube_layers >= 1, "--num_centers and --tube_layers must be >= 1"),
+        (args.split_layer >= 0 and args.fusion_layers >= 1, "--split_layer must be >= 0, --fusion_layers >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            return message
+    if args.do_train:
+        try:
+            local_batch_sizes(args.batch_size, world_size, args.gradient_accumulation_steps)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def local_batch_sizes(batch_size: int, world_size: int, gradient_accumulation_steps: int) -> tuple[int, int]:
+    """(per-process batch per optimiser step, per-forward micro batch) for a global `batch_size`."""
+    if batch_size % world_size:
+        raise ValueError(f"--batch_size {batch_size} (global) is not divisible by the world size {world_size}")
+    per_process = batch_size // world_size
+    if per_process % gradient_accumulation_steps:
+        raise ValueError(
+            f"the per-process batch {per_process} (--batch_size {batch_size} / world size {world_size}) is not "
+            f"divisible by --gradient_accumulation_steps {gradient_accumulation_steps}"
+        )
+    return per_process, per_process // gradient_accumulation_steps
+
+
+def check_model_limits(args: argparse.Namespace, *, context_length: int, num_frames: int | None = None,
+                       fusion_extra_tokens: int | None = None) -> None:
+    """Raise ValueError naming the flag when the model cannot take these sizes.
+
+    `context_length`: rows of the text positional table (77 for CLIP). `num_frames`: frames per clip the joint
+    attention is built for. `fusion_extra_tokens`: non-text positions of the fusion sequence (1 + frames +
+    centers, +1 for QA), when the fusion encoder is used; it shares the same positional table length.
+    """
+    if args.max_words > context_length:
+        raise ValueError(f"--max_words {args.max_words} exceeds the text context length {context_length}")
+    if num_frames is not None and args.max_frames != num_frames:
+        raise ValueError(
+            f"--max_frames {args.max_frames} must equal the model's frames per clip ({num_frames}): the joint "
+            f"attention of the last ViT blocks is built for that many frames"
+        )
+    if fusion_extra_tokens is not None and args.max_words + fusion_extra_tokens > context_length:
+        raise ValueError(
+            f"the fusion sequence needs {fusion_extra_tokens} video positions + --max_words {args.max_words} "
+            f"> {context_length} positions; use --max_words <= {context_length - fusion_extra_tokens}"
+        )
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' on CUDA (fp16 where bf16 is unsupported), 'fp32' elsewhere; other values unchanged."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _ignored_flag_messages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    messages = []
+    for dest, hint in IGNORED_FLAGS.items():
+        if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest):
+            messages.append(f"--{dest} {getattr(args, dest)!r} is ignored: {hint}")
+    if not args.loose_type:
+        messages.append("--loose_type is not set, but the tight (cross-encoder) type is not implemented: "
+                        "using loose meanP similarity")
+    return messages
+
+
+def report_ignored_flags(args: argparse.Namespace, log: logging.Logger | None = None) -> None:
+    """Log one warning per ignored flag that was set (call once, after logging is configured)."""
+    for message in getattr(args, "ignored_flags", []):
+        (log or logger).warning(message)
+

@@ -1,0 +1,118 @@
+"""Checkpoint files (METHOD §10.4, ARCHITECTURE §2): atomic writes, model checkpoints, restore.bin, RNG state."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("t2vlp.checkpointing")
+
+RESTORE_NAME = "restore.bin"
+CHECKPOINT_DIR = "ckpt"
+CHECKPOINT_PREFIX = "pytorch_model.bin."
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save `obj` so that `path` holds either the old file or the complete new one, never a partial one.
+
+    Writes a temp file in the same folder, fsyncs it, renames it over `path` and fsyncs the folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fp32_cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: (t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu())
+            for key, t in state_dict.items()}
+
+
+def checkpoint_path(output_dir: str | os.PathLike, global_step: int) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{global_step}"
+
+
+def save_model_checkpoint(output_dir: str | os.PathLike, global_step: int,
+                          model_state_dict: Mapping[str, torch.Tensor],
+                          extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `<output_dir>/ckpt/pytorch_model.bin.<global_step>` = {"global_step", "model_state_dict", **extra}.
+
+    Floating tensors are stored as fp32 on CPU. Pass the DDP-unwrapped state dict (original key layout).
+    """
+    payload = {**(extra or {}), "global_step": int(global_step), "model_state_dict": _fp32_cpu(model_state_dict)}
+    return save_atomic(payload, checkpoint_path(output_dir, global_step))
+
+
+def save_restore(output_dir: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Atomically (over)write `<output_dir>/restore.bin` with everything needed to resume."""
+    return save_atomic(dict(state), Path(output_dir) / RESTORE_NAME)
+
+
+def load_restore(output_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
+                 map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The dict saved by save_restore, or None when there is none.
+
+    Reads `path` if given (e.g. --resume_model), else `<output_dir>/restore.bin`. Loaded with
+    weights_only=False because it holds RNG states and optimiser/scheduler state: only load your own files.
+    """
+    if path is None:
+        if output_dir is None:
+            raise ValueError("give output_dir or path")
+        path = Path(output_dir) / RESTORE_NAME
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """States of python `random`, numpy's global RNG, torch CPU and every CUDA device."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of capture_rng_state. CUDA states are restored only when the device count matches."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states is None or not torch.cuda.is_available():
+        return
+    if len(cuda_states) != torch.cuda.device_count():
+        logger.warning("saved %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+                       len(cuda_states), torch.cuda.device_count())
+        return
+    torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])

@@ -1,0 +1,110 @@
+"""Run outputs: the human log (log.txt + console), metrics.jsonl and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+logger = logging.getLogger("t2vlp.run_logging")
+
+
+class RunLogger:
+    """Configures the root logger for a run and writes its metric files.
+
+    Rank 0 (`is_main`) logs INFO and above to the console and to `<output_dir>/log.txt` and writes
+    `metrics.jsonl` and TensorBoard scalars (`<output_dir>/tensorboard`). Other ranks only print warnings and
+    errors to the console, prefixed with their rank, and write no files.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, is_main: bool, tensorboard: bool = True,
+                 rank: int = 0) -> None:
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._handlers: list[logging.Handler] = []
+        self._writer = None
+        if is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._configure_logging(rank)
+        if is_main and tensorboard:
+            self._writer = _open_tensorboard(self.output_dir / "tensorboard")
+
+    def _configure_logging(self, rank: int) -> None:
+        root = logging.getLogger()
+        if self.is_main:
+            console = logging.StreamHandler(sys.stdout)
+            console.setLevel(logging.INFO)
+            console.setFormatter(logging.Formatter(LOG_FORMAT))
+            log_file = logging.FileHandler(self.output_dir / "log.txt", encoding="utf-8")
+            log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+            self._handlers = [console, log_file]
+        else:
+            console = logging.StreamHandler(sys.stderr)
+            console.setLevel(logging.WARNING)
+            console.setFormatter(logging.Formatter(f"[rank {rank}] {LOG_FORMAT}"))
+            self._handlers = [console]
+        for handler in self._handlers:
+            root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Append `record` as one JSON line to metrics.jsonl and make it durable (rank 0 only).
+
+        Numpy/torch scalars become numbers; NaN and infinities become null (JSON has no such values).
+        """
+        if not self.is_main:
+            return
+        line = json.dumps(_jsonable(record), allow_nan=False)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """One TensorBoard scalar (rank 0 with TensorBoard enabled, otherwise nothing)."""
+        if self._writer is not None:
+            self._writer.add_scalar(tag, float(value), step)
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        for tag, value in values.items():
+            self.scalar(prefix + tag, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        root = logging.getLogger()
+        for handler in self._handlers:
+            root.removeHandler(handler)
+            handler.close()
+        self._handlers = []
+
+
+def _open_tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # tensorboard is an optional dependency at run time
+        logger.warning("TensorBoard is unavailable (%s); scalars go to log.txt and metrics.jsonl only", exc)
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # numpy / torch scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return str(value)
