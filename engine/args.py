@@ -184,9 +184,9 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
         help="Stop the run after this many consecutive non-finite losses (those steps are skipped).")
     add("--max_steps", type=int, default=0, help="Stop after this many optimiser steps (0: no limit).")
     add("--num_centers", type=int, default=8, help="Semantic centers / tube tokens per video.")
-    add("--split_layer", "--joint_layers", dest="split_layer", type=int, default=10,
-        help="Index of the first ViT block that attends jointly over all frames of a clip (the original "
-             "hard-codes 10: blocks 10 and 11 are joint). --joint_layers is the same flag.")
+    add("--split_layer", type=int, default=None,
+        help="Index of the first ViT block that attends jointly over all frames of a clip. Default: the number "
+             "of ViT blocks - 2, i.e. 10 for ViT-B/16 as the original hard-codes (blocks 10 and 11 joint).")
     add("--tube_layers", type=int, default=2, help="Depth of the tube encoder (copies of the last ViT blocks).")
     add("--fusion_layers", type=int, default=6, help="Fusion-encoder blocks executed (of 12).")
     add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
@@ -234,7 +234,8 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
         (args.n_display >= 1, "--n_display must be >= 1"),
         (args.num_thread_reader >= 0, "--num_thread_reader must be >= 0"),
         (args.num_centers >= 1 and args.tube_layers >= 1, "--num_centers and --tube_layers must be >= 1"),
-        (args.split_layer >= 0 and args.fusion_layers >= 1, "--split_layer must be >= 0, --fusion_layers >= 1"),
+        ((args.split_layer is None or args.split_layer >= 0) and args.fusion_layers >= 1,
+         "--split_layer must be >= 0, --fusion_layers >= 1"),
     ]
     for ok, message in checks:
         if not ok:

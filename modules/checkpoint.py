@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 import zipfile
@@ -170,7 +169,6 @@ def write_random_clip_checkpoint(path: str | os.PathLike, config: CLIPConfig, se
     torch.manual_seed(seed)
     clip = CLIP(config)
     state = original_format_state_dict(clip)
-    state["logit_scale"] = torch.tensor(math.log(100.0))
     state["input_resolution"] = torch.tensor(config.image_resolution)
     state["context_length"] = torch.tensor(config.context_length)
     state["vocab_size"] = torch.tensor(config.vocab_size)

@@ -41,10 +41,10 @@ def test_defaults_follow_clip4clip_and_the_task():
     assert args.visual_pretrain_path == "./CLIP-modules/ViT-B-16.pt"
     assert (args.precision, args.new_params_lr, args.weight_decay) == ("auto", 1e-5, 0.2)
     assert (args.eval_steps, args.save_steps, args.max_bad_steps, args.max_steps) == (500, 0, 20, 0)
-    assert (args.num_centers, args.split_layer, args.tube_layers, args.tensorboard) == (8, 10, 2, True)
+    assert (args.num_centers, args.split_layer, args.tube_layers, args.tensorboard) == (8, None, 2, True)
     qa = parse_args(["--do_eval", "--output_dir", "o", "--webvid_tfrecord", "x"], task="qa", world_size=1)
     assert (qa.seed, qa.datatype, qa.new_params_lr, qa.eval_steps) == (2021, "msrvtt_qa", 5e-6, 0)
-    fusion = parse_args(["--do_eval", "--output_dir", "o", "--joint_layers", "9", "--no-tensorboard"], task="fusion")
+    fusion = parse_args(["--do_eval", "--output_dir", "o", "--split_layer", "9", "--no-tensorboard"], task="fusion")
     assert (fusion.eval_steps, fusion.save_steps, fusion.split_layer, fusion.tensorboard) == (1000, 2000, 9, False)
 
 

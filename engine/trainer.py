@@ -1,0 +1,333 @@
+"""The training loop shared by every stage and task: DDP, autocast over fp32 master weights, gradient
+accumulation, clipping, skipping of non-finite steps, periodic evaluation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.video import normalize_video
+from engine import distributed
+from engine.checkpointing import (
+    capture_rng_state,
+    load_restore,
+    restore_rng_state,
+    save_model_checkpoint,
+    save_restore,
+)
+from engine.evaluation import autocast_context
+from engine.optim import apply_freeze_rule, build_optimizer, build_scheduler, clamp_logit_scale
+from engine.run_logging import RunLogger
+from engine.sampler import ResumableDistributedSampler
+
+logger = logging.getLogger("t2vlp.train")
+
+# evaluate(model, step, epoch) -> metrics record (already logged) or None; called on rank 0 only.
+EvaluateFn = Callable[[nn.Module, int, int], dict[str, Any] | None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops, the last saved checkpoint is intact."""
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    micro_batch_size: int  # per process, per forward
+    accumulation_steps: int
+    lr: float
+    coef_lr: float
+    new_params_lr: float
+    weight_decay: float
+    warmup_proportion: float
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    seed: int = 42
+    num_workers: int = 0
+    n_display: int = 50
+    eval_steps: int = 0
+    save_steps: int = 0
+    max_steps: int = 0
+    max_bad_steps: int = 20
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in restore.bin."""
+
+    epoch: int = 0
+    samples_in_epoch: int = 0  # samples of the epoch consumed by all processes together (for resume)
+    global_step: int = 0  # optimiser steps taken
+    bad_steps: int = 0  # consecutive skipped steps
+    skipped_videos: int = 0
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to save restore.bin at the next step boundary and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("signal %d received: saving restore.bin at the next step boundary, then stopping", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset,
+        settings: TrainSettings,
+        run: RunLogger,
+        dist_info: distributed.DistInfo,
+        output_dir: str,
+        evaluate: EvaluateFn | None = None,
+        freeze_layer_num: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.run = run
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.output_dir = output_dir
+        self.evaluate = evaluate
+        self.model = model.to(self.device)
+        frozen = apply_freeze_rule(self.model, freeze_layer_num)
+        logger.info("--freeze_layer_num %d froze %d parameter tensors", freeze_layer_num, len(frozen))
+        self.train_dataset = train_dataset
+        self.sampler = ResumableDistributedSampler(
+            len(train_dataset), dist_info.world_size, dist_info.rank, shuffle=True, seed=settings.seed,
+            drop_last=dist_info.world_size > 1,
+        )
+        self.batches_per_epoch = self.sampler.num_samples // settings.micro_batch_size
+        self.steps_per_epoch = self.batches_per_epoch // settings.accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set ({len(train_dataset)} items) is smaller than one global batch "
+                f"({settings.micro_batch_size * settings.accumulation_steps * dist_info.world_size})"
+            )
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.optimizer = build_optimizer(
+            self.model, settings.lr, settings.coef_lr, settings.new_params_lr, settings.weight_decay
+        )
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, settings.warmup_proportion)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if dist_info.world_size > 1
+            else self.model
+        )
+        self.progress = Progress()
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_step": self.progress.global_step,
+            "model_state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optim_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng_state": distributed.all_gather_object(capture_rng_state()),  # one per rank
+            "world_size": self.dist.world_size,
+            "settings": asdict(self.settings),
+        }
+
+    def resume_if_possible(self, path: str | None = None) -> bool:
+        """Load `path`, else `<output_dir>/restore.bin` when present; return whether the run resumed."""
+        state = load_restore(self.output_dir, path=path)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model_state_dict"])
+        self.optimizer.load_state_dict(state["optim_state_dict"])
+        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        self.scaler.load_state_dict(state["scaler_state_dict"])
+        self.progress = Progress(**state["progress"])
+        rng_states = state["rng_state"]
+        if state.get("world_size") != self.dist.world_size:
+            logger.warning("resuming a run saved with %s processes on %d", state.get("world_size"), self.dist.world_size)
+        restore_rng_state(rng_states[self.dist.rank % len(rng_states)])
+        logger.info(
+            "resumed from restore.bin: epoch %d, %d samples into the epoch, step %d",
+            self.progress.epoch, self.progress.samples_in_epoch, self.progress.global_step,
+        )
+        return True
+
+    def save(self, with_checkpoint: bool) -> None:
+        """restore.bin always, `ckpt/pytorch_model.bin.<step>` when asked; rank 0 writes, all ranks wait."""
+        state = self.state_dict()  # collective: gathers every rank's RNG state
+        if self.dist.is_main:
+            if with_checkpoint:
+                path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"])
+                logger.info("saved %s", path)
+            save_restore(self.output_dir, state)
+        distributed.barrier()
+
+    # ---------------------------------------------------------------- loop
+
+    def _loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.progress.epoch)
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.train_dataset.set_epoch(self.progress.epoch)
+        self.sampler.skip(self.progress.samples_in_epoch)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.settings.micro_batch_size,
+            sampler=self.sampler,
+            num_workers=self.settings.num_workers,
+            collate_fn=collate_clips,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+        )
+
+    def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        video = normalize_video(batch["video"].to(self.device, non_blocking=True))
+        with autocast_context(self.device, self.settings.precision):
+            return self.ddp(
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                video,
+                batch["video_mask"].to(self.device),
+                gather=distributed.all_gather_with_grad,
+            )
+
+    def fit(self) -> Progress:
+        """Train to the end (or to `max_steps` / a stop signal), evaluating and saving on the way."""
+        settings = self.settings
+        logger.info(
+            "training: %d epochs x %d optimiser steps (global batch %d = %d processes x %d x %d accumulation)",
+            settings.epochs, self.steps_per_epoch,
+            self.dist.world_size * settings.micro_batch_size * settings.accumulation_steps,
+            self.dist.world_size, settings.micro_batch_size, settings.accumulation_steps,
+        )
+        with StopRequest() as stop:
+            while self.progress.epoch < settings.epochs:
+                finished_epoch = self._run_epoch(stop)
+                if not finished_epoch:
+                    return self.progress
+                self.progress.epoch += 1
+                self.progress.samples_in_epoch = 0
+                self._evaluate()
+                self.save(with_checkpoint=True)
+        return self.progress
+
+    def _run_epoch(self, stop: StopRequest) -> bool:
+        """One epoch from the saved position; False when stopped early (restore.bin saved)."""
+        settings, progress = self.settings, self.progress
+        pending: list[dict[str, torch.Tensor]] = []
+        window_finite = True
+        for batch in self._loader():
+            progress.samples_in_epoch += self.settings.micro_batch_size * self.dist.world_size
+            progress.skipped_videos += batch["n_skipped"]
+            if distributed.all_reduce_sum(float(is_empty_batch(batch))) > 0:
+                logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
+                continue
+            window_finite &= self._accumulate(batch, len(pending) + 1 == settings.accumulation_steps, pending)
+            if len(pending) < settings.accumulation_steps:
+                continue
+            self._optimizer_step(pending, window_finite)
+            pending, window_finite = [], True
+            if self._stop_now(stop):
+                self.save(with_checkpoint=False)
+                logger.info("stopped at step %d; rerun the same command to resume", progress.global_step)
+                return False
+        self.optimizer.zero_grad(set_to_none=True)  # an incomplete last accumulation window is dropped
+        return True
+
+    def _accumulate(self, batch: dict[str, Any], last_in_window: bool, pending: list) -> bool:
+        """Forward + backward of one micro-batch; returns whether its loss was finite on every rank."""
+        syncing = last_in_window or not isinstance(self.ddp, DistributedDataParallel)
+        with nullcontext() if syncing else self.ddp.no_sync():
+            losses = self._forward(batch)
+            finite = distributed.all_reduce_sum(float(not torch.isfinite(losses["loss"]).item())) == 0
+            if finite:
+                loss = losses["loss"] / self.settings.accumulation_steps
+                self.scaler.scale(loss).backward()
+        pending.append({k: v.detach().float() for k, v in losses.items()})
+        return finite
+
+    def _optimizer_step(self, pending: list[dict[str, torch.Tensor]], finite: bool) -> None:
+        settings, progress = self.settings, self.progress
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            progress.bad_steps += 1
+            logger.warning(
+                "non-finite loss at step %d: step skipped (%d in a row, limit %d)",
+                progress.global_step + 1, progress.bad_steps, settings.max_bad_steps,
+            )
+            if progress.bad_steps >= settings.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{progress.bad_steps} consecutive non-finite losses; stopping. The last checkpoint and "
+                    f"restore.bin in {self.output_dir} are from before them."
+                )
+            return
+        progress.bad_steps = 0
+        if settings.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale(self.model)
+        progress.global_step += 1
+        self._log_step(pending)
+        if settings.eval_steps and progress.global_step % settings.eval_steps == 0:
+            self._evaluate()
+        if settings.save_steps and progress.global_step % settings.save_steps == 0:
+            self.save(with_checkpoint=True)
+
+    def _stop_now(self, stop: StopRequest) -> bool:
+        limit = self.settings.max_steps and self.progress.global_step >= self.settings.max_steps
+        return bool(limit) or distributed.all_reduce_sum(float(stop.requested)) > 0
+
+    def _log_step(self, pending: list[dict[str, torch.Tensor]]) -> None:
+        step = self.progress.global_step
+        values = {
+            key: distributed.all_reduce_mean(sum(p[key] for p in pending) / len(pending)) for key in pending[0]
+        }
+        values["lr_backbone"] = self.scheduler.get_last_lr()[0]
+        logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
+        values["logit_scale"] = float(logit_scale.detach().exp()) if logit_scale is not None else math.nan
+        self.run.scalars(values, step, prefix="train/")
+        if step % self.settings.n_display == 0 or step == 1:
+            logger.info(
+                "epoch %d step %d/%d  %s  skipped videos %d",
+                self.progress.epoch + 1, step, self.total_steps,
+                "  ".join(f"{k} {v:.4g}" for k, v in values.items()), self.progress.skipped_videos,
+            )
+
+    def _evaluate(self) -> None:
+        if self.evaluate is None:
+            return
+        if self.dist.is_main:
+            self.evaluate(self.model, self.progress.global_step, self.progress.epoch)
+            self.model.train()
+        distributed.barrier()
+
+

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small demo dataset in MSR-VTT layout and a tiny random CLIP checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dataloaders.demo_data import make_demo_dataset
+from modules.checkpoint import write_random_clip_checkpoint
+from tests.model_helpers import TINY_CLIP
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
+    return write_random_clip_checkpoint(tmp_path_factory.mktemp("clip") / "ViT-tiny.pt", TINY_CLIP, seed=7)
+
+
+@pytest.fixture(scope="session")
+def small_demo_source(tmp_path_factory) -> dict[str, Path]:
+    """A small demo dataset (24 train, 6 test videos); copy it before modifying (see `small_demo`)."""
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=24, n_test=6, size=32, fps=4, seconds=2)
+
+
+@pytest.fixture()
+def small_demo(small_demo_source, tmp_path) -> dict[str, Path]:
+    """A private copy of the small demo dataset that a test may damage."""
+    root = tmp_path / "demo"
+    shutil.copytree(small_demo_source["root"], root)
+    return {key: root / path.relative_to(small_demo_source["root"]) for key, path in small_demo_source.items()}

@@ -1,0 +1,103 @@
+"""Stage-1 training end to end on the small demo dataset: exact resume, bad videos, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import main_task_clip
+from engine.checkpointing import load_restore
+from tests.stage1_helpers import stage1_argv
+
+
+def final_state(output_dir) -> dict[str, torch.Tensor]:
+    checkpoints = sorted((output_dir / "ckpt").glob("pytorch_model.bin.*"), key=lambda p: int(p.suffix[1:]))
+    return torch.load(checkpoints[-1], weights_only=True)["model_state_dict"]
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stop_and_resume_is_bit_identical(small_demo, tiny_clip_checkpoint, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, straight)) == 0
+    # 24 pairs / batch 8 = 3 steps per epoch: stop inside epoch 2, then rerun the plain command
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted, "--max_steps=4")) == 0
+    stopped = load_restore(interrupted)
+    assert stopped["global_step"] == 4 and stopped["progress"]["epoch"] == 1
+    assert stopped["progress"]["samples_in_epoch"] == 8
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted)) == 0
+
+    expected, resumed = final_state(straight), final_state(interrupted)
+    assert load_restore(interrupted)["global_step"] == 6
+    assert expected.keys() == resumed.keys()
+    differing = [key for key in expected if not torch.equal(expected[key], resumed[key])]
+    assert differing == []
+    after_epoch_1 = torch.load(straight / "ckpt" / "pytorch_model.bin.3", weights_only=True)["model_state_dict"]
+    assert not torch.equal(after_epoch_1["clip.fusion_center"], expected["clip.fusion_center"])
+    # the same evaluations, with the same numbers, in both runs
+    assert [m["t2v"] for m in metrics(straight)] == [m["t2v"] for m in metrics(interrupted)]
+
+
+def test_training_changes_the_weights_it_should(small_demo, tiny_clip_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=1")) == 0
+    trained = final_state(out)
+    from modules.checkpoint import init_state_from_clip, read_clip_state_dict
+
+    initial = init_state_from_clip(read_clip_state_dict(tiny_clip_checkpoint), None, 4, 2)
+    moved = lambda key: not torch.equal(initial[key].float(), trained[key])  # noqa: E731
+    assert moved("clip.visual.transformer.resblocks.0.attn.in_proj_weight")
+    assert moved("clip.local_visual.transformer.resblocks.1.mlp.c_fc.weight")
+    assert moved("clip.transformer.resblocks.1.mlp.c_proj.weight")
+    # --freeze_layer_num 0 freezes the patch and token embeddings (CLIP4Clip semantics)
+    assert not moved("clip.visual.conv1.weight")
+    assert not moved("clip.token_embedding.weight")
+    record = metrics(out)[-1]
+    assert record["task"] == "retrieval" and record["scoring"] == "meanP"
+    assert record["n_texts"] == record["n_videos"] == 6 and record["epoch"] == 1 and record["step"] == 3
+    assert set(record["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
+
+
+def test_bad_videos_are_skipped_and_counted(small_demo, tiny_clip_checkpoint, tmp_path):
+    videos = small_demo["videos_dir"]
+    (videos / "video0.mp4").write_bytes((videos / "video0.mp4").read_bytes()[:300])  # truncated
+    (videos / "video1.mp4").write_bytes(b"")  # empty
+    (videos / "video2.mp4").unlink()  # missing
+    (videos / "video25.mp4").unlink()  # a test video
+    out = tmp_path / "run"
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, out)) == 0
+    log = (out / "log.txt").read_text()
+    for video_id in ("video0", "video1", "video2", "video25"):
+        assert f"skipping video {video_id}" in log
+    record = metrics(out)[-1]
+    assert record["n_skipped"] == 1 and record["n_texts"] == record["n_videos"] == 5
+    restore = load_restore(out)
+    assert restore["progress"]["skipped_videos"] == 3 * 2  # three bad training videos, seen once per epoch
+
+
+def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    original_forward = main_task_clip.T2VLP.forward
+    calls = {"n": 0}
+
+    def forward_with_nan_after_two_steps(self, *args, **kwargs):
+        result = original_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            result["loss"] = result["loss"] * float("nan")
+        return result
+
+    monkeypatch.setattr(main_task_clip.T2VLP, "forward", forward_with_nan_after_two_steps)
+    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=3", "--max_bad_steps=3", "--save_steps=1")
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
+        main_task_clip.main(argv)
+    assert caplog.text.count("non-finite loss at step 3: step skipped") == 3
+    restore = load_restore(out)
+    assert restore["global_step"] == 2  # the last good step is what was saved
+    assert (out / "ckpt" / "pytorch_model.bin.2").is_file()
+    assert all(torch.isfinite(v).all() for v in restore["model_state_dict"].values() if v.is_floating_point())
