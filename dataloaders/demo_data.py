@@ -227,8 +227,9 @@ def _write_webvid(paths: dict[str, Path], train_videos: list[dict], seconds: int
             page_idx = number // 2 + 1
             first_page = (page_idx - 1) // 50 * 50 + 1
             page_dir = f"{first_page:06d}_{first_page + 49:06d}"
-            # Sentence case with a comma, like WebVid names (forces csv quoting).
-            name = f"{video['colour'].capitalize()} {video['shape']}, moving {DIRECTIONS[video['direction']][1]}."
+            # One of the video's captions in WebVid's sentence case; a comma forces csv quoting.
+            caption = video["captions"][number % len(video["captions"])]
+            name = f"{caption[0].upper()}{caption[1:]}, in a video clip."
             slug = name.lower().replace(",", "").replace(".", "").replace(" ", "-")
             url = f"https://ak.picdn.net/shutterstock/videos/{videoid}/preview/stock-footage-{slug}.mp4"
             writer.writerow([videoid, name, page_idx, page_dir, f"PT00H00M{seconds:02d}S", url])

@@ -80,7 +80,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group; the barrier first keeps one rank from tearing down while another still talks
+    (gloo aborts with "terminate called without an active exception" otherwise, under load)."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 
