@@ -1,0 +1,416 @@
+"""WebVid pre-training data stored as TFRecord shards (METHOD §9.1-9.2): record schema, index, reader, Dataset.
+
+Two record layouts are read:
+
+* ours (written by `frozen_tfrecord.py`), a `tf.train.Example` with
+  `video_id` bytes[1] (UTF-8), `num_frames` int64[1], `height` int64[1], `width` int64[1],
+  `frame_format` bytes[1] (b"jpeg"), `frame_indices` int64[num_frames] (position of each stored frame in the
+  source video or frame folder), `frames` bytes[num_frames] (one JPEG per frame, RGB content, all frames of a
+  record the same size, shorter side `--short_side`);
+* the original's (`frozen_tfrecord.py --raw`), whose only feature is `image` bytes[1]: N x 256 x 256 x 3 raw BGR
+  uint8 pixels, C order, N = len / 196608.
+
+The index (`path.index`) has one line per record: `video_id \\t shard_path \\t byte_offset`. Our converter writes
+shard paths relative to the index's folder; the original wrote them as seen from the writer's working directory,
+so relative paths that do not exist next to the index are also tried against the current directory and by file
+name next to the index. Absolute paths and `s3://` URLs are used as they are. Duplicate ids: the first line wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+from torch.utils.data import Dataset
+
+from dataloaders.tfrecord_io import (
+    RecordReader,
+    decode_example,
+    encode_example,
+    is_s3_url,
+    read_text,
+    split_s3_url,
+)
+from dataloaders.video import (
+    ORDER_KEEP,
+    SLICE_UNIFORM,
+    order_frames,
+    resize_center_crop,
+    select_frame_indices,
+)
+
+logger = logging.getLogger("t2vlp.data")
+
+INDEX_FILE_NAME = "path.index"
+RAW_SIDE = 256
+RAW_FRAME_BYTES = RAW_SIDE * RAW_SIDE * 3
+JPEG_FORMAT = b"jpeg"
+
+
+class ClipRecordError(ValueError):
+    """A record's Example cannot be parsed or holds no usable frames."""
+
+
+# ----------------------------------------------------------------------------------------------- record schema
+
+
+def encode_jpeg_clip_record(
+    video_id: str, jpeg_frames: list[bytes], height: int, width: int, frame_indices: list[int]
+) -> bytes:
+    """Our record: JPEG frames plus the id, count, size and source positions (see the module docstring)."""
+    if len(jpeg_frames) != len(frame_indices):
+        raise ValueError("one source position per frame is needed")
+    return encode_example(
+        {
+            "video_id": video_id,
+            "num_frames": len(jpeg_frames),
+            "height": height,
+            "width": width,
+            "frame_format": JPEG_FORMAT,
+            "frame_indices": list(frame_indices),
+            "frames": list(jpeg_frames),
+        }
+    )
+
+
+def encode_raw_clip_record(frames_bgr: np.ndarray) -> bytes:
+    """The original's record: one `image` feature holding N x 256 x 256 x 3 BGR uint8 bytes."""
+    if frames_bgr.dtype != np.uint8 or frames_bgr.shape[1:] != (RAW_SIDE, RAW_SIDE, 3):
+        raise ValueError(f"raw layout needs uint8 [N, 256, 256, 3], got {frames_bgr.dtype} {frames_bgr.shape}")
+    return encode_example({"image": np.ascontiguousarray(frames_bgr).tobytes()})
+
+
+@dataclass
+class ClipRecord:
+    """A parsed record; frames are decoded only when asked for, and only those asked for."""
+
+    video_id: str | None
+    num_frames: int
+    jpeg_frames: list[bytes] | None = None
+    raw_bgr: np.ndarray | None = None  # [N, H, W, 3] view on the payload
+
+    def frames(self, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """RGB uint8 [n, H, W, 3] of the frames at `indices` (all by default), in that order."""
+        if indices is None:
+            indices = range(self.num_frames)
+        if self.raw_bgr is not None:
+            return np.ascontiguousarray(self.raw_bgr[np.asarray(indices, dtype=np.int64), :, :, ::-1])
+        decoded = [_decode_jpeg(self.jpeg_frames[i]) for i in indices]
+        if len({frame.shape for frame in decoded}) > 1:
+            raise ClipRecordError(f"frames of different sizes in the record of video {self.video_id}")
+        return np.stack(decoded) if decoded else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def parse_clip_record(payload: bytes) -> ClipRecord:
+    """Parse either record layout (ours or the original's raw `image`)."""
+    try:
+        features = decode_example(payload)
+    except DecodeError as error:
+        raise ClipRecordError(f"not a tf.train.Example: {error}") from error
+    video_id = features["video_id"][0].decode("utf-8") if features.get("video_id") else None
+    if "frames" in features:
+        jpegs = features["frames"]
+        if not jpegs:
+            raise ClipRecordError(f"record of video {video_id} holds no frame")
+        return ClipRecord(video_id, len(jpegs), jpeg_frames=jpegs)
+    if "image" in features:
+        return ClipRecord(video_id, *_raw_frames(features))
+    raise ClipRecordError(f"record has neither 'frames' nor 'image' (keys: {sorted(features)})")
+
+
+def _raw_frames(features: dict[str, list]) -> tuple[int, None, np.ndarray]:
+    image = features["image"][0] if features["image"] else b""
+    height = features["height"][0] if features.get("height") else RAW_SIDE
+    width = features["width"][0] if features.get("width") else RAW_SIDE
+    frame_bytes = height * width * 3
+    if not image or len(image) % frame_bytes:
+        raise ClipRecordError(f"raw 'image' of {len(image)} bytes is not a whole number of {height}x{width} frames")
+    frames = np.frombuffer(image, dtype=np.uint8).reshape(-1, height, width, 3)
+    return len(frames), None, frames
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
+    frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    if frame is None:
+        raise ClipRecordError("undecodable JPEG frame")
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------- index
+
+
+def index_file(index_path: str | os.PathLike) -> str:
+    """`index_path` itself when it names a `.index` file, else `<index_path>/path.index` (a `--dir_path`)."""
+    index_path = str(index_path)
+    if index_path.endswith(".index"):
+        return index_path
+    return posixpath.join(index_path, INDEX_FILE_NAME) if is_s3_url(index_path) else str(
+        Path(index_path) / INDEX_FILE_NAME
+    )
+
+
+class WebVidIndex:
+    """`video_id -> (shard path, byte offset)`, held in numpy arrays (compact, shared copy-on-write by workers)."""
+
+    def __init__(self, index_path: str | os.PathLike) -> None:
+        self.index_path = index_file(index_path)
+        ids, shard_numbers, offsets, self.shard_paths = self._parse(read_text(self.index_path))
+        unique_ids, first = np.unique(np.asarray(ids, dtype=bytes), return_index=True)
+        if len(unique_ids) < len(ids):
+            logger.warning("%s: %d duplicate video id line(s); the first of each is used",
+                           self.index_path, len(ids) - len(unique_ids))
+        self._ids = unique_ids
+        self._shards = np.asarray(shard_numbers, dtype=np.int32)[first]
+        self._offsets = np.asarray(offsets, dtype=np.int64)[first]
+
+    def _parse(self, text: str) -> tuple[list[bytes], list[int], list[int], list[str]]:
+        ids, shard_numbers, offsets, shard_paths = [], [], [], []
+        numbers: dict[str, int] = {}
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) < 3 or not fields[2].strip().isdigit():
+                raise ValueError(f"{self.index_path}, line {line_number}: expected 'id<TAB>shard<TAB>offset', "
+                                 f"got {line!r}")
+            recorded = fields[1]
+            if recorded not in numbers:
+                numbers[recorded] = len(shard_paths)
+                shard_paths.append(self._resolve(recorded))
+            ids.append(fields[0].strip().encode("utf-8"))
+            shard_numbers.append(numbers[recorded])
+            offsets.append(int(fields[2]))
+        return ids, shard_numbers, offsets, shard_paths
+
+    def _resolve(self, recorded: str) -> str:
+        if is_s3_url(recorded):
+            return recorded
+        if is_s3_url(self.index_path):
+            bucket, index_key = split_s3_url(self.index_path)
+            return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(index_key), recorded))
+        index_dir = Path(self.index_path).parent
+        candidates = [Path(recorded)] if Path(recorded).is_absolute() else [index_dir / recorded, Path(recorded)]
+        candidates.append(index_dir / Path(recorded).name)
+        for candidate in candidates:
+            if candidate.is_file():
+                return str(candidate)
+        return str(candidates[0])
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, video_id: str) -> bool:
+        return self._row(video_id) >= 0
+
+    def locate(self, video_id: str) -> tuple[str, int] | None:
+        """(shard path, byte offset) of the record of `video_id`, or None."""
+        row = self._row(video_id)
+        if row < 0:
+            return None
+        return self.shard_paths[self._shards[row]], int(self._offsets[row])
+
+    def locate_many(self, video_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Shard numbers (into `shard_paths`, -1 when absent) and byte offsets for many ids at once."""
+        wanted = np.asarray([str(v).encode("utf-8") for v in video_ids], dtype=bytes)
+        shards = np.full(len(wanted), -1, dtype=np.int32)
+        offsets = np.zeros(len(wanted), dtype=np.int64)
+        if len(self._ids) and len(wanted):
+            rows = np.minimum(np.searchsorted(self._ids, wanted), len(self._ids) - 1)
+            found = self._ids[rows] == wanted
+            shards[found] = self._shards[rows[found]]
+            offsets[found] = self._offsets[rows[found]]
+        return shards, offsets
+
+    def _row(self, video_id: str) -> int:
+        key = str(video_id).encode("utf-8")
+        row = int(np.searchsorted(self._ids, key))
+        return row if row < len(self._ids) and self._ids[row] == key else -1
+
+
+def load_index(index_path: str | os.PathLike) -> WebVidIndex:
+    """A cached `WebVidIndex`: one parse per process, path and (for local files) modification time."""
+    index_path = index_file(index_path)
+    modified = None if is_s3_url(index_path) else os.stat(index_path).st_mtime_ns
+    return _cached_index(index_path, modified)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_index(index_path: str, modified: int | None) -> WebVidIndex:
+    return WebVidIndex(index_path)
+
+
+_shared_reader = RecordReader()
+
+
+def read_frames(index_path: str | os.PathLike, video_id: str, *, verify_crc: bool = False) -> np.ndarray:
+    """All stored frames of `video_id` as RGB uint8 [N, H, W, 3], from either record layout.
+
+    `index_path` is a `.index` file or the folder holding `path.index`, local or `s3://`. Raises KeyError for an
+    id not in the index, `RecordCorruptError` (with `verify_crc`) for a damaged record.
+    """
+    location = load_index(index_path).locate(video_id)
+    if location is None:
+        raise KeyError(f"video id {video_id!r} is not in {index_file(index_path)}")
+    reader = RecordReader(verify_crc=True) if verify_crc else _shared_reader
+    return parse_clip_record(reader.read(*location)).frames()
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str, max_words: int, drop_zero_ids: bool = False) -> tuple[list[int], list[int]]: ...
+
+
+class PackedStrings:
+    """Many strings in one numpy byte buffer: no per-string Python objects for forked workers to copy."""
+
+    def __init__(self, strings: list[str]) -> None:
+        encoded = [s.encode("utf-8") for s in strings]
+        self._ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._data[start : int(self._ends[i])].tobytes().decode("utf-8")
+
+
+def read_labels(labels_json: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """`frozen_train_labels.json` (a JSON array of `{"video_id", "caption"}`) -> (video ids, captions)."""
+    try:
+        items = json.loads(read_text(labels_json))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{labels_json}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    if not isinstance(items, list):
+        raise ValueError(f"{labels_json}: expected a JSON array of {{'video_id', 'caption'}} objects")
+    video_ids, captions = [], []
+    for position, item in enumerate(items):
+        if not isinstance(item, dict) or "video_id" not in item or not isinstance(item.get("caption"), str):
+            raise ValueError(f"{labels_json}: item {position} lacks a video_id or a string caption: {item!r}")
+        video_ids.append(str(item["video_id"]))
+        captions.append(item["caption"])
+    return video_ids, captions
+
+
+class WebVidDataset(Dataset):
+    """One sample per element of `frozen_train_labels.json`, frames read from the TFRecord store (METHOD §9.1).
+
+    Samples follow docs/CONTRACTS.md. Frames: more than `max_frames` are cut with `slice_framepos` (0 head,
+    1 tail, 2 uniform), fewer are zero-padded with `video_mask` 0; `frame_order` 0 keeps, 1 reverses, 2 shuffles
+    (with a Generator from (seed, epoch, index); call `set_epoch`). Each frame: shorter side to `image_size`
+    (bicubic, antialiased), center crop. Captions: CLIP BPE with id 0 ("!") deleted, as the original WebVid
+    loaders did (so "!" never reaches the model from WebVid; the attention mask, not id > 0, marks tokens).
+
+    A label whose id is not in the index, or whose record cannot be read, gives `None` (logged once per id).
+    Shard files / S3 clients are opened lazily in the process that reads, so the dataset can be built before
+    DataLoader workers fork; rank sharding is the sampler's job (e.g. DistributedSampler).
+    """
+
+    def __init__(
+        self,
+        labels_json: str | os.PathLike,
+        index_path: str | os.PathLike,
+        *,
+        max_words: int = 32,
+        max_frames: int = 12,
+        image_size: int = 224,
+        slice_framepos: int = SLICE_UNIFORM,
+        frame_order: int = ORDER_KEEP,
+        seed: int = 42,
+        tokenizer: TextTokenizer | None = None,
+        verify_crc: bool = False,
+    ) -> None:
+        video_ids, captions = read_labels(labels_json)
+        index = WebVidIndex(index_path)
+        self._shards, self._offsets = index.locate_many(video_ids)
+        self.shard_paths = index.shard_paths
+        missing = int((self._shards < 0).sum())
+        if missing:
+            logger.warning("%d of %d labels in %s have no record in %s; those samples are skipped",
+                           missing, len(video_ids), labels_json, index.index_path)
+        self._video_ids = PackedStrings(video_ids)
+        self._captions = PackedStrings(captions)
+        self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+        self.max_words = max_words
+        self.max_frames = max_frames
+        self.image_size = image_size
+        self.slice_framepos = slice_framepos
+        self.frame_order = frame_order
+        self.seed = seed
+        self.epoch = 0
+        self.n_skipped = 0
+        self._warned: set[str] = set()
+        self._reader = RecordReader(verify_crc=verify_crc)
+
+    def __len__(self) -> int:
+        return len(self._video_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption(self, index: int) -> str:
+        return self._captions[index]
+
+    def video_id(self, index: int) -> str:
+        return self._video_ids[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        video_id = self._video_ids[index]
+        clip = self._read_clip(index, video_id)
+        if clip is None:
+            return None
+        video, video_mask = clip
+        input_ids, attention_mask = self.tokenizer.encode(self._captions[index], self.max_words, drop_zero_ids=True)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+            "video": video,
+            "video_mask": video_mask,
+            "video_id": video_id,
+            "index": index,
+        }
+
+    def _read_clip(self, index: int, video_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        shard = int(self._shards[index])
+        if shard < 0:
+            return self._skip(video_id, "not in the TFRecord index")
+        path, offset = self.shard_paths[shard], int(self._offsets[index])
+        try:
+            record = parse_clip_record(self._reader.read(path, offset))
+            indices = select_frame_indices(record.num_frames, self.max_frames, self.slice_framepos, "zero")
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            frames = record.frames(order_frames(indices, self.frame_order, rng))
+        except (OSError, ValueError) as error:  # RecordCorruptError and ClipRecordError are ValueErrors
+            return self._skip(video_id, f"{path} @ {offset}: {error}")
+        clip = resize_center_crop(frames, self.image_size)
+        video = torch.zeros(self.max_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        video[: len(clip)] = clip
+        video_mask = torch.zeros(self.max_frames, dtype=torch.long)
+        video_mask[: len(clip)] = 1
+        return video, video_mask
+
+    def _skip(self, video_id: str, reason: str) -> None:
+        self.n_skipped += 1
+        if video_id not in self._warned:
+            self._warned.add(video_id)
+            logger.warning("skipping WebVid video %s: %s", video_id, reason)
+        return None
+
+
+def _default_tokenizer() -> TextTokenizer:
+    from modules.tokenization import ClipTokenizer
+
+    return ClipTokenizer()
