@@ -16,6 +16,8 @@ logger = logging.getLogger("t2vlp.data")
 
 def training_source(data_path: str) -> str:
     """'webvid' for a `frozen_train_labels.json` (a JSON list), 'msrvtt' for `MSRVTT_data.json` (an object)."""
+    if data_path.startswith("s3://"):
+        return "webvid"  # labels next to shards on S3
     path = Path(data_path)
     if not path.is_file():
         raise FileNotFoundError(f"--data_path {data_path} does not exist")

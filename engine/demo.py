@@ -46,7 +46,7 @@ def prepare(out_dir: Path) -> dict[str, Path]:
     if not (tfrecords / "frozen_train_labels.json").is_file():
         command = [
             sys.executable, str(ROOT / "frozen_tfrecord.py"), "--video_dir", str(paths["webvid_videos_dir"]),
-            "--csv", str(paths["webvid_csv"]), "--output_dir", str(tfrecords), "--workers", "2",
+            "--csv", str(paths["webvid_csv"]), "--output_dir", str(tfrecords), "--workers", "0",
         ]
         subprocess.run(command, check=True, cwd=ROOT)
     return {**paths, "checkpoint": checkpoint, "tfrecord_dir": tfrecords,
