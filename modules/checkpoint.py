@@ -28,12 +28,11 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """OpenAI CLIP weights from a TorchScript archive (e.g. `ViT-B-16.pt`) or a plain state dict file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"CLIP checkpoint not found: {path} (see CLIP-modules/README.md to fetch it)")
+        raise CheckpointError(f"CLIP checkpoint not found: {path} (fetch ViT-B/16 with CLIP-modules/fetch_clip.py)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", FutureWarning
-            )  # "torch.jit.load is deprecated": OpenAI ships TorchScript
+            # "torch.jit.load is deprecated" (a Future- or DeprecationWarning by version): OpenAI ships TorchScript
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
     except (RuntimeError, ValueError, zipfile.BadZipFile):
         state = _torch_load(path)
