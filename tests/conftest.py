@@ -29,3 +29,24 @@ def small_demo(small_demo_source, tmp_path) -> dict[str, Path]:
     root = tmp_path / "demo"
     shutil.copytree(small_demo_source["root"], root)
     return {key: root / path.relative_to(small_demo_source["root"]) for key, path in small_demo_source.items()}
+
+
+def convert_to_webvid_tfrecords(demo: dict[str, Path], output_dir: Path) -> Path:
+    """Run frozen_tfrecord.py in-process on a demo dataset's WebVid csv; returns the labels JSON."""
+    import frozen_tfrecord
+
+    config = frozen_tfrecord.parse_args(
+        ["--video_dir", str(demo["webvid_videos_dir"]), "--csv", str(demo["webvid_csv"]), "--output_dir",
+         str(output_dir), "--workers", "0", "--no_progress"]
+    )
+    frozen_tfrecord.convert(config)
+    return output_dir / "frozen_train_labels.json"
+
+
+@pytest.fixture(scope="session")
+def webvid_demo(tmp_path_factory) -> dict[str, Path]:
+    """A demo dataset with 64 training videos, converted to WebVid TFRecords (labels + index + shards)."""
+    root = tmp_path_factory.mktemp("webvid_demo")
+    demo = make_demo_dataset(root / "data", n_train=64, n_test=6, size=32, fps=4, seconds=2)
+    labels = convert_to_webvid_tfrecords(demo, root / "WebVid_TFRecord")
+    return {**demo, "labels": labels, "tfrecord_dir": root / "WebVid_TFRecord"}

@@ -101,3 +101,12 @@ def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint
     assert restore["global_step"] == 2  # the last good step is what was saved
     assert (out / "ckpt" / "pytorch_model.bin.2").is_file()
     assert all(torch.isfinite(v).all() for v in restore["model_state_dict"].values() if v.is_floating_point())
+
+
+def test_gradient_accumulation_keeps_the_global_batch(small_demo, tiny_clip_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--gradient_accumulation_steps=2", "--epochs=1")
+    assert main_task_clip.main(argv) == 0
+    log = (out / "log.txt").read_text()
+    assert "1 epochs x 3 optimiser steps (global batch 8 = 1 processes x 4 x 2 accumulation)" in log
+    assert load_restore(out)["global_step"] == 3
