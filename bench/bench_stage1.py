@@ -40,34 +40,39 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def seconds_per_call(step, device: torch.device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 def time_training(model, optimizer, batch, precision, device, steps, warmup) -> float:
-    model.train()
-    for step in range(warmup + steps):
-        if step == warmup:
-            synchronize(device)
-            start = time.perf_counter()
+    def step() -> None:
         with autocast_context(device, precision):
             loss = model(**batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+
+    model.train()
+    return seconds_per_call(step, device, steps, warmup)
 
 
-@torch.no_grad()
 def time_encoding(model, batch, precision, device, steps, warmup) -> float:
-    model.eval()
-    for step in range(warmup + steps):
-        if step == warmup:
-            synchronize(device)
-            start = time.perf_counter()
+    @torch.no_grad()
+    def step() -> None:
         with autocast_context(device, precision):
             model.encode_video(batch["video"], batch["video_mask"])
             model.encode_text(batch["input_ids"], batch["attention_mask"])
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+
+    model.eval()
+    return seconds_per_call(step, device, steps, warmup)
 
 
 def main() -> int:

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.utils.data import default_collate
+
+
+def clip_sample(
+    input_ids: list[int], attention_mask: list[int], video: torch.Tensor, video_mask: torch.Tensor, video_id: str,
+    index: int,
+) -> dict[str, Any]:
+    """One dataset sample in the shape every video-text dataset returns (docs/CONTRACTS.md)."""
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        "video": video,
+        "video_mask": video_mask,
+        "video_id": video_id,
+        "index": index,
+    }
 
 
 def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:

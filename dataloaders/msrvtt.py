@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
+from dataloaders.collate import clip_sample
 from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
 
 logger = logging.getLogger("t2vlp.data")
@@ -127,14 +127,7 @@ class RawVideoTextDataset(Dataset):
             self._record_skip(video_id, error)
             return None
         input_ids, attention_mask = self.tokenizer.encode(caption, self.max_words)
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
-            "video": video,
-            "video_mask": video_mask,
-            "video_id": video_id,
-            "index": index,
-        }
+        return clip_sample(input_ids, attention_mask, video, video_mask, video_id, index)
 
     def _record_skip(self, video_id: str, error: VideoDecodeError) -> None:
         self.n_skipped += 1

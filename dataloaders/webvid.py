@@ -33,6 +33,7 @@ import torch
 from google.protobuf.message import DecodeError
 from torch.utils.data import Dataset
 
+from dataloaders.collate import clip_sample
 from dataloaders.tfrecord_io import (
     RecordReader,
     decode_example,
@@ -374,14 +375,7 @@ class WebVidDataset(Dataset):
             return None
         video, video_mask = clip
         input_ids, attention_mask = self.tokenizer.encode(self._captions[index], self.max_words, drop_zero_ids=True)
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
-            "video": video,
-            "video_mask": video_mask,
-            "video_id": video_id,
-            "index": index,
-        }
+        return clip_sample(input_ids, attention_mask, video, video_mask, video_id, index)
 
     def _read_clip(self, index: int, video_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         shard = int(self._shards[index])

@@ -77,21 +77,11 @@ def similarity_matrix(model: torch.nn.Module, encoded: dict[str, Any], chunk: in
     return torch.cat(rows).numpy()
 
 
-def evaluate_retrieval(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    num_workers: int = 0,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Single-sentence retrieval (one caption per video, e.g. MSR-VTT 1k-A): t2v and v2t metrics, meanP."""
-    encoded = encode_split(
-        model, dataset, batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
-        show_progress=show_progress,
-    )
+def evaluate_retrieval(model: torch.nn.Module, dataset: Dataset, **encode_options: Any) -> dict[str, Any]:
+    """Single-sentence retrieval (one caption per video, e.g. MSR-VTT 1k-A): t2v and v2t metrics, meanP.
+
+    `encode_options` are `encode_split`'s keyword arguments (batch_size, device, precision, ...)."""
+    encoded = encode_split(model, dataset, **encode_options)
     if len(set(encoded["video_ids"])) != len(encoded["video_ids"]):
         raise NotImplementedError("multi-sentence retrieval evaluation (several captions per video) is not supported yet")
     sim = similarity_matrix(model, encoded)
