@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm, precision=precision,
                 seed=args.seed, num_workers=args.num_thread_reader, n_display=args.n_display,
                 eval_steps=args.eval_steps, save_steps=args.save_steps, max_steps=args.max_steps,
-                max_bad_steps=args.max_bad_steps,
+                max_bad_steps=args.max_bad_steps, keep_checkpoints=args.keep_checkpoints,
             )
             trainer = Trainer(
                 model, build_train_dataset(args, image_size), settings, run, dist_info, args.output_dir, evaluate,

@@ -44,7 +44,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
     --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" \
     --lr 1e-3 --coef_lr 1 --new_params_lr 1e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
-    --datatype msrvtt --feature_framerate 2 --freeze_layer_num -1 --slice_framepos 2 --eval_steps 0 \
+    --datatype msrvtt --feature_framerate 2 --freeze_layer_num -1 --slice_framepos 2 --eval_steps 0 --keep_checkpoints 2 \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
   "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"

@@ -182,6 +182,8 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--save_steps", type=int, help="Checkpoint every n optimiser steps; 0: only after each epoch.")
     add("--max_bad_steps", type=int, default=20,
         help="Stop the run after this many consecutive non-finite losses (those steps are skipped).")
+    add("--keep_checkpoints", type=int, default=0,
+        help="Keep only the newest n ckpt/pytorch_model.bin.<step> files (0: keep all, as the original).")
     add("--max_steps", type=int, default=0, help="Stop after this many optimiser steps (0: no limit).")
     add("--num_centers", type=int, default=8, help="Semantic centers / tube tokens per video.")
     add("--split_layer", type=int, default=None,
@@ -230,6 +232,7 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
         (args.freeze_layer_num >= -1, "--freeze_layer_num must be >= -1"),
         (args.eval_steps >= 0 and args.save_steps >= 0, "--eval_steps and --save_steps must be >= 0"),
         (args.max_steps >= 0, "--max_steps must be >= 0"),
+        (args.keep_checkpoints >= 0, "--keep_checkpoints must be >= 0"),
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
         (args.n_display >= 1, "--n_display must be >= 1"),
         (args.num_thread_reader >= 0, "--num_thread_reader must be >= 0"),

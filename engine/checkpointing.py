@@ -50,23 +50,46 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _fp32_cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: (t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu())
-            for key, t in state_dict.items()}
+    return {
+        key: (t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu())
+        for key, t in state_dict.items()
+    }
 
 
 def checkpoint_path(output_dir: str | os.PathLike, global_step: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{global_step}"
 
 
-def save_model_checkpoint(output_dir: str | os.PathLike, global_step: int,
-                          model_state_dict: Mapping[str, torch.Tensor],
-                          extra: Mapping[str, Any] | None = None) -> Path:
+def save_model_checkpoint(
+    output_dir: str | os.PathLike,
+    global_step: int,
+    model_state_dict: Mapping[str, torch.Tensor],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write `<output_dir>/ckpt/pytorch_model.bin.<global_step>` = {"global_step", "model_state_dict", **extra}.
 
     Floating tensors are stored as fp32 on CPU. Pass the DDP-unwrapped state dict (original key layout).
     """
-    payload = {**(extra or {}), "global_step": int(global_step), "model_state_dict": _fp32_cpu(model_state_dict)}
+    payload = {
+        **(extra or {}),
+        "global_step": int(global_step),
+        "model_state_dict": _fp32_cpu(model_state_dict),
+    }
     return save_atomic(payload, checkpoint_path(output_dir, global_step))
+
+
+def prune_model_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest (by step) `ckpt/pytorch_model.bin.<step>` files; returns the deleted."""
+    folder = checkpoint_path(output_dir, 0).parent
+    steps = sorted(
+        int(p.name.rsplit(".", 1)[1])
+        for p in folder.glob("pytorch_model.bin.*")
+        if p.name.rsplit(".", 1)[1].isdigit()
+    )
+    doomed = [checkpoint_path(output_dir, step) for step in steps[:-keep]] if keep > 0 else []
+    for path in doomed:
+        path.unlink()
+    return doomed
 
 
 def save_restore(output_dir: str | os.PathLike, state: Mapping[str, Any]) -> Path:
@@ -74,8 +97,11 @@ def save_restore(output_dir: str | os.PathLike, state: Mapping[str, Any]) -> Pat
     return save_atomic(dict(state), Path(output_dir) / RESTORE_NAME)
 
 
-def load_restore(output_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
-                 map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+def load_restore(
+    output_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any] | None:
     """The dict saved by save_restore, or None when there is none.
 
     Reads `path` if given (e.g. --resume_model), else `<output_dir>/restore.bin`. Loaded with
@@ -112,7 +138,10 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     if cuda_states is None or not torch.cuda.is_available():
         return
     if len(cuda_states) != torch.cuda.device_count():
-        logger.warning("saved %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
-                       len(cuda_states), torch.cuda.device_count())
+        logger.warning(
+            "saved %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+            len(cuda_states),
+            torch.cuda.device_count(),
+        )
         return
     torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])

@@ -22,6 +22,7 @@ from engine import distributed
 from engine.checkpointing import (
     capture_rng_state,
     load_restore,
+    prune_model_checkpoints,
     restore_rng_state,
     save_model_checkpoint,
     save_restore,
@@ -60,6 +61,7 @@ class TrainSettings:
     save_steps: int = 0
     max_steps: int = 0
     max_bad_steps: int = 20
+    keep_checkpoints: int = 0  # newest model checkpoints kept; 0 keeps all
 
 
 @dataclass
@@ -184,6 +186,8 @@ class Trainer:
             if with_checkpoint:
                 path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"])
                 logger.info("saved %s", path)
+                if self.settings.keep_checkpoints:
+                    prune_model_checkpoints(self.output_dir, self.settings.keep_checkpoints)
             save_restore(self.output_dir, state)
         distributed.barrier()
 

@@ -17,9 +17,10 @@ import pytest
 import frozen_tfrecord as ft
 from dataloaders.tfrecord_io import iter_records
 from dataloaders.webvid import parse_clip_record, read_frames
+from tests.real_fixtures import REAL_FIXTURES, needs_real
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_WEBVID = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "webvid"
+REAL_WEBVID = REAL_FIXTURES / "webvid"
 COLOUR_TOLERANCE = 8  # mp4v + JPEG error on flat frames is at most ~6; neighbouring frames differ by 10
 
 
@@ -88,6 +89,7 @@ def convert(output_dir: Path, *args: str) -> ft.ConversionSummary:
 # ----------------------------------------------------------------------------------------------- csv parsing
 
 
+@needs_real("webvid")
 def test_real_webvid_csvs_both_column_orders_and_multiline_captions():
     labels = ft.read_webvid_csvs([REAL_WEBVID / "results_2M_val.csv", REAL_WEBVID / "results_10M_val.csv"])
     assert labels.failures == []

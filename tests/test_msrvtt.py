@@ -18,10 +18,11 @@ from dataloaders.msrvtt import (
     read_msrvtt_sentences,
 )
 from modules.tokenization import ClipTokenizer
+from tests.real_fixtures import REAL_FIXTURES, needs_real
 from tests.test_video import frame_indices, write_index_video
 
-REAL_MSRVTT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "msrvtt"
-needs_real = pytest.mark.skipif(not REAL_MSRVTT.is_dir(), reason=f"real MSR-VTT excerpts not found at {REAL_MSRVTT}")
+REAL_MSRVTT = REAL_FIXTURES / "msrvtt"
+needs_real_msrvtt = needs_real("msrvtt")
 
 CAPTIONS = {  # video2 has no file on disk
     "video0": ["a man is cooking", "someone cooks food !&", "a chef prepares a meal"],
@@ -74,7 +75,7 @@ def train_dataset(root: Path, tokenizer, **options) -> MSRVTTTrainDataset:
                               tokenizer=tokenizer, **{**SMALL, **options})
 
 
-@needs_real
+@needs_real_msrvtt
 def test_real_train_csvs():
     nine_k = [row["video_id"] for row in read_csv_columns(REAL_MSRVTT / "MSRVTT_train.9k.csv", ("video_id",))]
     seven_k = [row["video_id"] for row in read_csv_columns(REAL_MSRVTT / "MSRVTT_train.7k.csv", ("video_id",))]
@@ -82,7 +83,7 @@ def test_real_train_csvs():
     assert len(seven_k) == 31 and seven_k[:3] == ["video0", "video1000", "video1001"] and seven_k[-1] == "video9"
 
 
-@needs_real
+@needs_real_msrvtt
 def test_real_jsfusion_test_csv():
     rows = read_csv_columns(REAL_MSRVTT / "MSRVTT_JSFUSION_test.csv", ("video_id", "sentence"))
     assert len(rows) == 30
@@ -90,7 +91,7 @@ def test_real_jsfusion_test_csv():
     assert rows[1] == {"video_id": "video9771", "sentence": "a little girl does gymnastics"}
 
 
-@needs_real
+@needs_real_msrvtt
 def test_real_test_split_dataset(tmp_path, tokenizer):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -105,7 +106,7 @@ def test_real_test_split_dataset(tmp_path, tokenizer):
     assert dataset[1] is None and dataset.n_skipped == 1
 
 
-@needs_real
+@needs_real_msrvtt
 def test_variant_test_csvs_fail_loudly(tmp_path, tokenizer):
     text = (REAL_MSRVTT / "MSRVTT_JSFUSION_test.csv").read_text()
     renamed = tmp_path / "renamed_column.csv"  # the www-2025/EAT copy calls the column "sentences"

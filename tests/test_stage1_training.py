@@ -105,8 +105,22 @@ def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint
 
 def test_gradient_accumulation_keeps_the_global_batch(small_demo, tiny_clip_checkpoint, tmp_path):
     out = tmp_path / "run"
-    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--gradient_accumulation_steps=2", "--epochs=1")
+    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--gradient_accumulation_steps=2", "--save_steps=1",
+                       "--keep_checkpoints=2", "--epochs=1")
     assert main_task_clip.main(argv) == 0
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["pytorch_model.bin.2", "pytorch_model.bin.3"]
     log = (out / "log.txt").read_text()
     assert "1 epochs x 3 optimiser steps (global batch 8 = 1 processes x 4 x 2 accumulation)" in log
     assert load_restore(out)["global_step"] == 3
+
+
+def test_evaluating_a_saved_checkpoint_reproduces_the_training_evaluation(small_demo, tiny_clip_checkpoint, tmp_path):
+    trained = tmp_path / "train"
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, trained, "--epochs=1")) == 0
+    evaluated = tmp_path / "eval"
+    argv = [a for a in stage1_argv(small_demo, tiny_clip_checkpoint, evaluated) if a != "--do_train"]
+    argv += ["--do_eval", f"--init_model={trained / 'ckpt' / 'pytorch_model.bin.3'}"]
+    assert main_task_clip.main(argv) == 0
+    during_training, standalone = metrics(trained)[-1], metrics(evaluated)[-1]
+    assert standalone["t2v"] == during_training["t2v"] and standalone["v2t"] == during_training["v2t"]
+    assert not (evaluated / "ckpt").exists()
