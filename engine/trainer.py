@@ -72,7 +72,7 @@ class Progress:
     samples_in_epoch: int = 0  # samples of the epoch consumed by all processes together (for resume)
     global_step: int = 0  # optimiser steps taken
     bad_steps: int = 0  # consecutive skipped steps
-    skipped_videos: int = 0
+    skipped_videos: int = 0  # over all ranks
 
 
 class StopRequest:
@@ -236,8 +236,8 @@ class Trainer:
                     return self.progress
                 self.progress.epoch += 1
                 self.progress.samples_in_epoch = 0
+                self.save(with_checkpoint=True)  # before evaluating: a failing evaluation loses no training
                 self._evaluate()
-                self.save(with_checkpoint=True)
         return self.progress
 
     def _run_epoch(self, stop: StopRequest) -> bool:
@@ -247,7 +247,7 @@ class Trainer:
         window_finite = True
         for batch in self._loader():
             progress.samples_in_epoch += self.settings.micro_batch_size * self.dist.world_size
-            progress.skipped_videos += batch["n_skipped"]
+            progress.skipped_videos += int(distributed.all_reduce_sum(batch["n_skipped"]))  # all ranks
             if distributed.all_reduce_sum(float(is_empty_batch(batch))) > 0:
                 logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
                 continue
@@ -301,10 +301,10 @@ class Trainer:
         clamp_logit_scale(self.model)
         progress.global_step += 1
         self._log_step(pending)
-        if settings.eval_steps and progress.global_step % settings.eval_steps == 0:
-            self._evaluate()
         if settings.save_steps and progress.global_step % settings.save_steps == 0:
             self.save(with_checkpoint=True)
+        if settings.eval_steps and progress.global_step % settings.eval_steps == 0:
+            self._evaluate()
 
     def _stop_now(self, stop: StopRequest) -> bool:
         limit = self.settings.max_steps and self.progress.global_step >= self.settings.max_steps
@@ -315,7 +315,8 @@ class Trainer:
         values = {
             key: distributed.all_reduce_mean(sum(p[key] for p in pending) / len(pending)) for key in pending[0]
         }
-        values["lr_backbone"] = self.scheduler.get_last_lr()[0]
+        for group in self.optimizer.param_groups:  # e.g. lr_backbone, lr_new
+            values[f"lr_{group['name'].split('_')[0]}"] = group["lr"]
         logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
         values["logit_scale"] = float(logit_scale.detach().exp()) if logit_scale is not None else math.nan
         self.run.scalars(values, step, prefix="train/")

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,8 @@ import torch
 import main_task_clip
 from engine.checkpointing import load_restore
 from tests.stage1_helpers import stage1_argv
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def final_state(output_dir) -> dict[str, torch.Tensor]:
@@ -124,3 +132,26 @@ def test_evaluating_a_saved_checkpoint_reproduces_the_training_evaluation(small_
     during_training, standalone = metrics(trained)[-1], metrics(evaluated)[-1]
     assert standalone["t2v"] == during_training["t2v"] and standalone["v2t"] == during_training["v2t"]
     assert not (evaluated / "ckpt").exists()
+
+
+def test_sigterm_saves_restore_and_the_rerun_resumes(small_demo, tiny_clip_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=200")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen([sys.executable, str(ROOT / "main_task_clip.py"), *argv], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.txt"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and " step 2/600 " in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    text = log.read_text()
+    assert "signal 15 received: saving restore.bin at the next step boundary" in text
+    stopped_at = load_restore(out)["global_step"]
+    assert 2 <= stopped_at < 600
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=200",
+                                           f"--max_steps={stopped_at + 1}")) == 0
+    assert f"resumed from restore.bin: epoch {stopped_at // 3}" in log.read_text()
+    assert load_restore(out)["global_step"] == stopped_at + 1
