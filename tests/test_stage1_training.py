@@ -153,5 +153,7 @@ def test_sigterm_saves_restore_and_the_rerun_resumes(small_demo, tiny_clip_check
     assert 2 <= stopped_at < 600
     assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=200",
                                            f"--max_steps={stopped_at + 1}")) == 0
-    assert f"resumed from restore.bin: epoch {stopped_at // 3}" in log.read_text()
+    # 3 steps of 8 samples per epoch; a stop on an epoch's last step resumes with that epoch's end (save, eval)
+    epoch, samples = (stopped_at - 1) // 3, ((stopped_at - 1) % 3 + 1) * 8
+    assert f"resumed from restore.bin: epoch {epoch}, {samples} samples into the epoch, step {stopped_at}" in log.read_text()
     assert load_restore(out)["global_step"] == stopped_at + 1
