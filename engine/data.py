@@ -34,10 +34,9 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
     """WebVid TFRecords (`--data_path` labels JSON, index under `--dir_path`) or MSR-VTT raw videos."""
     source = training_source(args.data_path)
     if source == "webvid":
-        index = Path(args.dir_path) / "path.index" if "://" not in args.dir_path else f"{args.dir_path}/path.index"
-        logger.info("training on WebVid TFRecords: labels %s, index %s", args.data_path, index)
+        logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
         return WebVidDataset(
-            args.data_path, index, max_words=args.max_words, max_frames=args.max_frames, image_size=image_size,
+            args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames, image_size=image_size,
             slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
         )
     logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)

@@ -146,7 +146,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything restore.bin holds; `rng_states` has one entry per rank."""
         return {
             "global_step": self.progress.global_step,
             "model_state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -154,7 +155,7 @@ class Trainer:
             "scheduler_state_dict": self.scheduler.state_dict(),
             "scaler_state_dict": self.scaler.state_dict(),
             "progress": asdict(self.progress),
-            "rng_state": distributed.all_gather_object(capture_rng_state()),  # one per rank
+            "rng_state": rng_states,
             "world_size": self.dist.world_size,
             "settings": asdict(self.settings),
         }
@@ -181,8 +182,9 @@ class Trainer:
 
     def save(self, with_checkpoint: bool) -> None:
         """restore.bin always, `ckpt/pytorch_model.bin.<step>` when asked; rank 0 writes, all ranks wait."""
-        state = self.state_dict()  # collective: gathers every rank's RNG state
+        rng_states = distributed.all_gather_object(capture_rng_state())  # collective: every rank takes part
         if self.dist.is_main:
+            state = self.state_dict(rng_states)
             if with_checkpoint:
                 path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"])
                 logger.info("saved %s", path)
