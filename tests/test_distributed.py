@@ -1,9 +1,5 @@
 """Two real processes (torchrun, gloo, CPU) must produce the gradients of one process on the whole batch."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,28 +8,15 @@ import torch
 from engine import distributed
 from engine.args import resolve_precision
 from tests import dist_contrastive_helper as helper
+from tests.torchrun import ROOT, run_torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def torchrun_outputs(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("dist")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(ROOT / "tests" / "dist_contrastive_helper.py"), str(out_dir),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(ROOT / "tests" / "dist_contrastive_helper.py", str(out_dir), nproc=WORLD_SIZE, timeout=180)
     return out_dir
 
 

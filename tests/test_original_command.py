@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.test_distributed import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.torchrun import ROOT, run_torchrun
 
 # METHOD §8 / start_clip.sh of the original repository, with `python3 -u -m light.pytorch.launch` replaced.
 ORIGINAL_STAGE1 = (
@@ -45,11 +39,7 @@ def test_original_stage1_command(webvid_demo, tiny_clip_checkpoint, tmp_path):
     arguments = shlex.split(
         ORIGINAL_STAGE1.replace("${DATA_PATH}", str(data)).replace("${OUTPUT_PATH}", str(output))
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-               f"--master_port={free_port()}", str(ROOT / arguments[0]), *arguments[1:]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(ROOT / arguments[0], *arguments[1:], nproc=1, cwd=work, timeout=600)
 
     # 64 WebVid clips / global batch 32 = 2 steps per epoch, 5 epochs, evaluated and saved after each
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

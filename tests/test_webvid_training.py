@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.test_distributed import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.torchrun import ROOT, run_torchrun
 
 
 def test_two_processes_two_workers_see_every_clip_once_per_epoch(webvid_demo, tiny_clip_checkpoint, tmp_path):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(ROOT / "tests" / "dist_webvid_helper.py"), str(tmp_path),
-        str(tiny_clip_checkpoint), str(webvid_demo["labels"]), str(webvid_demo["tfrecord_dir"] / "path.index"),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(
+        ROOT / "tests" / "dist_webvid_helper.py", str(tmp_path), str(tiny_clip_checkpoint),
+        str(webvid_demo["labels"]), str(webvid_demo["tfrecord_dir"] / "path.index"), nproc=2,
+    )
 
     n_clips = len(json.loads(webvid_demo["labels"].read_text()))
     assert n_clips == 64
