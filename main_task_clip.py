@@ -70,38 +70,42 @@ def make_evaluator(args: argparse.Namespace, dataset, run: RunLogger, device: to
     return evaluate
 
 
+def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> None:
+    report_ignored_flags(args)
+    logger.info("command line: %s", " ".join(sys.argv))
+    set_seed(args.seed)
+    precision = resolve_precision(args.precision, dist_info.device)
+    model = build_model(args)
+    image_size = model.image_resolution
+    eval_dataset = build_eval_dataset(args, image_size)
+    evaluate = make_evaluator(args, eval_dataset, run, dist_info.device, precision) if eval_dataset else None
+    if args.do_train:
+        _, micro_batch = local_batch_sizes(args.batch_size, dist_info.world_size, args.gradient_accumulation_steps)
+        settings = TrainSettings(
+            epochs=args.epochs, micro_batch_size=micro_batch,
+            accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, coef_lr=args.coef_lr,
+            new_params_lr=args.new_params_lr, weight_decay=args.weight_decay,
+            warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm, precision=precision,
+            seed=args.seed, num_workers=args.num_thread_reader, n_display=args.n_display,
+            eval_steps=args.eval_steps, save_steps=args.save_steps, max_steps=args.max_steps,
+            max_bad_steps=args.max_bad_steps, keep_checkpoints=args.keep_checkpoints,
+        )
+        trainer = Trainer(
+            model, build_train_dataset(args, image_size), settings, run, dist_info, args.output_dir, evaluate,
+            freeze_layer_num=args.freeze_layer_num,
+        )
+        trainer.resume_if_possible(args.resume_model)
+        trainer.fit()
+    elif evaluate is not None and dist_info.is_main:
+        evaluate(model.to(dist_info.device), step=0, epoch=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, task="clip")
     dist_info = distributed.init_distributed()
     run = RunLogger(args.output_dir, dist_info.is_main, tensorboard=args.tensorboard)
     try:
-        report_ignored_flags(args)
-        logger.info("command line: %s", " ".join(sys.argv))
-        set_seed(args.seed)
-        precision = resolve_precision(args.precision, dist_info.device)
-        model = build_model(args)
-        image_size = model.image_resolution
-        eval_dataset = build_eval_dataset(args, image_size)
-        evaluate = make_evaluator(args, eval_dataset, run, dist_info.device, precision) if eval_dataset else None
-        if args.do_train:
-            _, micro_batch = local_batch_sizes(args.batch_size, dist_info.world_size, args.gradient_accumulation_steps)
-            settings = TrainSettings(
-                epochs=args.epochs, micro_batch_size=micro_batch,
-                accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, coef_lr=args.coef_lr,
-                new_params_lr=args.new_params_lr, weight_decay=args.weight_decay,
-                warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm, precision=precision,
-                seed=args.seed, num_workers=args.num_thread_reader, n_display=args.n_display,
-                eval_steps=args.eval_steps, save_steps=args.save_steps, max_steps=args.max_steps,
-                max_bad_steps=args.max_bad_steps, keep_checkpoints=args.keep_checkpoints,
-            )
-            trainer = Trainer(
-                model, build_train_dataset(args, image_size), settings, run, dist_info, args.output_dir, evaluate,
-                freeze_layer_num=args.freeze_layer_num,
-            )
-            trainer.resume_if_possible(args.resume_model)
-            trainer.fit()
-        elif evaluate is not None and dist_info.is_main:
-            evaluate(model.to(dist_info.device), step=0, epoch=0)
+        run_stage1(args, dist_info, run)  # returns before cleanup, so the trainer is out of scope there
         return 0
     finally:
         run.close()

@@ -6,6 +6,7 @@ Launch with `torchrun --nproc_per_node=N script.py ...` (NCCL on CUDA, gloo on C
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +81,13 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group; the barrier first keeps one rank from tearing down while another still talks
-    (gloo aborts with "terminate called without an active exception" otherwise, under load)."""
+    """Leave the process group. Call it after the training objects have gone out of scope.
+
+    DDP wrappers sit in reference cycles; left to the interpreter's final collection they are torn down after
+    the process group, and gloo then aborts the process at exit ("terminate called without an active
+    exception", about one run in ten on 2 CPU cores). Collecting them here, while the group is alive, avoids
+    that. The barrier keeps one rank from tearing down while another still talks."""
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()

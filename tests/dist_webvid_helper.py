@@ -30,9 +30,7 @@ class RecordingWebVid(WebVidDataset):
         return super().__getitem__(index)
 
 
-def main() -> None:
-    out_dir, clip, labels, index = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    dist_info = distributed.init_distributed()
+def train(out_dir: Path, clip: str, labels: str, index: str, dist_info: distributed.DistInfo) -> None:
     torch.manual_seed(0)
     model = T2VLP.from_pretrained(clip)
     dataset = RecordingWebVid(
@@ -48,7 +46,12 @@ def main() -> None:
     progress = trainer.fit()
     assert progress.epoch == 2 and progress.global_step == 2 * len(dataset) // 8, progress
     run.close()
-    distributed.cleanup()
+
+
+def main() -> None:
+    out_dir, clip, labels, index = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    train(out_dir, clip, labels, index, distributed.init_distributed())
+    distributed.cleanup()  # after train() returned: the trainer must be out of scope
 
 
 if __name__ == "__main__":
