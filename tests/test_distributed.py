@@ -1,5 +1,7 @@
 """Two real processes (torchrun, gloo, CPU) must produce the gradients of one process on the whole batch."""
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,27 @@ def test_single_process_mode_is_the_identity(monkeypatch):
     assert distributed.broadcast_object("x") == "x"
     assert distributed.is_main()
     distributed.barrier()
+
+
+def test_cleanup_tears_down_cyclic_training_objects_before_leaving_the_group(monkeypatch):
+    """DDP wrappers live in reference cycles; gloo aborts the process when they outlive the group (see cleanup)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    class CyclicWrapper:
+        def __init__(self) -> None:
+            self.hook = lambda: self
+
+    wrapper = CyclicWrapper()
+    alive = weakref.ref(wrapper)
+    gc.disable()  # as if the automatic collector had not run yet
+    try:
+        del wrapper
+        assert alive() is not None
+        distributed.cleanup()
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
