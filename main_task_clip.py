@@ -27,7 +27,7 @@ from engine.args import (
     resolve_precision,
 )
 from engine.data import build_eval_dataset, build_train_dataset
-from engine.evaluation import evaluate_retrieval, retrieval_table
+from engine.evaluation import evaluate_retrieval, log_retrieval_rows
 from engine.run_logging import RunLogger
 from engine.trainer import Trainer, TrainSettings
 from modules.model import T2VLP, T2VLPConfig
@@ -56,16 +56,7 @@ def make_evaluator(args: argparse.Namespace, dataset, run: RunLogger, device: to
             model, dataset, batch_size=args.batch_size_val, device=device, precision=precision,
             num_workers=args.num_thread_reader,
         )
-        record = {"split": "test", "step": step, "epoch": epoch, **result}
-        run.log_metrics(record)
-        run.scalars({f"t2v_{k}": v for k, v in result["t2v"].items()}, step, prefix="eval/")
-        run.scalars({f"v2t_{k}": v for k, v in result["v2t"].items()}, step, prefix="eval/")
-        logger.info(
-            "retrieval (meanP) at step %d, epoch %d: %d texts x %d videos%s\n%s",
-            step, epoch, result["n_texts"], result["n_videos"],
-            f", {result['n_skipped']} skipped" if result["n_skipped"] else "", retrieval_table(result),
-        )
-        return record
+        return log_retrieval_rows(run, [result], step, epoch)[0]
 
     return evaluate
 

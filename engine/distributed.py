@@ -155,6 +155,27 @@ def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     return _gather_padded(tensor.contiguous(), sizes)
 
 
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(every rank's rows concatenated in rank order, index of this rank's first row); no autograd.
+
+    Ranks may hold different numbers of rows. Without a process group: (tensor, 0)."""
+    if not _active():
+        return tensor, 0
+    sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    return _gather_padded(tensor.contiguous(), sizes), sum(sizes[: dist.get_rank()])
+
+
+@torch.no_grad()
+def all_reduce_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks, left on its device (no host synchronisation); a copy, without autograd."""
+    if not _active():
+        return tensor.detach()
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def all_reduce_mean(value: float | torch.Tensor) -> float:
     """Mean of a scalar over ranks, as a Python float (for logging)."""
     if not _active():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,11 +30,10 @@ from engine.evaluation import autocast_context
 from engine.optim import apply_freeze_rule, build_optimizer, build_scheduler, clamp_logit_scale
 from engine.run_logging import RunLogger
 from engine.sampler import ResumableDistributedSampler
+from engine.tasks.base import EvaluateFn, ObjectiveModule, StepContext, Task
+from engine.tasks.clip_pretraining import clip_pretraining_task
 
 logger = logging.getLogger("t2vlp.train")
-
-# evaluate(model, step, epoch) -> metrics record (already logged) or None; called on rank 0 only.
-EvaluateFn = Callable[[nn.Module, int, int], dict[str, Any] | None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,13 +107,17 @@ class Trainer:
         output_dir: str,
         evaluate: EvaluateFn | None = None,
         freeze_layer_num: int = 0,
+        task: Task | None = None,
     ) -> None:
+        """`task` (default: stage-1 contrastive pre-training) supplies the objective, the fixed-LR parameter
+        patterns and the evaluation; `evaluate`, when given, replaces the task's evaluation."""
         self.settings = settings
         self.run = run
         self.dist = dist_info
         self.device = dist_info.device
         self.output_dir = output_dir
-        self.evaluate = evaluate
+        self.task = task or clip_pretraining_task()
+        self.evaluate = evaluate if evaluate is not None else self.task.evaluate
         self.model = model.to(self.device)
         frozen = apply_freeze_rule(self.model, freeze_layer_num)
         logger.info("--freeze_layer_num %d froze %d parameter tensors", freeze_layer_num, len(frozen))
@@ -133,14 +135,20 @@ class Trainer:
             )
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.optimizer = build_optimizer(
-            self.model, settings.lr, settings.coef_lr, settings.new_params_lr, settings.weight_decay
+            self.model, settings.lr, settings.coef_lr, settings.new_params_lr, settings.weight_decay,
+            new_param_patterns=self.task.new_param_patterns,
         )
+        log_param_groups(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, settings.warmup_proportion)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
+        objective_module = ObjectiveModule(self.model, self.task.objective)
         self.ddp = (
-            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            DistributedDataParallel(
+                objective_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.task.find_unused_parameters,
+            )
             if dist_info.world_size > 1
-            else self.model
+            else objective_module
         )
         self.progress = Progress()
 
@@ -211,16 +219,18 @@ class Trainer:
             persistent_workers=False,
         )
 
-    def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        video = normalize_video(batch["video"].to(self.device, non_blocking=True))
+    def _forward(self, batch: dict[str, Any], micro: int = 0) -> dict[str, torch.Tensor]:
+        """The task's objective on one micro-batch: tensors moved to the device, uint8 video normalised there."""
+        on_device = {
+            key: value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
+        on_device["video"] = normalize_video(on_device["video"])
+        context = StepContext(
+            seed=self.settings.seed, step=self.progress.global_step, micro=micro, epoch=self.progress.epoch
+        )
         with autocast_context(self.device, self.settings.precision):
-            return self.ddp(
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                video,
-                batch["video_mask"].to(self.device),
-                gather=distributed.all_gather_with_grad,
-            )
+            return self.ddp(on_device, context)
 
     def fit(self) -> Progress:
         """Train to the end (or to `max_steps` / a stop signal), evaluating and saving on the way."""
@@ -269,7 +279,7 @@ class Trainer:
         """Forward + backward of one micro-batch; returns whether its loss was finite on every rank."""
         syncing = last_in_window or not isinstance(self.ddp, DistributedDataParallel)
         with nullcontext() if syncing else self.ddp.no_sync():
-            losses = self._forward(batch)
+            losses = self._forward(batch, micro=len(pending))
             finite = distributed.all_reduce_sum(float(not torch.isfinite(losses["loss"]).item())) == 0
             if finite:
                 loss = losses["loss"] / self.settings.accumulation_steps
@@ -318,7 +328,7 @@ class Trainer:
             key: distributed.all_reduce_mean(sum(p[key] for p in pending) / len(pending)) for key in pending[0]
         }
         for group in self.optimizer.param_groups:  # e.g. lr_backbone, lr_new
-            values[f"lr_{group['name'].split('_')[0]}"] = group["lr"]
+            values[f"lr_{group_kind(group)}"] = group["lr"]
         logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
         values["logit_scale"] = float(logit_scale.detach().exp()) if logit_scale is not None else math.nan
         self.run.scalars(values, step, prefix="train/")
@@ -338,3 +348,18 @@ class Trainer:
         distributed.barrier()
 
 
+def group_kind(group: dict[str, Any]) -> str:
+    """"backbone", "new" or "other" from an optimiser group named like "new_no_decay"."""
+    return group["name"].split("_")[0]
+
+
+def log_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """One line per optimiser group: its rate, decay, size and a few member names."""
+    for group in optimizer.param_groups:
+        names = group.get("param_names", [])
+        count = sum(p.numel() for p in group["params"])
+        shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        logger.info(
+            "LR group %-17s lr %.3g  weight decay %.3g  %d tensors, %d parameters: %s",
+            group["name"], group["lr"], group["weight_decay"], len(group["params"]), count, shown,
+        )

@@ -81,16 +81,23 @@ def init_state_from_clip(
     init_state: Mapping[str, torch.Tensor] | None,
     vision_layers: int,
     tube_layers: int,
+    with_fusion: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Steps 1-3 of METHOD §10.3: the initial state dict of the stage-1 model.
+    """Steps 1-3 of METHOD §10.3: the initial state dict of the model.
 
-    Starts from `init_state`; adds every CLIP key under `clip.` where absent; then fills the tube encoder
-    (`clip.local_visual.*`) from the image tower: its non-block parts from `visual.*`, its blocks from the
-    last `tube_layers` ViT blocks (blocks 10 and 11 of ViT-B/16). Present keys always win.
+    Starts from `init_state`; adds every CLIP key under `clip.` where absent; with `with_fusion` also the
+    fusion encoder's blocks and positional table from the *original* CLIP text tower (`transformer.*`,
+    `positional_embedding` of `clip_state`, not a stage-1-tuned tower), where absent; then fills the tube
+    encoder (`clip.local_visual.*`) from the image tower: its non-block parts from `visual.*`, its blocks from
+    the last `tube_layers` ViT blocks (blocks 10 and 11 of ViT-B/16). Present keys always win.
     """
     state = dict(init_state or {})
     for key, value in clip_state.items():
         state.setdefault("clip." + key, value)
+        if with_fusion and key.startswith("transformer."):
+            state.setdefault("clip.fusion_" + key, value)
+    if with_fusion and "positional_embedding" in clip_state:
+        state.setdefault("clip.fusion_positional_embedding", clip_state["positional_embedding"])
     first_copied = vision_layers - tube_layers
     for key in list(state):
         if not key.startswith("clip.visual."):

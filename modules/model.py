@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modules.alignment import local_alignment_loss, text_side_centers
@@ -18,6 +19,16 @@ from modules.checkpoint import (
     read_model_state_dict,
 )
 from modules.clip import CLIPConfig, VisionTransformer, build_text_parts, encode_text_tokens, init_text_parts
+from modules.fusion import (
+    MATCH_NORMS,
+    bilinear_match_logits,
+    build_fusion_parts,
+    check_fusion_sizes,
+    fusion_attention_mask,
+    fusion_inputs,
+    normalize_text_heads,
+    run_fusion,
+)
 from modules.similarity import meanp_logits, symmetric_contrastive_loss
 from modules.tube import encode_tubes, tube_sequences
 
@@ -34,6 +45,10 @@ class T2VLPConfig:
     split_layer: int | None = None  # first joint-attention block; None = vision_layers - 2
     tube_layers: int = 2
     detach_tube_input: bool = False  # True in stage 2 and downstream (METHOD §11.5)
+    with_fusion: bool = False  # stage 2 and downstream: the fusion encoder, its heads and visual_linear
+    fusion_layers: int = 6  # fusion blocks executed (all are kept in the state dict)
+    head_dropout: float = 0.2  # token and match heads: 0.2 stage 2 / retrieval, 0.5 captioning / QA
+    match_norm: str = "group"  # VTM text head: "group" as the original (METHOD §6.4) or "pair"
 
     def resolved(self, clip: CLIPConfig) -> T2VLPConfig:
         split = clip.vision_layers - 2 if self.split_layer is None else self.split_layer
@@ -43,6 +58,12 @@ class T2VLPConfig:
             raise ValueError(f"tube_layers {self.tube_layers} must be in 1..{clip.vision_layers}")
         if self.num_centers < 1:
             raise ValueError(f"num_centers must be positive, got {self.num_centers}")
+        if self.match_norm not in MATCH_NORMS:
+            raise ValueError(f"match_norm must be one of {MATCH_NORMS}, got {self.match_norm!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.with_fusion:
+            check_fusion_sizes(clip, self.fusion_layers)
         return replace(self, split_layer=split)
 
 
@@ -60,7 +81,10 @@ class ClipWithTubes(nn.Module):
             torch.randn(1, 1, config.num_centers, clip.vision_width) * clip.vision_width**-0.5
         )
         self.fusion_proj_center = nn.Linear(clip.vision_width, clip.embed_dim)
-        self.lm_head = nn.Linear(clip.embed_dim, clip.embed_dim)  # unused; kept for checkpoint compatibility
+        self.lm_head = nn.Linear(clip.transformer_width, clip.embed_dim)  # unused; kept for checkpoint compatibility
+        if config.with_fusion:
+            for name, part in build_fusion_parts(clip).items():
+                setattr(self, name, part)
         for unused in (
             self.local_visual.conv1,
             self.local_visual.ln_pre,
@@ -94,6 +118,9 @@ class T2VLP(nn.Module):
         self.clip_config = clip_config
         self.config = (config or T2VLPConfig()).resolved(clip_config)
         self.clip = ClipWithTubes(clip_config, self.config)
+        if self.config.with_fusion:  # unused top-level layer of the original's stage-2 model, kept for its keys
+            self.visual_linear = nn.Linear(clip_config.embed_dim, clip_config.embed_dim)
+            self.visual_linear.requires_grad_(False)
         self._bert_style_init()
 
     def _bert_style_init(self) -> None:
@@ -117,7 +144,8 @@ class T2VLP(nn.Module):
         model = cls(clip_config, config)
         init_state = read_model_state_dict(init_model) if init_model else None
         state = init_state_from_clip(
-            clip_state, init_state, clip_config.vision_layers, model.config.tube_layers
+            clip_state, init_state, clip_config.vision_layers, model.config.tube_layers,
+            with_fusion=model.config.with_fusion,
         )
         load_state_dict_checked(model, state)
         logger.info(
@@ -208,3 +236,69 @@ class T2VLP(nn.Module):
             "sim_loss": sim_loss.detach(),
             "align_loss": align_loss.detach(),
         }
+
+    # ------------------------------------------------------------------------------------------ fusion API
+
+    def _require_fusion(self) -> None:
+        if not self.config.with_fusion:
+            raise RuntimeError("this model has no fusion encoder: build it with T2VLPConfig(with_fusion=True)")
+
+    def fuse(
+        self,
+        frames: torch.Tensor,
+        video_mask: torch.Tensor,
+        tubes: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        causal_text: bool = False,
+        answer_slot: bool = False,
+    ) -> torch.Tensor:
+        """Fusion states [B, 1 + T + K + L (+1), D], fp32 (METHOD §6.2, §6.4, §7c).
+
+        Layout: video-sep (masked mean of the frame features), frames, tubes, text states, and with
+        `answer_slot` a zero vector. Keys: frames by `video_mask`, text by `attention_mask`, tubes always; the
+        video-sep follows frame 0, or is always valid with `answer_slot`. `causal_text` applies the prefix mask:
+        visual rows blind to text, text causal.
+        """
+        self._require_fusion()
+        sequence, key_valid = fusion_inputs(frames, video_mask, tubes, text_tokens, attention_mask, answer_slot)
+        visual_length = 1 + frames.shape[1] + tubes.shape[1]
+        attn_mask = fusion_attention_mask(key_valid, visual_length, causal_text)
+        return run_fusion(self.clip, sequence, attn_mask, self.config.fusion_layers).float()
+
+    def match_logits(
+        self,
+        frames: torch.Tensor,
+        video_mask: torch.Tensor,
+        tubes: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        group_size: int | None = None,
+    ) -> torch.Tensor:
+        """[unmatch, match] logits [B, 2] of each (video, text) pair (METHOD §6.4 VTM), fp32.
+
+        Bidirectional fusion; the video head is the state at position 0, the text head the state at the last
+        valid text position. Text heads are normalised per feature over each group of `group_size` consecutive
+        pairs (default: the whole call), as the original did, or per pair with `match_norm="pair"`.
+        """
+        states = self.fuse(frames, video_mask, tubes, text_tokens, attention_mask)
+        last_text = 1 + frames.shape[1] + tubes.shape[1] + attention_mask.long().sum(dim=1) - 1
+        rows = torch.arange(states.shape[0], device=states.device)
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            video_head = states[:, 0]
+            video_head = video_head / video_head.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            text_head = normalize_text_heads(states[rows, last_text], group_size, self.config.match_norm)
+            return bilinear_match_logits(
+                self.clip, video_head, text_head, self.config.head_dropout, self.training
+            )
+
+    def token_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Tied vocabulary head [..., D] -> [..., vocab]: dropout(h) · P · Eᵀ + b (METHOD §6.4), fp32."""
+        self._require_fusion()
+        clip = self.clip
+        hidden = F.dropout(states, self.config.head_dropout, self.training)
+        projected = hidden @ clip.fusion_proj_embedding.to(hidden.dtype)
+        logits = projected @ clip.token_embedding.weight.to(projected.dtype).t()
+        return logits.float() + clip.fusion_logit_bias.float()

@@ -1,0 +1,1 @@
+"""One file per stage or task: its objective, LR groups and evaluation, plugged into the one training loop."""

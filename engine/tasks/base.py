@@ -1,0 +1,86 @@
+"""What a stage or task plugs into the one training loop (`engine.trainer.Trainer`).
+
+A `Task` says how a batch becomes losses (`objective`), which parameters form the fixed-rate "new" LR group, and
+how to evaluate. The loop owns everything else: DDP, autocast, accumulation, non-finite skipping, resume, stop
+signals and logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine import distributed
+
+# evaluate(model, step, epoch) -> metrics record (already logged) or None; called on rank 0 only.
+EvaluateFn = Callable[[nn.Module, int, int], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where the loop is when it computes a micro-batch, and the collectives an objective may use."""
+
+    seed: int
+    step: int  # optimiser steps already taken
+    micro: int  # index of the micro-batch within the accumulation window
+    epoch: int
+
+    def generator(self) -> torch.Generator:
+        """A CPU Generator seeded by (seed, step, micro): the same on every rank and on resume."""
+        seed = int(np.random.SeedSequence([self.seed, self.step, self.micro]).generate_state(1)[0])
+        return torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows, gradient-summing backward (see engine.distributed.all_gather_with_grad)."""
+        return distributed.all_gather_with_grad(tensor)
+
+    @staticmethod
+    def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """All ranks' rows without autograd, and the index of this rank's first row."""
+        return distributed.all_gather_rows(tensor)
+
+    @staticmethod
+    def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum_tensor(tensor)
+
+    @staticmethod
+    def world_size() -> int:
+        return distributed.get_world_size()
+
+
+# objective(model, batch on the device with normalised video, context) -> {"loss": ..., other detached scalars}
+Objective = Callable[[nn.Module, dict[str, Any], StepContext], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # "clip", "fusion", "retrieval", "caption", "qa"
+    objective: Objective
+    new_param_patterns: tuple[str, ...]  # substrings naming the fixed-LR ("new") parameters
+    find_unused_parameters: bool = False  # DDP: parameters that get no gradient in some steps
+    evaluate: EvaluateFn | None = None
+
+
+class ObjectiveModule(nn.Module):
+    """The model plus its objective as one module, so DDP sees a single forward per micro-batch."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict[str, Any], context: StepContext) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, batch, context)
+
+
+def mean_over_global_count(total: torch.Tensor, count: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """`total` (a sum over this rank's items) scaled so that DDP's average over ranks gives the sum over all
+    ranks divided by the count over all ranks: N processes then match one process on the global batch."""
+    global_count = context.sum_over_ranks(count.float()).clamp(min=1.0)
+    return total * (context.world_size() / global_count)
