@@ -10,34 +10,19 @@ Several:       torchrun --nproc_per_node=8 main_task_clip.py --do_train ...   (f
 from __future__ import annotations
 
 import argparse
-import logging
-import random
 import sys
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine import distributed
-from engine.args import (
-    check_model_limits,
-    local_batch_sizes,
-    parse_args,
-    report_ignored_flags,
-    resolve_precision,
-)
+from engine.args import check_model_limits, resolve_precision
 from engine.data import build_eval_dataset, build_train_dataset
+from engine.entry import run_main, train_settings
 from engine.evaluation import evaluate_retrieval, log_retrieval_rows
 from engine.run_logging import RunLogger
-from engine.trainer import Trainer, TrainSettings
+from engine.trainer import Trainer
 from modules.model import T2VLP, T2VLPConfig
-
-logger = logging.getLogger("t2vlp")
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(args: argparse.Namespace) -> T2VLP:
@@ -62,28 +47,15 @@ def make_evaluator(args: argparse.Namespace, dataset, run: RunLogger, device: to
 
 
 def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> None:
-    report_ignored_flags(args)
-    logger.info("command line: %s", " ".join(sys.argv))
-    set_seed(args.seed)
     precision = resolve_precision(args.precision, dist_info.device)
     model = build_model(args)
     image_size = model.image_resolution
     eval_dataset = build_eval_dataset(args, image_size)
     evaluate = make_evaluator(args, eval_dataset, run, dist_info.device, precision) if eval_dataset else None
     if args.do_train:
-        _, micro_batch = local_batch_sizes(args.batch_size, dist_info.world_size, args.gradient_accumulation_steps)
-        settings = TrainSettings(
-            epochs=args.epochs, micro_batch_size=micro_batch,
-            accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, coef_lr=args.coef_lr,
-            new_params_lr=args.new_params_lr, weight_decay=args.weight_decay,
-            warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm, precision=precision,
-            seed=args.seed, num_workers=args.num_thread_reader, n_display=args.n_display,
-            eval_steps=args.eval_steps, save_steps=args.save_steps, max_steps=args.max_steps,
-            max_bad_steps=args.max_bad_steps, keep_checkpoints=args.keep_checkpoints,
-        )
         trainer = Trainer(
-            model, build_train_dataset(args, image_size), settings, run, dist_info, args.output_dir, evaluate,
-            freeze_layer_num=args.freeze_layer_num,
+            model, build_train_dataset(args, image_size), train_settings(args, dist_info.world_size, precision), run,
+            dist_info, args.output_dir, evaluate, freeze_layer_num=args.freeze_layer_num,
         )
         trainer.resume_if_possible(args.resume_model)
         trainer.fit()
@@ -92,15 +64,7 @@ def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: R
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, task="clip")
-    dist_info = distributed.init_distributed()
-    run = RunLogger(args.output_dir, dist_info.is_main, tensorboard=args.tensorboard)
-    try:
-        run_stage1(args, dist_info, run)  # returns before cleanup, so the trainer is out of scope there
-        return 0
-    finally:
-        run.close()
-        distributed.cleanup()
+    return run_main("clip", run_stage1, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,13 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     "qa": {"eval_steps": 0, "save_steps": 0, "new_params_lr": 5e-6, "seed": 2021, "datatype": "msrvtt_qa"},
 }
 
-# dest -> hint; a warning is logged when any of these differs from its default.
+# Flags of IGNORED_FLAGS that a task does read.
+USED_BY_TASK: dict[str, set[str]] = {"fusion": {"mask_ratio"}}
+
+# Fixed rate of the token and match heads' dropout per task (METHOD §8 table).
+HEAD_DROPOUT = {"clip": 0.2, "fusion": 0.2, "retrieval": 0.2, "caption": 0.5, "qa": 0.5}
+
+# dest -> hint; a warning is logged when any of these differs from its default (unless the task uses it).
 IGNORED_FLAGS: dict[str, str] = {
     "do_pretrain": "use --do_train",
     "do_lower_case": "the CLIP tokenizer always lower-cases",
@@ -86,6 +92,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     _add_original_flags(parser)
     _add_ignored_flags(parser, task)
     _add_new_flags(parser)
+    if task != "clip":
+        _add_fusion_flags(parser, task)
     parser.set_defaults(**TASK_DEFAULTS[task])
     return parser
 
@@ -148,7 +156,8 @@ def _add_ignored_flags(parser: argparse.ArgumentParser, task: str) -> None:
     add("--n_pair", type=int, default=1)
     add("--use_mil", action="store_true")
     add("--sampled_use_mil", action="store_true")
-    add("--mask_ratio", type=float, default=0.15)
+    add("--mask_ratio", type=float, default=0.15,
+        help="Stage 2: probability that a word token is masked for MLM (the original hard-coded 0.15).")
     add("--cross_model", type=str, default="cross-base")
     add("--cache_dir", type=str, default="")
     add("--n_gpu", type=int, default=1)
@@ -195,6 +204,27 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
         help="Write TensorBoard scalars to <output_dir>/tensorboard.")
 
 
+def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
+    group = parser.add_argument_group("fusion encoder (stage 2 and downstream)")
+    add = group.add_argument
+    add("--head_dropout", type=float, default=HEAD_DROPOUT[task],
+        help="Dropout of the token and match heads (default %(default)s for this task, as the original).")
+    add("--match_norm", choices=["group", "pair"], default="group",
+        help="Normalisation of the match head's text vectors: 'group' divides each feature by its norm over the "
+             "pairs of a call, as the original (its released checkpoints need it); 'pair' normalises each vector "
+             "(results then do not depend on the batch). Evaluate a model the way it was trained.")
+    add("--train_encoders", action="store_true",
+        help="Let the fusion losses' gradients reach the CLIP towers and the tube input (the original detaches "
+             "them: only the fusion encoder, its heads and the tube encoder learn).")
+    if task in ("fusion", "retrieval"):
+        add("--rerank_top_k", type=int, default=32,
+            help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP only).")
+        add("--rerank_batch_size", type=int, default=2048, help="Evaluation: (video, text) pairs per rerank call.")
+    if task == "fusion":
+        for loss in ("mlm", "plm", "vtm", "align"):
+            add(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
+
+
 def parse_args(argv: Sequence[str] | None = None, task: str = "clip",
                world_size: int | None = None) -> argparse.Namespace:
     """Parse and validate. `world_size` defaults to torchrun's WORLD_SIZE (1 without torchrun).
@@ -210,6 +240,9 @@ def parse_args(argv: Sequence[str] | None = None, task: str = "clip",
     if error:
         parser.error(error)
     args.task = task
+    fusion_error = _fusion_flag_error(args)
+    if fusion_error:
+        parser.error(fusion_error)
     args.ignored_flags = _ignored_flag_messages(parser, args)
     return args
 
@@ -248,6 +281,22 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
             local_batch_sizes(args.batch_size, world_size, args.gradient_accumulation_steps)
         except ValueError as exc:
             return str(exc)
+    return None
+
+
+def _fusion_flag_error(args: argparse.Namespace) -> str | None:
+    if args.task == "clip":
+        return None
+    if not 0 <= args.head_dropout < 1:
+        return "--head_dropout must be in [0, 1)"
+    if getattr(args, "rerank_top_k", 0) < 0 or getattr(args, "rerank_batch_size", 1) < 1:
+        return "--rerank_top_k must be >= 0 and --rerank_batch_size >= 1"
+    if args.task == "fusion":
+        if not 0 <= args.mask_ratio <= 1:
+            return "--mask_ratio must be in [0, 1]"
+        weights = [args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight]
+        if min(weights) < 0 or max(weights) == 0:
+            return "the loss weights (--mlm_weight --plm_weight --vtm_weight --align_weight) must be >= 0, one > 0"
     return None
 
 
@@ -297,7 +346,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def _ignored_flag_messages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     messages = []
+    used = USED_BY_TASK.get(getattr(args, "task", ""), set())
     for dest, hint in IGNORED_FLAGS.items():
+        if dest in used:
+            continue
         if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest):
             messages.append(f"--{dest} {getattr(args, dest)!r} is ignored: {hint}")
     if not args.loose_type:

@@ -1,7 +1,8 @@
 """The embedded demo: synthetic videos in the real datasets' layouts plus a tiny random CLIP checkpoint.
 
     python -m engine.demo prepare --out demo_data     # idempotent; what start_clip.sh runs without DATA_PATH
-    python -m engine.demo summary --output_dir RUN    # the last retrieval result next to chance level
+    python -m engine.demo summary --output_dir RUN    # the last evaluation next to chance level
+    python -m engine.demo latest --stage 1            # the newest demo checkpoint of a stage
 
 `prepare` writes the MSR-VTT-layout dataset (dataloaders/demo_data.py), converts its training split into WebVid
 TFRecords with frozen_tfrecord.py (as real pre-training data is stored), and writes a randomly initialised
@@ -17,7 +18,12 @@ import sys
 from pathlib import Path
 
 from dataloaders.demo_data import make_demo_dataset
-from modules.checkpoint import write_random_clip_checkpoint
+from modules.checkpoint import (
+    CheckpointError,
+    read_clip_state_dict,
+    read_model_state_dict,
+    write_random_clip_checkpoint,
+)
 from modules.clip import CLIPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +35,7 @@ DEMO_CLIP = CLIPConfig(
     vision_patch_size=8,
     context_length=77,
     vocab_size=49408,
-    transformer_width=128,
+    transformer_width=64,  # = embed_dim, which the fusion encoder (stage 2 on) needs
     transformer_layers=3,
 )
 CHECKPOINT_NAME = "ViT-demo.pt"
@@ -40,8 +46,8 @@ def prepare(out_dir: Path) -> dict[str, Path]:
     """Create (or reuse) the demo data, its WebVid TFRecords and the tiny CLIP checkpoint."""
     paths = make_demo_dataset(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
-    if not checkpoint.is_file():
-        write_random_clip_checkpoint(checkpoint, DEMO_CLIP, seed=0)
+    if not checkpoint.is_file() or CLIPConfig.from_state_dict(read_clip_state_dict(checkpoint)) != DEMO_CLIP:
+        write_random_clip_checkpoint(checkpoint, DEMO_CLIP, seed=0)  # new, or left by an older demo
     tfrecords = out_dir / TFRECORD_DIR
     if not (tfrecords / "frozen_train_labels.json").is_file():
         command = [
@@ -54,15 +60,45 @@ def prepare(out_dir: Path) -> dict[str, Path]:
 
 
 def summary(output_dir: Path) -> str:
-    """One paragraph on the last evaluation of a demo run."""
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1])
-    t2v, chance = last["t2v"]["R1"], last["chance"]["R1"]
-    return (
-        f"demo finished: text->video R@1 {t2v:.1f}% on {last['n_texts']} held-out videos "
-        f"(chance {chance:.1f}%, {t2v / chance:.1f}x chance); video->text R@1 {last['v2t']['R1']:.1f}%.\n"
-        f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}"
+    """A few lines on the last evaluation of a demo run: each retrieval scoring, and the fusion heads."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    last_step = records[-1]["step"]
+    lines = []
+    for record in (r for r in records if r["step"] == last_step):
+        if record["task"] == "retrieval":
+            t2v, chance = record["t2v"]["R1"], record["chance"]["R1"]
+            lines.append(
+                f"retrieval ({record['scoring']}): text->video R@1 {t2v:.1f}% on {record['n_texts']} held-out "
+                f"videos (chance {chance:.1f}%, {t2v / chance:.1f}x chance); video->text R@1 "
+                f"{record['v2t']['R1']:.1f}%"
+            )
+        elif record["task"] == "fusion":
+            lines.append(
+                f"fusion heads: MLM accuracy {record['mlm_acc']:.1f}% (chance {record['chance']['mlm_acc']:.3f}%), "
+                f"VTM balanced accuracy {record['vtm_acc']:.1f}% (chance {record['chance']['vtm_acc']:.0f}%)"
+            )
+    lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
+    return f"demo finished (step {last_step}):\n  " + "\n  ".join(lines)
+
+
+def latest_checkpoint(stage: int, output_root: Path = ROOT / "output") -> Path | None:
+    """The newest `ckpt/pytorch_model.bin.<step>` of the demo runs of `stage` whose model fits the demo CLIP."""
+    candidates = sorted(
+        output_root.glob(f"demo_stage{stage}_*/ckpt/pytorch_model.bin.*"), key=lambda p: p.stat().st_mtime
     )
+    for path in reversed(candidates):
+        if _fits_demo_clip(path):
+            return path
+    return None
+
+
+def _fits_demo_clip(path: Path) -> bool:
+    try:
+        state = read_model_state_dict(path)
+    except CheckpointError:
+        return False
+    width = state.get("clip.ln_final.weight")
+    return width is not None and width.shape[0] == DEMO_CLIP.transformer_width
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     prepare_parser.add_argument("--out", type=Path, default=Path("demo_data"))
     summary_parser = commands.add_parser("summary", help="print the last retrieval result of a run")
     summary_parser.add_argument("--output_dir", type=Path, required=True)
+    latest_parser = commands.add_parser("latest", help="print the newest demo checkpoint of a stage (exit 1: none)")
+    latest_parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    latest_parser.add_argument("--output_root", type=Path, default=ROOT / "output")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         for name, path in prepare(args.out).items():
             print(f"{name}: {path}")
+    elif args.command == "latest":
+        path = latest_checkpoint(args.stage, args.output_root)
+        if path is None:
+            return 1
+        print(path)
     else:
         print(summary(args.output_dir))
     return 0

@@ -116,6 +116,7 @@ class MatchingTerms(NamedTuple):
     loss: torch.Tensor  # mean cross entropy over the 3B pairs
     correct: torch.Tensor
     count: int
+    logits: torch.Tensor  # [3B, 2]: B matching pairs, then B with a negative video, then B with a negative text
 
 
 def video_text_matching_terms(
@@ -141,4 +142,5 @@ def video_text_matching_terms(
     batch = video.frames.shape[0]
     labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
     labels[:batch] = 1
-    return MatchingTerms(F.cross_entropy(logits, labels), (logits.argmax(dim=-1) == labels).sum(), 3 * batch)
+    correct = (logits.argmax(dim=-1) == labels).sum()
+    return MatchingTerms(F.cross_entropy(logits, labels), correct, 3 * batch, logits.detach())

@@ -1,0 +1,206 @@
+"""Stage 2 (METHOD §6): MLM + prefix LM + video-text matching with hard negatives + local alignment, and its
+evaluation (meanP and reranked retrieval, MLM and VTM accuracy on the held-out split)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataloaders.lm_targets import language_model_targets
+from engine.evaluation import (
+    autocast_context,
+    encode_split,
+    log_retrieval_rows,
+    retrieval_rows,
+    similarity_matrix,
+)
+from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
+from engine.tasks.base import EvaluateFn, StepContext, Task, mean_over_global_count
+from modules.fusion_objectives import (
+    TextParts,
+    VideoParts,
+    masked_lm_terms,
+    prefix_lm_terms,
+    sample_hard_negatives,
+    video_text_matching_terms,
+)
+
+logger = logging.getLogger("t2vlp.fusion")
+
+
+@dataclass(frozen=True)
+class FusionLossWeights:
+    mlm: float = 1.0
+    plm: float = 1.0
+    vtm: float = 1.0
+    align: float = 1.0
+
+
+def hard_negative_indices(
+    model: nn.Module, text_eot: torch.Tensor, frames: torch.Tensor, video_mask: torch.Tensor, context: StepContext
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Hard negatives for this rank's rows from the all-gathered meanP similarity (METHOD §6.4).
+
+    Every rank draws for all rows of the global batch with the step's Generator and keeps its own, so the draw
+    does not depend on the number of processes. Returns (negative video per local text, negative text per local
+    video), both indices into the gathered batch, and this rank's first row in it."""
+    with torch.no_grad():
+        all_eot, offset = context.gather_rows(text_eot.detach())
+        all_frames, _ = context.gather_rows(frames.detach())
+        all_mask, _ = context.gather_rows(video_mask)
+        sim = model.similarity(all_eot, all_frames, all_mask)
+    negative_video, negative_text = sample_hard_negatives(sim, context.generator())
+    rows = slice(offset, offset + text_eot.shape[0])
+    return negative_video[rows], negative_text[rows], offset
+
+
+def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bool = True):
+    """The stage-2 objective; with `detach_encoders` (the original) the CLIP towers' outputs are detached, so
+    only the fusion encoder, its heads and (through the alignment loss) the tube encoder and centers learn."""
+
+    def objective(model: nn.Module, batch: dict[str, Any], context: StepContext) -> dict[str, torch.Tensor]:
+        attention_mask, video_mask = batch["attention_mask"], batch["video_mask"]
+        frames, tubes = model.encode_video(batch["video"], video_mask)
+        text_eot, tokens = model.encode_text(batch["input_ids"], attention_mask)
+        fusion_tubes = tubes
+        if detach_encoders:
+            frames, text_eot, tokens, fusion_tubes = frames.detach(), text_eot.detach(), tokens.detach(), tubes.detach()
+        video, text = VideoParts(frames, video_mask, fusion_tubes), TextParts(tokens, attention_mask)
+        terms: dict[str, torch.Tensor] = {}
+        loss = frames.new_zeros(())
+        if weights.mlm:
+            _, masked_tokens = model.encode_text(batch["mlm_input_ids"], attention_mask)
+            if detach_encoders:
+                masked_tokens = masked_tokens.detach()
+            mlm = masked_lm_terms(model, video, TextParts(masked_tokens, attention_mask), batch["mlm_labels"])
+            terms["mlm_loss"] = mean_over_global_count(mlm.loss_sum, mlm.count, context)
+            terms["mlm_acc"] = 100.0 * mean_over_global_count(mlm.correct.float(), mlm.count, context)
+            loss = loss + weights.mlm * terms["mlm_loss"]
+        if weights.plm:
+            plm = prefix_lm_terms(model, video, text, batch["input_ids"], batch["plm_start"])
+            terms["plm_loss"] = mean_over_global_count(plm.loss_sum, plm.count, context)
+            loss = loss + weights.plm * terms["plm_loss"]
+        if weights.vtm:
+            negative_video, negative_text, _ = hard_negative_indices(model, text_eot, frames, video_mask, context)
+            all_video = VideoParts(*(context.gather_rows(part.detach())[0] for part in video))
+            all_text = TextParts(*(context.gather_rows(part.detach())[0] for part in text))
+            vtm = video_text_matching_terms(model, video, text, all_video, all_text, negative_video, negative_text)
+            terms["vtm_loss"] = vtm.loss
+            terms["vtm_acc"] = 100.0 * vtm.correct.float() / vtm.count
+            loss = loss + weights.vtm * vtm.loss
+        if weights.align:
+            terms["align_loss"] = model.alignment_loss(tokens.detach() if detach_encoders else tokens,
+                                                       attention_mask, tubes)
+            loss = loss + weights.align * terms["align_loss"]
+        return {"loss": loss, **{key: value.detach() for key, value in terms.items()}}
+
+    return objective
+
+
+def fusion_pretraining_task(
+    weights: FusionLossWeights, detach_encoders: bool = True, evaluate: EvaluateFn | None = None
+) -> Task:
+    return Task(
+        "fusion", fusion_pretraining_objective(weights, detach_encoders), NEW_PARAM_PATTERNS_BY_TASK["fusion"],
+        find_unused_parameters=True, evaluate=evaluate,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_fusion_heads(
+    model: nn.Module,
+    encoded: dict[str, Any],
+    *,
+    mask_ratio: float,
+    seed: int,
+    batch_size: int,
+    precision: str,
+) -> dict[str, Any]:
+    """MLM and VTM accuracy (percent) on an encoded held-out split (`encode_split(keep_fusion_inputs=True)`).
+
+    MLM: each caption masked as in training, from a Generator seeded by (seed, 0, item index), so every
+    evaluation uses the same masks; accuracy over all masked tokens. VTM: every pair plus one hard-negative video
+    per text and one hard-negative text per video, drawn from the meanP similarity of the split with a
+    Generator seeded by `seed`, scored in chunks of `batch_size` pairs (each chunk's 3 x chunk sequences one
+    normalisation group, as in training). `vtm_acc` is the balanced accuracy, the mean of the accuracy on
+    matching pairs and on non-matching pairs, so chance is 50% whatever the 1:2 ratio.
+    """
+    model.eval()
+    device = encoded["frames"].device
+    count = encoded["frames"].shape[0]
+    if count < 2:
+        raise ValueError("MLM/VTM evaluation needs at least 2 items")
+    targets = [
+        language_model_targets(encoded["input_ids"][i].cpu(), encoded["attention_mask"][i].cpu(), mask_ratio,
+                               np.random.default_rng([seed, 0, int(index), 7]))
+        for i, index in enumerate(encoded["indices"])
+    ]
+    mlm_ids = torch.stack([t["mlm_input_ids"] for t in targets]).to(device)
+    mlm_labels = torch.stack([t["mlm_labels"] for t in targets]).to(device)
+    sim = torch.from_numpy(similarity_matrix(model, encoded))
+    negative_video, negative_text = sample_hard_negatives(sim, torch.Generator().manual_seed(seed))
+    all_video = VideoParts(encoded["frames"], encoded["video_mask"], encoded["tubes"])
+    all_text = TextParts(encoded["text_tokens"], encoded["attention_mask"])
+    mlm_correct = mlm_total = 0
+    match_correct = unmatch_correct = 0
+    for start in range(0, count, batch_size):
+        rows = torch.arange(start, min(start + batch_size, count), device=device)
+        video, text = all_video.take(rows), all_text.take(rows)
+        with autocast_context(device, precision):
+            _, masked_tokens = model.encode_text(mlm_ids[rows], text.attention_mask)
+            mlm = masked_lm_terms(model, video, TextParts(masked_tokens, text.attention_mask), mlm_labels[rows])
+            vtm = video_text_matching_terms(model, video, text, all_video, all_text,
+                                            negative_video[rows.cpu()], negative_text[rows.cpu()])
+        mlm_correct += int(mlm.correct)
+        mlm_total += int(mlm.count)
+        predicted_match = vtm.logits.argmax(dim=-1) == 1
+        match_correct += int(predicted_match[: len(rows)].sum())
+        unmatch_correct += int((~predicted_match[len(rows):]).sum())
+    positive_acc = 100.0 * match_correct / count
+    negative_acc = 100.0 * unmatch_correct / (2 * count)
+    vocab = model.clip_config.vocab_size
+    return {
+        "mlm_acc": 100.0 * mlm_correct / max(mlm_total, 1),
+        "vtm_acc": 0.5 * (positive_acc + negative_acc),
+        "n": count,
+        "n_masked_tokens": mlm_total,
+        "vtm_acc_match": positive_acc,
+        "vtm_acc_unmatch": negative_acc,
+        "chance": {"mlm_acc": 100.0 / vocab, "vtm_acc": 50.0},
+    }
+
+
+def make_fusion_evaluator(
+    dataset: Any, run: Any, device: torch.device, precision: str, *, batch_size: int, num_workers: int,
+    rerank_top_k: int, rerank_batch_size: int, mask_ratio: float, seed: int,
+) -> EvaluateFn:
+    """Stage-2 evaluation: meanP and reranked retrieval rows, then the fusion row (MLM / VTM accuracy)."""
+
+    def evaluate(model: nn.Module, step: int, epoch: int) -> dict[str, Any]:
+        encoded = encode_split(model, dataset, batch_size=batch_size, device=device, precision=precision,
+                               num_workers=num_workers, keep_fusion_inputs=True)
+        rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
+                              precision=precision, show_progress=True)
+        log_retrieval_rows(run, rows, step, epoch)
+        heads = evaluate_fusion_heads(model, encoded, mask_ratio=mask_ratio, seed=seed, batch_size=batch_size,
+                                      precision=precision)
+        record = {"task": "fusion", "split": "test", "step": step, "epoch": epoch, **heads}
+        run.log_metrics(record)
+        run.scalars({"mlm_acc": heads["mlm_acc"], "vtm_acc": heads["vtm_acc"]}, step, prefix="eval/")
+        logger.info(
+            "fusion heads at step %d, epoch %d on %d held-out pairs: MLM accuracy %.2f%% (%d masked tokens; chance "
+            "%.3f%%), VTM balanced accuracy %.2f%% (matching %.2f%%, hard negatives %.2f%%; chance 50%%)",
+            step, epoch, heads["n"], heads["mlm_acc"], heads["n_masked_tokens"], heads["chance"]["mlm_acc"],
+            heads["vtm_acc"], heads["vtm_acc_match"], heads["vtm_acc_unmatch"],
+        )
+        return record
+
+    return evaluate

@@ -1,0 +1,71 @@
+"""Stage-2 pre-training of T2VLP: the fusion encoder with MLM + prefix LM + video-text matching with hard
+negatives + local alignment (METHOD §6), from a stage-1 checkpoint.
+
+One process:   python main_task_fusion.py --do_train --init_model STAGE1_CKPT --output_dir runs/x ...
+Several:       torchrun --nproc_per_node=8 main_task_fusion.py --do_train ...   (flags as in the original README)
+
+The fusion encoder's blocks and positional table start from the original CLIP text tower, read from
+`--visual_pretrain_path` (default ./CLIP-modules/ViT-B-16.pt, the path the original hard-coded). `--batch_size`
+is the global batch over all processes. Rerunning a command whose `--output_dir` holds a `restore.bin` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dataloaders.lm_targets import WithLanguageModelTargets
+from engine import distributed
+from engine.args import check_model_limits, resolve_precision
+from engine.data import build_eval_dataset, build_train_dataset
+from engine.entry import run_main, train_settings
+from engine.run_logging import RunLogger
+from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, make_fusion_evaluator
+from engine.trainer import Trainer
+from modules.model import T2VLP, T2VLPConfig
+
+
+def build_model(args: argparse.Namespace) -> T2VLP:
+    config = T2VLPConfig(
+        num_centers=args.num_centers, split_layer=args.split_layer, tube_layers=args.tube_layers,
+        detach_tube_input=not args.train_encoders, with_fusion=True, fusion_layers=args.fusion_layers,
+        head_dropout=args.head_dropout, match_norm=args.match_norm,
+    )
+    model = T2VLP.from_pretrained(args.visual_pretrain_path, init_model=args.init_model, config=config)
+    check_model_limits(args, context_length=model.clip_config.context_length,
+                       fusion_extra_tokens=1 + args.max_frames + model.config.num_centers)
+    return model
+
+
+def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> None:
+    precision = resolve_precision(args.precision, dist_info.device)
+    model = build_model(args)
+    image_size = model.image_resolution
+    eval_dataset = build_eval_dataset(args, image_size)
+    evaluate = None
+    if eval_dataset is not None:
+        evaluate = make_fusion_evaluator(
+            eval_dataset, run, dist_info.device, precision, batch_size=args.batch_size_val,
+            num_workers=args.num_thread_reader, rerank_top_k=args.rerank_top_k,
+            rerank_batch_size=args.rerank_batch_size, mask_ratio=args.mask_ratio, seed=args.seed,
+        )
+    if args.do_train:
+        weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
+        train_dataset = WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio, args.seed)
+        trainer = Trainer(
+            model, train_dataset, train_settings(args, dist_info.world_size, precision), run, dist_info,
+            args.output_dir, freeze_layer_num=args.freeze_layer_num,
+            task=fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate),
+        )
+        trainer.resume_if_possible(args.resume_model)
+        trainer.fit()
+    elif evaluate is not None and dist_info.is_main:
+        evaluate(model.to(dist_info.device), step=0, epoch=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("fusion", run_stage2, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
