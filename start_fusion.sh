@@ -53,7 +53,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
     --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" --warmup_proportion 0.2 \
-    --lr 1e-3 --coef_lr 1e-3 --new_params_lr 1e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
+    --lr 1e-3 --coef_lr 1e-3 --new_params_lr 5e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
     --datatype msrvtt --feature_framerate 2 --freeze_layer_num 0 --slice_framepos 2 --eval_steps 0 \
     --keep_checkpoints 2 --fusion_layers 3 --rerank_top_k 10 --init_model "$INIT_MODEL" \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \

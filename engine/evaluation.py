@@ -47,7 +47,7 @@ def encode_split(
     """
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
     )
     texts, frames, masks, video_ids, indices, skipped = [], [], [], [], [], 0
     fusion_parts: dict[str, list[torch.Tensor]] = {"tubes": [], "text_tokens": [], "input_ids": [], "attention_mask": []}

@@ -208,6 +208,9 @@ class Trainer:
         if hasattr(self.train_dataset, "set_epoch"):
             self.train_dataset.set_epoch(self.progress.epoch)
         self.sampler.skip(self.progress.samples_in_epoch)
+        # The loader's own Generator: creating its iterator must not draw from the global RNG, which dropout
+        # uses, or a resumed run (a new iterator mid-epoch) would drop out differently from an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.settings.seed + self.progress.epoch)
         return DataLoader(
             self.train_dataset,
             batch_size=self.settings.micro_batch_size,
@@ -217,6 +220,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=False,
+            generator=generator,
         )
 
     def _forward(self, batch: dict[str, Any], micro: int = 0) -> dict[str, torch.Tensor]:

@@ -9,12 +9,18 @@ import pytest
 
 from dataloaders.demo_data import make_demo_dataset
 from modules.checkpoint import write_random_clip_checkpoint
-from tests.model_helpers import TINY_CLIP
+from tests.model_helpers import TINY_CLIP, TINY_FUSION_CLIP
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     return write_random_clip_checkpoint(tmp_path_factory.mktemp("clip") / "ViT-tiny.pt", TINY_CLIP, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_fusion_clip_checkpoint(tmp_path_factory) -> Path:
+    """A tiny CLIP whose text width equals its embedding size, as the fusion encoder needs."""
+    return write_random_clip_checkpoint(tmp_path_factory.mktemp("clip") / "ViT-fusion.pt", TINY_FUSION_CLIP, seed=8)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +56,15 @@ def webvid_demo(tmp_path_factory) -> dict[str, Path]:
     demo = make_demo_dataset(root / "data", n_train=64, n_test=6, size=32, fps=4, seconds=2)
     labels = convert_to_webvid_tfrecords(demo, root / "WebVid_TFRecord")
     return {**demo, "labels": labels, "tfrecord_dir": root / "WebVid_TFRecord"}
+
+
+@pytest.fixture(scope="session")
+def stage1_checkpoint(small_demo_source, tiny_fusion_clip_checkpoint, tmp_path_factory) -> Path:
+    """A stage-1 checkpoint of the tiny fusion-sized CLIP, trained for one epoch on the small demo."""
+    import main_task_clip
+    from tests.stage1_helpers import stage1_argv
+
+    out = tmp_path_factory.mktemp("stage1")
+    argv = stage1_argv(small_demo_source, tiny_fusion_clip_checkpoint, out, "--epochs=1")
+    assert main_task_clip.main(argv) == 0
+    return out / "ckpt" / "pytorch_model.bin.3"

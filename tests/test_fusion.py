@@ -81,10 +81,9 @@ def reference_fuse(model: T2VLP, frames, video_mask, tubes, tokens, attention_ma
         attn = block.attn
         h = F.layer_norm(x, (D,), block.ln_1.weight, block.ln_1.bias, 1e-5)
         q, k, v = (h @ attn.in_proj_weight.t() + attn.in_proj_bias).chunk(3, dim=-1)
-        heads = attn.heads
-        split = lambda t: t.reshape(batch, n, heads, D // heads).transpose(1, 2)  # noqa: E731
-        scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(D // heads) + additive[:, None]
-        out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(batch, n, D)
+        q, k, v = (t.reshape(batch, n, attn.heads, D // attn.heads).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // attn.heads) + additive[:, None]
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, D)
         x = x + attn.out_proj(out)
         h = F.layer_norm(x, (D,), block.ln_2.weight, block.ln_2.bias, 1e-5)
         hidden = block.mlp.c_fc(h)
