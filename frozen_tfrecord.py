@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from dataloaders.tfrecord_io import write_record
 from dataloaders.webvid import RAW_SIDE, encode_jpeg_clip_record, encode_raw_clip_record
+from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
 
@@ -67,7 +69,8 @@ Shards are planned from the sorted list of ids, so the same inputs always give t
 written under a temporary name and renamed when complete; its sidecar is written atomically afterwards. A
 re-run skips the shards whose sidecar matches the plan and the options, so an interrupted conversion resumes
 and ends with files byte-identical to an uninterrupted run. Undecodable or missing videos and malformed csv rows
-are logged and skipped, never fatal. Exit status: 0 when every shard is complete, 1 otherwise (re-run to resume).
+are logged and skipped, never fatal. Exit status: 0 when every shard is complete, 1 when no video was written or
+an I/O error stopped the run (re-run to resume), 2 for bad input (a missing folder or csv).
 
 The output folder can be moved, mounted elsewhere or copied to s3://bucket/prefix/ as it is: readers resolve
 shard paths against the index's location (read_frames / WebVidDataset accept s3:// paths; boto3 settings such
@@ -102,7 +105,7 @@ class CsvLabels:
     n_rows: int = 0
 
 
-class CsvHeaderError(ValueError):
+class CsvHeaderError(InputError, ValueError):
     """A csv file lacks the columns that name the video id and the caption."""
 
 
@@ -133,7 +136,7 @@ def _read_webvid_csv(path: Path, labels: CsvLabels) -> None:
                 continue
             finally:
                 record_start = reader.line_num + 1
-            if any(cell.strip() for cell in row):
+            if row:  # a blank line has no cells; a row of empty cells (",,,,") is reported by _add_row
                 labels.n_rows += 1
                 _add_row(row, len(header), id_column, caption_column, where, labels)
 
@@ -306,6 +309,7 @@ class VideoResult:
     video_id: str
     payload: bytes | None
     error: str | None
+    n_frames: int = 0  # frames stored in the record
 
 
 def convert_video(task: VideoTask, options: EncodeOptions) -> VideoResult:
@@ -313,7 +317,7 @@ def convert_video(task: VideoTask, options: EncodeOptions) -> VideoResult:
     try:
         read = read_folder_frames if task.is_frame_folder else read_video_frames
         frames, positions = read(task.source, options.num_frames)
-        return VideoResult(task.video_id, encode_clip(task.video_id, frames, positions, options), None)
+        return VideoResult(task.video_id, encode_clip(task.video_id, frames, positions, options), None, len(frames))
     except Exception as error:  # the worker boundary: any failure on one video only skips that video
         return VideoResult(task.video_id, None, f"{type(error).__name__}: {error}")
 
@@ -351,6 +355,7 @@ class ShardState:
     records: list[tuple[str, int]]
     labels: list[dict[str, str]]
     failures: list[list[str]]
+    sha256: str = ""  # of the shard file, recorded when it was finished; checked before a rerun keeps it
 
 
 class OutputLayout:
@@ -389,8 +394,19 @@ def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOp
         return None
     if not shard.is_file() or shard.stat().st_size != state.size:
         return None
+    if not state.sha256 or file_sha256(shard) != state.sha256:
+        logger.warning("%s does not match the checksum recorded when it was finished: writing it again", shard)
+        return None
     state.records = [tuple(record) for record in state.records]
     return state
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[VideoResult], options: EncodeOptions,
@@ -405,6 +421,9 @@ def write_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[VideoRe
                 failures.append(Failure("bad_video", task.video_id, task.source, result.error or ""))
                 logger.warning("skipping video %s (%s): %s", task.video_id, task.source, result.error)
             else:
+                if options.num_frames and result.n_frames < options.num_frames:
+                    failures.append(Failure("short_video", task.video_id, task.source,
+                                            f"stored {result.n_frames} of the {options.num_frames} frames asked for"))
                 records.append((task.video_id, offset))
                 offset += write_record(stream, result.payload)
                 if captions is not None:
@@ -414,7 +433,7 @@ def write_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[VideoRe
         os.fsync(stream.fileno())
     os.replace(temporary, shard)
     state = ShardState(shard.name, plan.video_ids, asdict(options), offset, records, labels,
-                       [list(asdict(f).values()) for f in failures])
+                       [list(asdict(f).values()) for f in failures], file_sha256(shard))
     _write_atomically(layout.sidecar(plan.number), json.dumps(asdict(state), ensure_ascii=False))
     return state
 
@@ -464,7 +483,13 @@ def plan_shards(sources: dict[str, str], is_frame_folder: bool, shard_size: int)
 
 def select_sources(config: ConversionConfig, summary: ConversionSummary) -> tuple[dict, CsvLabels | None, list]:
     if (config.video_dir is None) == (config.frames_dir is None):
-        raise ValueError("give exactly one of --video_dir and --frames_dir")
+        raise InputError("give exactly one of --video_dir and --frames_dir")
+    flag, folder = ("--frames_dir", config.frames_dir) if config.frames_dir else ("--video_dir", config.video_dir)
+    if not Path(folder).is_dir():
+        raise InputError(f"{flag} {folder} is not a folder")
+    for csv_path in config.csv_paths:
+        if not Path(csv_path).is_file():
+            raise InputError(f"--csv {csv_path} does not exist")
     found = find_frame_folders(config.frames_dir) if config.frames_dir else find_videos(config.video_dir)
     summary.n_sources_found = len(found)
     if not config.csv_paths:
@@ -576,12 +601,14 @@ def parse_args(argv: list[str] | None = None) -> ConversionConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a conversion that wrote no video or stopped on an I/O error (complete shards are
+    kept: re-run to resume), 2 bad input (missing folder or csv, a csv without the needed columns)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
     try:
         summary = convert(config)
-    except CsvHeaderError as error:
-        logger.error("%s", error)
+    except InputError as error:
+        print(f"frozen_tfrecord.py: error: {error}", file=sys.stderr, flush=True)
         return 2
     except OSError as error:
         logger.error("conversion stopped (%s); complete shards are kept, re-run the same command to resume", error)
@@ -589,6 +616,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s", summary.report())
     logger.info("wrote %s, failures in %s", Path(config.output_dir) / f"{config.output_name}.index",
                 Path(config.output_dir) / "failures.tsv")
+    if summary.n_written == 0:
+        logger.error("no video was written (%d selected): see %s", summary.n_selected,
+                     Path(config.output_dir) / "failures.tsv")
+        return 1
     return 0
 
 

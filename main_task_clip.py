@@ -17,9 +17,9 @@ import torch
 
 from engine import distributed
 from engine.args import check_model_limits, resolve_precision
-from engine.data import build_eval_dataset, build_train_dataset
-from engine.entry import run_main, train_settings
-from engine.evaluation import evaluate_retrieval, log_retrieval_rows
+from engine.data import build_eval_dataset, build_train_dataset, require_eval_dataset
+from engine.entry import run_config, run_main, train_settings, trainer_exit_code
+from engine.evaluation import evaluate_retrieval, evaluated_checkpoint, log_retrieval_rows
 from engine.run_logging import RunLogger
 from engine.trainer import Trainer
 from modules.model import T2VLP, T2VLPConfig
@@ -41,12 +41,12 @@ def make_evaluator(args: argparse.Namespace, dataset, run: RunLogger, device: to
             model, dataset, batch_size=args.batch_size_val, device=device, precision=precision,
             num_workers=args.num_thread_reader,
         )
-        return log_retrieval_rows(run, [result], step, epoch)[0]
+        return log_retrieval_rows(run, [result], step, epoch, extra=evaluated_checkpoint(args))[0]
 
     return evaluate
 
 
-def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> None:
+def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> int | None:
     precision = resolve_precision(args.precision, dist_info.device)
     model = build_model(args)
     image_size = model.image_resolution
@@ -56,11 +56,15 @@ def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: R
         trainer = Trainer(
             model, build_train_dataset(args, image_size), train_settings(args, dist_info.world_size, precision), run,
             dist_info, args.output_dir, evaluate, freeze_layer_num=args.freeze_layer_num,
+            run_config=run_config(args),
         )
         trainer.resume_if_possible(args.resume_model)
         trainer.fit()
-    elif evaluate is not None and dist_info.is_main:
+        return trainer_exit_code(trainer)
+    require_eval_dataset(args, eval_dataset)
+    if dist_info.is_main:
         evaluate(model.to(dist_info.device), step=0, epoch=0)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

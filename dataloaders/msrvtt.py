@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.collate import clip_sample
 from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
+from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")
 
@@ -27,7 +28,7 @@ class TextTokenizer(Protocol):
     def encode(self, text: str, max_words: int) -> tuple[list[int], list[int]]: ...
 
 
-class AnnotationError(ValueError):
+class AnnotationError(InputError, ValueError):
     """An annotation file is malformed; the message names the file (and line or item)."""
 
 
@@ -42,6 +43,9 @@ def read_csv_columns(path: str | Path, columns: tuple[str, ...]) -> list[dict[st
             raise AnnotationError(f"{path}: missing column(s) {missing}; header is {header}")
         rows = []
         for row in reader:
+            if None in row:  # DictReader files fields beyond the header under None
+                raise AnnotationError(f"{path}, line {reader.line_num}: {len(header) + len(row[None])} fields, the "
+                                      f"header has {len(header)}: {row}")
             values = {name: row[name] for name in columns}
             if any(value is None or not value.strip() for value in values.values()):
                 raise AnnotationError(f"{path}, line {reader.line_num}: empty or missing field in {row}")

@@ -362,6 +362,18 @@ class WebVidDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def stored_frames(self) -> int | None:
+        """Frames held by the first readable record (WebVid stores the same number per video), or None."""
+        for index in range(min(len(self), 16)):
+            shard = int(self._shards[index])
+            if shard < 0:
+                continue
+            try:
+                return parse_clip_record(self._reader.read(self.shard_paths[shard], int(self._offsets[index]))).num_frames
+            except (OSError, ValueError):
+                continue
+        return None
+
     def caption(self, index: int) -> str:
         return self._captions[index]
 

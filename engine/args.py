@@ -111,13 +111,16 @@ def _add_original_flags(parser: argparse.ArgumentParser) -> None:
     add("--dir_path", type=str, default="./WebVid_TFRecord", help="Folder holding the WebVid path.index.")
     add("--num_thread_reader", type=int, default=1, help="DataLoader workers per process.")
     add("--lr", type=float, default=1e-4, help="Base learning rate (non-CLIP parameters; backbone: lr*coef_lr).")
-    add("--epochs", type=int, default=20)
+    add("--epochs", type=int, default=20, help="Training epochs (default %(default)s; may change on resume).")
     add("--batch_size", type=int, default=256, help=BATCH_HELP)
     add("--batch_size_val", type=int, default=3500, help="Evaluation batch per process.")
     add("--n_display", type=int, default=100, help="Log the training loss every n optimiser steps.")
-    add("--seed", type=int, default=42)
+    add("--seed", type=int, default=42,
+        help="Seed of model initialisation, shuffling, masks and hard negatives (default %(default)s).")
     add("--max_words", type=int, default=20, help="Text length in tokens, SOT and EOT included.")
-    add("--max_frames", type=int, default=100, help="Frames per clip (the T2VLP model needs its num_frames, 12).")
+    add("--max_frames", type=int, default=100,
+        help="Frames per clip (default %(default)s, CLIP4Clip's; T2VLP's recipes use 12, and WebVid records store "
+             "12: more than the records hold is refused). Any number works with this model.")
     add("--feature_framerate", type=int, default=1, help="Frames sampled per second when decoding raw videos.")
     add("--output_dir", type=str, required=True, help="Logs, metrics, checkpoints and restore.bin go here.")
     add("--init_model", type=str, default=None, help="Starting checkpoint (original format or ours).")
@@ -202,6 +205,14 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--fusion_layers", type=int, default=6, help="Fusion-encoder blocks executed (of 12).")
     add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
         help="Write TensorBoard scalars to <output_dir>/tensorboard.")
+    add("--debug", action="store_true",
+        help="Show the traceback of bad-input errors (by default: one line on the console, the traceback in log.txt).")
+    add("--allow_changed_settings", action="store_true",
+        help="Resume even though settings that restore.bin fixes (learning rates, batch, model and data shape) "
+             "differ: the new values take effect from the resume on, and run.json records them.")
+    add("--no_verify_crc", dest="verify_crc", action="store_false",
+        help="Do not check the CRCs of WebVid TFRecords when training reads them (checked by default: a damaged "
+             "record is skipped and counted like an undecodable video).")
 
 
 def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from modules.errors import InputError
+
 logger = logging.getLogger("t2vlp.checkpointing")
 
 RESTORE_NAME = "restore.bin"
+PREVIOUS_RESTORE_NAME = "restore.bin.prev"
 CHECKPOINT_DIR = "ckpt"
 CHECKPOINT_PREFIX = "pytorch_model.bin."
 
@@ -93,8 +97,28 @@ def prune_model_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Pa
 
 
 def save_restore(output_dir: str | os.PathLike, state: Mapping[str, Any]) -> Path:
-    """Atomically (over)write `<output_dir>/restore.bin` with everything needed to resume."""
-    return save_atomic(dict(state), Path(output_dir) / RESTORE_NAME)
+    """Atomically (over)write `<output_dir>/restore.bin` with everything needed to resume; the one it replaces
+    becomes `restore.bin.prev`, so a bad write (or a bad disk block) never loses the run."""
+    path = Path(output_dir) / RESTORE_NAME
+    if path.is_file():
+        previous = path.with_name(PREVIOUS_RESTORE_NAME)
+        linked = previous.with_name(previous.name + ".tmp")
+        linked.unlink(missing_ok=True)
+        try:
+            os.link(path, linked)  # no copy of gigabytes: a second name for the current file
+        except OSError:
+            shutil.copy2(path, linked)  # file systems without hard links
+        os.replace(linked, previous)
+    return save_atomic(dict(state), path)
+
+
+def remove_stale_temporary_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by interrupted atomic saves in `output_dir` and its `ckpt/` (returns them)."""
+    folder = Path(output_dir)
+    stale = [*folder.glob(".*.tmp"), *folder.glob("*.prev.tmp"), *(folder / CHECKPOINT_DIR).glob(".*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_restore(
@@ -114,7 +138,19 @@ def load_restore(
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any failure to read it means the same thing to the user
+        previous = path.with_name(PREVIOUS_RESTORE_NAME)
+        hint = (f"resume from the previous one with --resume_model {previous}, or " if previous.is_file()
+                and previous != path else "")
+        raise InputError(
+            f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"it is truncated or corrupt: {hint}delete it to start the run over"
+        ) from error
+    if not isinstance(state, Mapping) or "model_state_dict" not in state or "progress" not in state:
+        raise InputError(f"{path} is not a restore.bin written by this project (no model_state_dict/progress)")
+    return state
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -10,6 +10,9 @@ from torch.utils.data import Dataset
 
 from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset
 from dataloaders.webvid import WebVidDataset
+from modules.errors import InputError
+
+EVAL_ITEMS_CHECKED = 8  # items tried at start-up: one must decode, or the evaluation data is wrong
 
 logger = logging.getLogger("t2vlp.data")
 
@@ -19,15 +22,18 @@ def training_source(data_path: str) -> str:
     if data_path.startswith("s3://"):
         return "webvid"  # labels next to shards on S3
     path = Path(data_path)
+    if path.is_dir():
+        raise InputError(f"--data_path {data_path} is a folder; give the file: frozen_train_labels.json (WebVid) "
+                         f"or MSRVTT_data.json (MSR-VTT)")
     if not path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+        raise InputError(f"--data_path {data_path} does not exist")
     with open(path, encoding="utf-8") as handle:
         first = handle.read(4096).lstrip()[:1]
     if first == "[":
         return "webvid"
     if first == "{":
         return "msrvtt"
-    raise ValueError(f"--data_path {data_path} is neither a WebVid labels list nor an MSRVTT_data.json object")
+    raise InputError(f"--data_path {data_path} is neither a WebVid labels list nor an MSRVTT_data.json object")
 
 
 def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
@@ -35,25 +41,64 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
     source = training_source(args.data_path)
     if source == "webvid":
         logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
-        return WebVidDataset(
+        dataset = _checked(lambda: WebVidDataset(
             args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames, image_size=image_size,
             slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
-        )
-    logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)
-    return MSRVTTTrainDataset(
-        args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
-        max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
-        image_size=image_size, frame_order=args.train_frame_order, slice_framepos=args.slice_framepos,
-        pad_mode="zero", seed=args.seed,
-    )
+            verify_crc=args.verify_crc,
+        ), "--data_path / --dir_path")
+        _check_stored_frames(dataset, args.max_frames)
+    else:
+        logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)
+        dataset = _checked(lambda: MSRVTTTrainDataset(
+            args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
+            max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
+            image_size=image_size, frame_order=args.train_frame_order, slice_framepos=args.slice_framepos,
+            pad_mode="zero", seed=args.seed,
+        ), "--train_csv / --data_path")
+    if len(dataset) == 0:
+        raise InputError(f"no training samples in --data_path {args.data_path}"
+                         + (f" with --train_csv {args.train_csv}" if source == "msrvtt" else ""))
+    return dataset
+
+
+def _checked(build, flags: str):
+    """Build a dataset; a missing annotation file is an InputError naming the flags."""
+    try:
+        return build()
+    except FileNotFoundError as error:
+        raise InputError(f"{flags}: {error.strerror or 'not found'}: {error.filename or error}") from error
+
+
+def _check_stored_frames(dataset: WebVidDataset, max_frames: int) -> None:
+    """WebVid records hold a fixed number of frames (12): asking for more would only add zero frames."""
+    stored = dataset.stored_frames()
+    if stored is not None and max_frames > stored:
+        raise InputError(f"--max_frames {max_frames} exceeds the {stored} frames stored per WebVid record; use "
+                         f"--max_frames {stored} or fewer (T2VLP's recipes use 12)")
 
 
 def build_eval_dataset(args: argparse.Namespace, image_size: int) -> Dataset | None:
-    """MSR-VTT 1k-A (`--val_csv`, videos in `--features_path`), or None when no `--val_csv` is given."""
+    """MSR-VTT 1k-A (`--val_csv`, videos in `--features_path`), or None for `--val_csv ''`.
+
+    Checked at start-up, not at the first evaluation: the csv must exist and one of its first items must decode."""
     if not args.val_csv:
         return None
-    return MSRVTTTestDataset(
+    if not Path(args.val_csv).is_file():
+        raise InputError(f"--val_csv {args.val_csv} does not exist (pass --val_csv '' to train without evaluating)")
+    dataset = MSRVTTTestDataset(
         args.val_csv, args.features_path, max_words=args.max_words, feature_framerate=args.feature_framerate,
         max_frames=args.max_frames, image_size=image_size, frame_order=args.eval_frame_order,
         slice_framepos=args.slice_framepos, pad_mode="zero", seed=args.seed,
     )
+    if len(dataset) == 0:
+        raise InputError(f"--val_csv {args.val_csv} has no rows")
+    if not any(dataset[i] is not None for i in range(min(EVAL_ITEMS_CHECKED, len(dataset)))):
+        raise InputError(f"none of the first {min(EVAL_ITEMS_CHECKED, len(dataset))} videos of --val_csv "
+                         f"{args.val_csv} can be decoded from --features_path {args.features_path} (wrong folder?)")
+    dataset.n_skipped = 0
+    return dataset
+
+
+def require_eval_dataset(args: argparse.Namespace, dataset: Dataset | None) -> None:
+    if dataset is None:
+        raise InputError("--do_eval needs an evaluation split: give --val_csv (and --features_path)")

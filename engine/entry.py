@@ -7,19 +7,25 @@ import logging
 import random
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine import distributed
 from engine.args import local_batch_sizes, parse_args, report_ignored_flags
-from engine.run_logging import RunLogger
-from engine.trainer import TrainSettings
+from engine.run_logging import RunLogger, record_run_start
+from engine.trainer import Trainer, TrainSettings
+from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp")
 
-# run(args, dist_info, run_logger): the task's work; it returns before the process group is left.
-RunFn = Callable[[argparse.Namespace, distributed.DistInfo, RunLogger], None]
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after saving restore.bin; rerun to resume
+
+# run(args, dist_info, run_logger) -> exit code (None: 0); it returns before the process group is left.
+RunFn = Callable[[argparse.Namespace, distributed.DistInfo, RunLogger], int | None]
 
 
 def set_seed(seed: int) -> None:
@@ -37,21 +43,55 @@ def train_settings(args: argparse.Namespace, world_size: int, precision: str) ->
         warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm, precision=precision,
         seed=args.seed, num_workers=args.num_thread_reader, n_display=args.n_display, eval_steps=args.eval_steps,
         save_steps=args.save_steps, max_steps=args.max_steps, max_bad_steps=args.max_bad_steps,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, allow_changed_settings=args.allow_changed_settings,
     )
 
 
+# Flags that shape the model or the data: restore.bin fixes them (see Trainer.resume_if_possible).
+RUN_CONFIG_FLAGS = (
+    "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num", "slice_framepos",
+    "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers", "head_dropout",
+    "match_norm", "train_encoders", "mask_ratio", "mlm_weight", "plm_weight", "vtm_weight", "align_weight",
+)
+
+
+def run_config(args: argparse.Namespace) -> dict[str, object]:
+    """The model- and data-shaping flags of this task, as restore.bin records them."""
+    config = {"task": args.task}
+    config.update({name: getattr(args, name) for name in RUN_CONFIG_FLAGS if hasattr(args, name)})
+    if args.task != "fusion":
+        config.pop("mask_ratio", None)  # read by stage 2 only
+    return config
+
+
+def trainer_exit_code(trainer: Trainer) -> int:
+    return EXIT_STOPPED if trainer.stopped_by_signal else EXIT_OK
+
+
 def run_main(task: str, run: RunFn, argv: Sequence[str] | None = None) -> int:
-    """Parse the flags of `task`, join the process group, log to `--output_dir`, run, leave the group."""
+    """Parse the flags of `task`, join the process group, log to `--output_dir`, run, leave the group.
+
+    Exit codes: 0 finished, 2 bad input (an `InputError`: one line on stderr, the traceback in log.txt, or shown
+    with --debug), 75 stopped by a signal after saving restore.bin. Other exceptions propagate with their traceback.
+    """
     args = parse_args(argv, task=task)
     dist_info = distributed.init_distributed()
-    run_logger = RunLogger(args.output_dir, dist_info.is_main, tensorboard=args.tensorboard)
+    run_logger = RunLogger(args.output_dir, dist_info.is_main, tensorboard=args.tensorboard, rank=dist_info.rank)
     try:
         report_ignored_flags(args)
         logger.info("command line: %s", " ".join(sys.argv))
+        if dist_info.is_main:
+            record_run_start(args, dist_info)
         set_seed(args.seed)
-        run(args, dist_info, run_logger)  # returns before cleanup, so the trainer is out of scope there
-        return 0
+        code = run(args, dist_info, run_logger)  # returns before cleanup, so the trainer is out of scope there
+        return EXIT_OK if code is None else code
+    except InputError as error:
+        if args.debug:
+            raise
+        run_logger.traceback_to_file(error)
+        script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else f"main_task_{task}.py"
+        print(f"{script}: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     finally:
         run_logger.close()
         distributed.cleanup()

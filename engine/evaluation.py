@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -191,11 +192,13 @@ def retrieval_table(result: dict[str, Any]) -> str:
     return format_retrieval_table(result["t2v"], result["v2t"], chance=result.get("chance"))
 
 
-def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: int, split: str = "test") -> list[dict]:
-    """Append each result to metrics.jsonl (with split/step/epoch), TensorBoard and log.txt; returns the records."""
+def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: int, split: str = "test",
+                       extra: dict[str, Any] | None = None) -> list[dict]:
+    """Append each result to metrics.jsonl (with split/step/epoch and `extra`, e.g. the checkpoint evaluated),
+    TensorBoard and log.txt; returns the records."""
     records = []
     for result in rows:
-        record = {"split": split, "step": step, "epoch": epoch, **result}
+        record = {"split": split, "step": step, "epoch": epoch, **result, **(extra or {})}
         run.log_metrics(record)
         tag = "" if result["scoring"] == "meanP" else f"{result['scoring']}_"
         run.scalars({f"{tag}t2v_{k}": v for k, v in result["t2v"].items()}, step, prefix="eval/")
@@ -208,3 +211,10 @@ def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: i
         )
         records.append(record)
     return records
+
+
+def evaluated_checkpoint(args: Any) -> dict[str, Any]:
+    """`{"checkpoint": path}` for a `--do_eval` run (what its metrics rows evaluated), else nothing."""
+    if args.do_train:
+        return {}
+    return {"checkpoint": str(Path(args.init_model).resolve()) if args.init_model else None}

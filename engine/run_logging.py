@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,19 @@ class RunLogger:
         """
         if not self.is_main:
             return
-        line = json.dumps(_jsonable(record), allow_nan=False)
+        line = json.dumps(_jsonable(record), allow_nan=False)  # floats rounded to 6 decimals
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def traceback_to_file(self, error: BaseException) -> None:
+        """The full traceback of `error` in log.txt only (the console gets the entry script's one line)."""
+        for handler in self._handlers:
+            if isinstance(handler, logging.FileHandler):
+                record = logging.LogRecord("t2vlp", logging.ERROR, __file__, 0, "stopped by bad input: %s",
+                                           (error,), (type(error), error, error.__traceback__))
+                handler.handle(record)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """One TensorBoard scalar (rank 0 with TensorBoard enabled, otherwise nothing)."""
@@ -105,6 +115,70 @@ def _jsonable(value: Any) -> Any:
         value = value.item()  # numpy / torch scalar
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, float):
+        return round(value, 6)  # 57.99999999999999 -> 58.0: the same rounding for every field
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------------- run.json
+
+RUN_RECORD = "run.json"
+
+
+def _git_state() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def environment_record(args: Any, dist_info: Any) -> dict[str, Any]:
+    """Everything needed to tell one run from another: flags, code, software, devices, batch layout."""
+    import platform
+
+    import torch
+
+    flags = {key: value for key, value in vars(args).items() if key != "ignored_flags"}
+    world = dist_info.world_size
+    per_process = args.batch_size // world if args.batch_size % world == 0 else None
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+               if torch.cuda.is_available() else [platform.processor() or platform.machine()])
+    return {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "flags": _jsonable(flags),
+        "git": _git_state(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(dist_info.device),
+        "device_names": devices,
+        "world_size": world,
+        "global_batch": args.batch_size,
+        "per_process_batch": per_process,
+    }
+
+
+def record_run_start(args: Any, dist_info: Any) -> dict[str, Any]:
+    """Append this invocation to `<output_dir>/run.json` (a list: the first run, then each resume or rerun,
+    with the flags that changed since the previous entry). Rank 0 only."""
+    path = Path(args.output_dir) / RUN_RECORD
+    entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    entry = environment_record(args, dist_info)
+    if entries:
+        previous = entries[-1]["flags"]
+        entry["changed_flags"] = {key: {"before": previous.get(key), "now": value}
+                                  for key, value in entry["flags"].items() if previous.get(key) != value}
+    entries.append(entry)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(entries, indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+    return entry

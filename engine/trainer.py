@@ -3,11 +3,13 @@ accumulation, clipping, skipping of non-finite steps, periodic evaluation, check
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from engine.checkpointing import (
     capture_rng_state,
     load_restore,
     prune_model_checkpoints,
+    remove_stale_temporary_files,
     restore_rng_state,
     save_model_checkpoint,
     save_restore,
@@ -32,6 +35,7 @@ from engine.run_logging import RunLogger
 from engine.sampler import ResumableDistributedSampler
 from engine.tasks.base import EvaluateFn, ObjectiveModule, StepContext, Task
 from engine.tasks.clip_pretraining import clip_pretraining_task
+from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.train")
 
@@ -60,6 +64,14 @@ class TrainSettings:
     max_steps: int = 0
     max_bad_steps: int = 20
     keep_checkpoints: int = 0  # newest model checkpoints kept; 0 keeps all
+    allow_changed_settings: bool = False  # resume even if fixed settings changed (the new ones take effect)
+
+
+# Settings a resumed run may change freely; every other one (and the run's model/data configuration) is fixed by
+# restore.bin unless --allow_changed_settings is given. The global batch is compared, not the per-process one, so a
+# run may resume on another number of processes.
+MAY_CHANGE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_steps", "save_steps", "n_display", "keep_checkpoints",
+                                  "num_workers", "max_bad_steps", "allow_changed_settings"})
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Progress:
     global_step: int = 0  # optimiser steps taken
     bad_steps: int = 0  # consecutive skipped steps
     skipped_videos: int = 0  # over all ranks
+    pending_evaluation: bool = False  # saved right before an epoch-end / final evaluation
 
 
 class StopRequest:
@@ -108,16 +121,23 @@ class Trainer:
         evaluate: EvaluateFn | None = None,
         freeze_layer_num: int = 0,
         task: Task | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         """`task` (default: stage-1 contrastive pre-training) supplies the objective, the fixed-LR parameter
-        patterns and the evaluation; `evaluate`, when given, replaces the task's evaluation."""
+        patterns and the evaluation; `evaluate`, when given, replaces the task's evaluation. `run_config` holds
+        the flags that shape the model and data (compared on resume like the fixed settings)."""
         self.settings = settings
+        self.run_config = dict(run_config or {})
+        self.stopped_by_signal = False
         self.run = run
         self.dist = dist_info
         self.device = dist_info.device
         self.output_dir = output_dir
         self.task = task or clip_pretraining_task()
         self.evaluate = evaluate if evaluate is not None else self.task.evaluate
+        if dist_info.is_main:
+            for path in remove_stale_temporary_files(output_dir):
+                logger.info("removed %s, left by an interrupted save", path)
         self.model = model.to(self.device)
         frozen = apply_freeze_rule(self.model, freeze_layer_num)
         logger.info("--freeze_layer_num %d froze %d parameter tensors", freeze_layer_num, len(frozen))
@@ -151,6 +171,8 @@ class Trainer:
             else objective_module
         )
         self.progress = Progress()
+        self.resumed = False
+        self._last_evaluated_step = -1
 
     # ---------------------------------------------------------------- state
 
@@ -166,18 +188,41 @@ class Trainer:
             "rng_state": rng_states,
             "world_size": self.dist.world_size,
             "settings": asdict(self.settings),
+            "run_config": self.run_config,
         }
 
     def resume_if_possible(self, path: str | None = None) -> bool:
-        """Load `path`, else `<output_dir>/restore.bin` when present; return whether the run resumed."""
+        """Load `path` (an explicit --resume_model: it must exist), else `<output_dir>/restore.bin` when present;
+        return whether the run resumed. Settings that restore.bin fixes must not have changed (see
+        MAY_CHANGE_ON_RESUME) unless `allow_changed_settings`, in which case the new values take effect."""
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"--resume_model {path} does not exist (omit it to resume from "
+                             f"{Path(self.output_dir) / 'restore.bin'} when present)")
         state = load_restore(self.output_dir, path=path)
         if state is None:
             return False
+        changes = self._fixed_setting_changes(state)
+        if changes and not self.settings.allow_changed_settings:
+            raise InputError(
+                f"{path or Path(self.output_dir) / 'restore.bin'} was saved with other settings: "
+                + "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())
+                + ". Rerun with the saved values, use another --output_dir for a new run, or pass "
+                  "--allow_changed_settings to resume with the new values"
+            )
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optim_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
         self.progress = Progress(**state["progress"])
+        if changes:
+            logger.warning("resuming with changed settings (--allow_changed_settings): %s",
+                           "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()))
+            self._apply_learning_rates()
+        for key in ("epochs", "max_steps"):
+            before = state.get("settings", {}).get(key)
+            if before is not None and before != getattr(self.settings, key):
+                logger.warning("--%s changed on resume: %s -> %s (the schedule follows the new total of %d steps)",
+                               key, before, getattr(self.settings, key), self.total_steps)
         rng_states = state["rng_state"]
         if state.get("world_size") != self.dist.world_size:
             logger.warning("resuming a run saved with %s processes on %d", state.get("world_size"), self.dist.world_size)
@@ -186,7 +231,36 @@ class Trainer:
             "resumed from restore.bin: epoch %d, %d samples into the epoch, step %d",
             self.progress.epoch, self.progress.samples_in_epoch, self.progress.global_step,
         )
+        self.resumed = True
         return True
+
+    def _fixed_setting_changes(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{name: (saved, now)} of every setting restore.bin fixes that differs now."""
+        def fixed(settings: dict[str, Any], world_size: int) -> dict[str, Any]:
+            kept = {k: v for k, v in settings.items() if k not in MAY_CHANGE_ON_RESUME and k != "micro_batch_size"}
+            kept["global_batch"] = settings["micro_batch_size"] * settings["accumulation_steps"] * world_size
+            return kept
+
+        saved = state.get("settings")
+        if saved is None:
+            return {}
+        before = {**fixed(saved, state.get("world_size", 1)), **state.get("run_config", {})}
+        now = {**fixed(asdict(self.settings), self.dist.world_size), **self.run_config}
+        return {key: (before.get(key), now.get(key)) for key in sorted(now) if before.get(key) != now.get(key)
+                and key in before}
+
+    def _apply_learning_rates(self) -> None:
+        """Make the groups' base rates and weight decay those of the current settings (after a changed resume)."""
+        settings = self.settings
+        rates = {"backbone": settings.lr * settings.coef_lr, "new": settings.new_params_lr, "other": settings.lr}
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for index, group in enumerate(self.optimizer.param_groups):
+            rate = rates[group_kind(group)]
+            group["initial_lr"] = rate
+            self.scheduler.base_lrs[index] = rate
+            group["lr"] = rate * factor
+            if group["weight_decay"]:
+                group["weight_decay"] = settings.weight_decay
 
     def save(self, with_checkpoint: bool) -> None:
         """restore.bin always, `ckpt/pytorch_model.bin.<step>` when asked; rank 0 writes, all ranks wait."""
@@ -237,8 +311,19 @@ class Trainer:
             return self.ddp(on_device, context)
 
     def fit(self) -> Progress:
-        """Train to the end (or to `max_steps` / a stop signal), evaluating and saving on the way."""
+        """Train to the end of the last epoch or to `max_steps` (both end the run with a checkpoint and an
+        evaluation), or until a stop signal (restore.bin saved, `stopped_by_signal` set)."""
         settings = self.settings
+        if self.resumed and self.progress.pending_evaluation and not self._evaluated_at(self.progress.global_step):
+            logger.info("the evaluation after step %d did not finish before the run stopped: evaluating now",
+                        self.progress.global_step)
+            self._evaluate()
+        if self._finished():
+            logger.info("this run is already finished at step %d (epoch %d of %d%s): nothing to train; its last "
+                        "checkpoint is in %s", self.progress.global_step, self.progress.epoch, settings.epochs,
+                        f", --max_steps {settings.max_steps}" if settings.max_steps else "",
+                        Path(self.output_dir) / "ckpt")
+            return self.progress
         logger.info(
             "training: %d epochs x %d optimiser steps (global batch %d = %d processes x %d x %d accumulation)",
             settings.epochs, self.steps_per_epoch,
@@ -247,17 +332,50 @@ class Trainer:
         )
         with StopRequest() as stop:
             while self.progress.epoch < settings.epochs:
-                finished_epoch = self._run_epoch(stop)
-                if not finished_epoch:
+                outcome = self._run_epoch(stop)
+                if outcome == "signal":
+                    self.stopped_by_signal = True
                     return self.progress
-                self.progress.epoch += 1
-                self.progress.samples_in_epoch = 0
-                self.save(with_checkpoint=True)  # before evaluating: a failing evaluation loses no training
-                self._evaluate()
+                if outcome == "epoch_end" or self._epoch_complete():
+                    self.progress.epoch += 1
+                    self.progress.samples_in_epoch = 0
+                self._save_and_evaluate()
+                if outcome == "max_steps":
+                    logger.info("reached --max_steps %d: the run is finished (checkpoint %s)", settings.max_steps,
+                                Path(self.output_dir) / "ckpt" / f"pytorch_model.bin.{self.progress.global_step}")
+                    return self.progress
         return self.progress
 
-    def _run_epoch(self, stop: StopRequest) -> bool:
-        """One epoch from the saved position; False when stopped early (restore.bin saved)."""
+    def _finished(self) -> bool:
+        max_steps = self.settings.max_steps
+        return self.progress.epoch >= self.settings.epochs or bool(max_steps and self.progress.global_step >= max_steps)
+
+    def _epoch_complete(self) -> bool:
+        per_epoch = self.batches_per_epoch * self.settings.micro_batch_size * self.dist.world_size
+        return self.progress.samples_in_epoch >= per_epoch
+
+    def _save_and_evaluate(self) -> None:
+        """Checkpoint, then evaluate: a failing evaluation loses no training, and a resume redoes a lost one."""
+        self.progress.pending_evaluation = True
+        self.save(with_checkpoint=True)
+        if self._last_evaluated_step != self.progress.global_step:  # not already done at --eval_steps
+            self._evaluate()
+        self.progress.pending_evaluation = False
+
+    def _evaluated_at(self, step: int) -> bool:
+        metrics = Path(self.output_dir) / "metrics.jsonl"
+        if self.evaluate is None or not metrics.is_file():
+            return self.evaluate is None
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step") == step:
+                    return True
+            except json.JSONDecodeError:
+                continue  # a line cut by the stop
+        return False
+
+    def _run_epoch(self, stop: StopRequest) -> str:
+        """One epoch from the saved position: "epoch_end", "max_steps", or "signal" (restore.bin saved)."""
         settings, progress = self.settings, self.progress
         pending: list[dict[str, torch.Tensor]] = []
         window_finite = True
@@ -272,12 +390,15 @@ class Trainer:
                 continue
             self._optimizer_step(pending, window_finite)
             pending, window_finite = [], True
-            if self._stop_now(stop):
+            if settings.max_steps and progress.global_step >= settings.max_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                return "max_steps"
+            if distributed.all_reduce_sum(float(stop.requested)) > 0:
                 self.save(with_checkpoint=False)
-                logger.info("stopped at step %d; rerun the same command to resume", progress.global_step)
-                return False
+                logger.info("stopped at step %d by a signal; rerun the same command to resume", progress.global_step)
+                return "signal"
         self.optimizer.zero_grad(set_to_none=True)  # an incomplete last accumulation window is dropped
-        return True
+        return "epoch_end"
 
     def _accumulate(self, batch: dict[str, Any], last_in_window: bool, pending: list) -> bool:
         """Forward + backward of one micro-batch; returns whether its loss was finite on every rank."""
@@ -322,10 +443,6 @@ class Trainer:
         if settings.eval_steps and progress.global_step % settings.eval_steps == 0:
             self._evaluate()
 
-    def _stop_now(self, stop: StopRequest) -> bool:
-        limit = self.settings.max_steps and self.progress.global_step >= self.settings.max_steps
-        return bool(limit) or distributed.all_reduce_sum(float(stop.requested)) > 0
-
     def _log_step(self, pending: list[dict[str, torch.Tensor]]) -> None:
         step = self.progress.global_step
         values = {
@@ -344,6 +461,7 @@ class Trainer:
             )
 
     def _evaluate(self) -> None:
+        self._last_evaluated_step = self.progress.global_step
         if self.evaluate is None:
             return
         if self.dist.is_main:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modules.clip import CLIP, Attention, CLIPConfig
+from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.model")
 
@@ -20,7 +21,7 @@ logger = logging.getLogger("t2vlp.model")
 CLIP_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint file that cannot be used, with the reason and the path."""
 
 
@@ -41,11 +42,52 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_model_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A T2VLP checkpoint (original or ours): a state dict, or `{"model_state_dict": ...}` around one."""
+    """A T2VLP checkpoint (original or ours): a state dict, or `{"model_state_dict": ...}` around one; a
+    `restore.bin` of this project gives its model weights."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
-    return _unwrap_state_dict(_torch_load(path), path)
+    try:
+        return _unwrap_state_dict(_torch_load(path), path)
+    except CheckpointError:
+        if not path.name.startswith("restore.bin"):
+            raise
+    # restore.bin holds RNG and optimiser state that weights_only loading refuses; it is our own file format
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    logger.info("%s is a restore.bin: taking its model weights only (to resume a run, use --resume_model)", path)
+    return _unwrap_state_dict(state, path)
+
+
+# Keys a model may lack in its --init_model because the stage that produces them is the one being started:
+# the fusion encoder's heads and visual_linear (stage 2 from a stage-1 checkpoint; METHOD §10.3), and the fusion
+# blocks / positional table, which come from the CLIP file.
+NEW_IN_STAGE2 = (
+    "clip.fusion_proj_embedding", "clip.fusion_logit_bias", "clip.fusion_match_matrix", "clip.fusion_unmatch_matrix",
+    "visual_linear.", "clip.fusion_transformer.", "clip.fusion_positional_embedding",
+)
+
+
+def check_init_coverage(model: nn.Module, init_state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse an --init_model that supplies none of the model's weights; summarise what it supplies, at WARNING
+    when weights that no new stage explains are missing (they keep the CLIP or random initialisation)."""
+    own = model.state_dict()
+    supplied = [key for key in init_state if key in own]
+    if not supplied:
+        example = ", ".join(list(init_state)[:3])
+        raise CheckpointError(
+            f"--init_model {path} supplies none of the model's {len(own)} weights (its keys look like {example}): "
+            f"it is not a T2VLP checkpoint; a CLIP file goes to --visual_pretrain_path"
+        )
+    absent = [key for key in own if key not in init_state]
+    unexplained = [key for key in absent if not key.startswith(NEW_IN_STAGE2)]
+    unused = [key for key in init_state if key not in own]
+    summary = (f"--init_model {path}: {len(supplied)} of {len(own)} weights loaded, {len(absent)} not in it, "
+               f"{len(unused)} in it unused")
+    if unexplained:
+        logger.warning("%s; %d missing weights keep their CLIP/random initialisation: %s%s", summary,
+                       len(unexplained), ", ".join(unexplained[:8]), " ..." if len(unexplained) > 8 else "")
+    else:
+        logger.info(summary)
 
 
 def _torch_load(path: Path) -> object:

@@ -13,6 +13,7 @@ from torch import nn
 
 from modules.alignment import local_alignment_loss, text_side_centers
 from modules.checkpoint import (
+    check_init_coverage,
     init_state_from_clip,
     load_state_dict_checked,
     read_clip_state_dict,
@@ -143,6 +144,8 @@ class T2VLP(nn.Module):
         clip_config = CLIPConfig.from_state_dict(clip_state)
         model = cls(clip_config, config)
         init_state = read_model_state_dict(init_model) if init_model else None
+        if init_state is not None:
+            check_init_coverage(model, init_state, init_model)
         state = init_state_from_clip(
             clip_state, init_state, clip_config.vision_layers, model.config.tube_layers,
             with_fusion=model.config.with_fusion,

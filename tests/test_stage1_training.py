@@ -47,8 +47,11 @@ def test_stop_and_resume_is_bit_identical(small_demo, tiny_clip_checkpoint, tmp_
     assert differing == []
     after_epoch_1 = torch.load(straight / "ckpt" / "pytorch_model.bin.3", weights_only=True)["model_state_dict"]
     assert not torch.equal(after_epoch_1["clip.fusion_center"], expected["clip.fusion_center"])
-    # the same evaluations, with the same numbers, in both runs
-    assert [m["t2v"] for m in metrics(straight)] == [m["t2v"] for m in metrics(interrupted)]
+    # --max_steps ends a run like an epoch end: a checkpoint and an evaluation at step 4; otherwise the same
+    # evaluations, with the same numbers, in both runs
+    assert (interrupted / "ckpt" / "pytorch_model.bin.4").is_file()
+    assert [m["step"] for m in metrics(interrupted)] == [3, 4, 6]
+    assert [m["t2v"] for m in metrics(straight)] == [m["t2v"] for m in metrics(interrupted) if m["step"] != 4]
 
 
 def test_training_changes_the_weights_it_should(small_demo, tiny_clip_checkpoint, tmp_path):
@@ -146,7 +149,7 @@ def test_sigterm_saves_restore_and_the_rerun_resumes(small_demo, tiny_clip_check
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    assert process.wait(timeout=120) == 75  # stopped, not finished: schedulers can requeue on this code
     text = log.read_text()
     assert "signal 15 received: saving restore.bin at the next step boundary" in text
     stopped_at = load_restore(out)["global_step"]

@@ -180,7 +180,7 @@ def evaluate_fusion_heads(
 
 def make_fusion_evaluator(
     dataset: Any, run: Any, device: torch.device, precision: str, *, batch_size: int, num_workers: int,
-    rerank_top_k: int, rerank_batch_size: int, mask_ratio: float, seed: int,
+    rerank_top_k: int, rerank_batch_size: int, mask_ratio: float, seed: int, extra: dict[str, Any] | None = None,
 ) -> EvaluateFn:
     """Stage-2 evaluation: meanP and reranked retrieval rows, then the fusion row (MLM / VTM accuracy)."""
 
@@ -189,10 +189,10 @@ def make_fusion_evaluator(
                                num_workers=num_workers, keep_fusion_inputs=True)
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
                               precision=precision, show_progress=True)
-        log_retrieval_rows(run, rows, step, epoch)
+        log_retrieval_rows(run, rows, step, epoch, extra=extra)
         heads = evaluate_fusion_heads(model, encoded, mask_ratio=mask_ratio, seed=seed, batch_size=batch_size,
                                       precision=precision)
-        record = {"task": "fusion", "split": "test", "step": step, "epoch": epoch, **heads}
+        record = {"task": "fusion", "split": "test", "step": step, "epoch": epoch, **heads, **(extra or {})}
         run.log_metrics(record)
         run.scalars({"mlm_acc": heads["mlm_acc"], "vtm_acc": heads["vtm_acc"]}, step, prefix="eval/")
         logger.info(
