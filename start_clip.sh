@@ -51,9 +51,17 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   exit 0
 fi
 
+if [[ ! -d "$DATA_PATH" ]]; then
+  echo "start_clip.sh: DATA_PATH $DATA_PATH is not a folder (unset DATA_PATH to run the demo)" >&2
+  exit 2
+fi
+CLIP_PATH=${CLIP_PATH:-./CLIP-modules/ViT-B-16.pt}
+if [[ ! -f "$CLIP_PATH" ]]; then
+  echo "start_clip.sh: CLIP checkpoint $CLIP_PATH not found: fetch it with 'python CLIP-modules/fetch_clip.py' or set CLIP_PATH" >&2
+  exit 2
+fi
 OUTPUT_PATH=${OUTPUT_PATH:-./output/stage1}
 WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
-CLIP_PATH=${CLIP_PATH:-./CLIP-modules/ViT-B-16.pt}
 BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}
 "${launch[@]}" main_task_clip.py --do_train --num_thread_reader=2 --epochs=5 --batch_size="$BATCH_SIZE" --n_display=50 \
   --train_csv "$DATA_PATH/MSRVTT_train.9k.csv" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv" \

@@ -14,7 +14,7 @@ import torch
 
 from engine import distributed
 from engine.args import local_batch_sizes, parse_args, report_ignored_flags
-from engine.run_logging import RunLogger, record_run_start
+from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.trainer import Trainer, TrainSettings
 from modules.errors import InputError
 
@@ -84,8 +84,13 @@ def run_main(task: str, run: RunFn, argv: Sequence[str] | None = None) -> int:
             record_run_start(args, dist_info)
         set_seed(args.seed)
         code = run(args, dist_info, run_logger)  # returns before cleanup, so the trainer is out of scope there
-        return EXIT_OK if code is None else code
+        code = EXIT_OK if code is None else code
+        if dist_info.is_main:
+            record_run_outcome(args.output_dir, "stopped by a signal" if code == EXIT_STOPPED else "finished")
+        return code
     except InputError as error:
+        if dist_info.is_main:
+            record_run_outcome(args.output_dir, f"bad input: {error}")
         if args.debug:
             raise
         run_logger.traceback_to_file(error)

@@ -173,12 +173,30 @@ def record_run_start(args: Any, dist_info: Any) -> dict[str, Any]:
     path = Path(args.output_dir) / RUN_RECORD
     entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     entry = environment_record(args, dist_info)
-    if entries:
-        previous = entries[-1]["flags"]
+    in_effect = [e for e in entries if not str(e.get("outcome", "")).startswith("bad input")]
+    if in_effect:
+        previous = in_effect[-1]["flags"]
         entry["changed_flags"] = {key: {"before": previous.get(key), "now": value}
                                   for key, value in entry["flags"].items() if previous.get(key) != value}
+    entry["outcome"] = "running"
     entries.append(entry)
+    _write_run_record(path, entries)
+    return entry
+
+
+def record_run_outcome(output_dir: str | os.PathLike, outcome: str) -> None:
+    """Set the outcome of the newest run.json entry: "finished", "stopped by a signal", "bad input: ..."; the
+    flags of a "bad input" entry never took effect, and the next entry's changes are counted from the one before."""
+    path = Path(output_dir) / RUN_RECORD
+    if not path.is_file():
+        return
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    if entries:
+        entries[-1]["outcome"] = outcome
+        _write_run_record(path, entries)
+
+
+def _write_run_record(path: Path, entries: list[dict[str, Any]]) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(entries, indent=1), encoding="utf-8")
     os.replace(temporary, path)
-    return entry

@@ -173,6 +173,7 @@ class Trainer:
         self.progress = Progress()
         self.resumed = False
         self._last_evaluated_step = -1
+        self._last_checkpoint_step = -1
 
     # ---------------------------------------------------------------- state
 
@@ -264,6 +265,8 @@ class Trainer:
 
     def save(self, with_checkpoint: bool) -> None:
         """restore.bin always, `ckpt/pytorch_model.bin.<step>` when asked; rank 0 writes, all ranks wait."""
+        if with_checkpoint:
+            self._last_checkpoint_step = self.progress.global_step
         rng_states = distributed.all_gather_object(capture_rng_state())  # collective: every rank takes part
         if self.dist.is_main:
             state = self.state_dict(rng_states)
@@ -357,7 +360,8 @@ class Trainer:
     def _save_and_evaluate(self) -> None:
         """Checkpoint, then evaluate: a failing evaluation loses no training, and a resume redoes a lost one."""
         self.progress.pending_evaluation = True
-        self.save(with_checkpoint=True)
+        if self._last_checkpoint_step != self.progress.global_step:  # not already saved at --save_steps
+            self.save(with_checkpoint=True)
         if self._last_evaluated_step != self.progress.global_step:  # not already done at --eval_steps
             self._evaluate()
         self.progress.pending_evaluation = False
