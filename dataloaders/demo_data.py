@@ -158,11 +158,11 @@ def _draw_trail(frame: np.ndarray, centre: tuple[float, float], direction: tuple
                 bgr: tuple, background: int) -> None:
     """Fading dots behind the shape, so that one frame shows which way it moves (as motion blur would): the
     model's frame features are an unordered set, so without it the direction is only in the frame order."""
-    for distance, strength in ((2.6, 0.2), (2.0, 0.3), (1.4, 0.45)):
+    for distance, strength in ((2.9, 0.3), (2.2, 0.45), (1.5, 0.6)):
         x = centre[0] - direction[0] * distance * radius
         y = centre[1] - direction[1] * distance * radius
         colour = tuple(round(background + strength * (channel - background)) for channel in bgr)
-        cv2.circle(frame, (round(x), round(y)), max(1, round(0.4 * radius)), colour, thickness=-1,
+        cv2.circle(frame, (round(x), round(y)), max(1, round(0.5 * radius)), colour, thickness=-1,
                    lineType=cv2.LINE_AA)
 
 
