@@ -17,11 +17,11 @@ import torch
 
 from engine import distributed
 from engine.args import check_model_limits, resolve_precision
-from engine.data import build_eval_dataset, build_train_dataset, require_eval_dataset
-from engine.entry import run_config, run_main, train_settings, trainer_exit_code
+from engine.data import build_eval_dataset, build_train_dataset
+from engine.entry import run_main, train_or_evaluate
 from engine.evaluation import evaluate_retrieval, evaluated_checkpoint, log_retrieval_rows
 from engine.run_logging import RunLogger
-from engine.trainer import Trainer
+from engine.tasks.clip_pretraining import clip_pretraining_task
 from modules.model import T2VLP, T2VLPConfig
 
 
@@ -46,25 +46,14 @@ def make_evaluator(args: argparse.Namespace, dataset, run: RunLogger, device: to
     return evaluate
 
 
-def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> int | None:
+def run_stage1(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> int:
     precision = resolve_precision(args.precision, dist_info.device)
     model = build_model(args)
     image_size = model.image_resolution
     eval_dataset = build_eval_dataset(args, image_size)
     evaluate = make_evaluator(args, eval_dataset, run, dist_info.device, precision) if eval_dataset else None
-    if args.do_train:
-        trainer = Trainer(
-            model, build_train_dataset(args, image_size), train_settings(args, dist_info.world_size, precision), run,
-            dist_info, args.output_dir, evaluate, freeze_layer_num=args.freeze_layer_num,
-            run_config=run_config(args),
-        )
-        trainer.resume_if_possible(args.resume_model)
-        trainer.fit()
-        return trainer_exit_code(trainer)
-    require_eval_dataset(args, eval_dataset)
-    if dist_info.is_main:
-        evaluate(model.to(dist_info.device), step=0, epoch=0)
-    return None
+    return train_or_evaluate(args, dist_info, run, model, lambda: build_train_dataset(args, image_size),
+                             clip_pretraining_task(evaluate), precision)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,11 @@ import sys
 from dataloaders.lm_targets import WithLanguageModelTargets
 from engine import distributed
 from engine.args import check_model_limits, resolve_precision
-from engine.data import build_eval_dataset, build_train_dataset, require_eval_dataset
-from engine.entry import run_config, run_main, train_settings, trainer_exit_code
+from engine.data import build_eval_dataset, build_train_dataset
+from engine.entry import run_main, train_or_evaluate
 from engine.evaluation import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, make_fusion_evaluator
-from engine.trainer import Trainer
 from modules.model import T2VLP, T2VLPConfig
 
 
@@ -38,7 +37,7 @@ def build_model(args: argparse.Namespace) -> T2VLP:
     return model
 
 
-def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> int | None:
+def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> int:
     precision = resolve_precision(args.precision, dist_info.device)
     model = build_model(args)
     image_size = model.image_resolution
@@ -51,21 +50,13 @@ def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: R
             rerank_batch_size=args.rerank_batch_size, mask_ratio=args.mask_ratio, seed=args.seed,
             extra=evaluated_checkpoint(args),
         )
-    if args.do_train:
-        weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
-        train_dataset = WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio, args.seed)
-        trainer = Trainer(
-            model, train_dataset, train_settings(args, dist_info.world_size, precision), run, dist_info,
-            args.output_dir, freeze_layer_num=args.freeze_layer_num, run_config=run_config(args),
-            task=fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate),
-        )
-        trainer.resume_if_possible(args.resume_model)
-        trainer.fit()
-        return trainer_exit_code(trainer)
-    require_eval_dataset(args, eval_dataset)
-    if dist_info.is_main:
-        evaluate(model.to(dist_info.device), step=0, epoch=0)
-    return None
+    weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
+    task = fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate)
+    return train_or_evaluate(
+        args, dist_info, run, model,
+        lambda: WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio, args.seed),
+        task, precision,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,20 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
-
-launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
-        --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+source engine/launch.sh
 
 if [[ -z "${DATA_PATH:-}" ]]; then
   DEMO_DATA=${DEMO_DATA:-./demo_data}
@@ -51,15 +38,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   exit 0
 fi
 
-if [[ ! -d "$DATA_PATH" ]]; then
-  echo "start_clip.sh: DATA_PATH $DATA_PATH is not a folder (unset DATA_PATH to run the demo)" >&2
-  exit 2
-fi
-CLIP_PATH=${CLIP_PATH:-./CLIP-modules/ViT-B-16.pt}
-if [[ ! -f "$CLIP_PATH" ]]; then
-  echo "start_clip.sh: CLIP checkpoint $CLIP_PATH not found: fetch it with 'python CLIP-modules/fetch_clip.py' or set CLIP_PATH" >&2
-  exit 2
-fi
+check_real_run_inputs start_clip.sh
 OUTPUT_PATH=${OUTPUT_PATH:-./output/stage1}
 WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
 BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}

@@ -22,20 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
-
-launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
-        --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+source engine/launch.sh
 
 if [[ -z "${DATA_PATH:-}" ]]; then
   DEMO_DATA=${DEMO_DATA:-./demo_data}
@@ -49,28 +36,21 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   fi
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage2_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: running the stage-2 demo on synthetic data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
-  "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=20 --batch_size=16 --n_display=50 \
+  "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=36 --batch_size=16 --n_display=50 \
     --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
     --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" --warmup_proportion 0.1 \
-    --lr 1e-3 --coef_lr 1e-3 --new_params_lr 3e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
+    --lr 1e-3 --coef_lr 1e-3 --new_params_lr 5e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
     --datatype msrvtt --feature_framerate 2 --freeze_layer_num 0 --slice_framepos 2 --eval_steps 0 \
-    --keep_checkpoints 2 --fusion_layers 3 --match_norm pair --rerank_top_k 10 --init_model "$INIT_MODEL" \
+    --keep_checkpoints 2 --fusion_layers 3 --match_norm pair --vtm_weight 2 --rerank_top_k 10 \
+    --init_model "$INIT_MODEL" \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
   "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"
   exit 0
 fi
 
-if [[ ! -d "$DATA_PATH" ]]; then
-  echo "start_fusion.sh: DATA_PATH $DATA_PATH is not a folder (unset DATA_PATH to run the demo)" >&2
-  exit 2
-fi
-CLIP_PATH=${CLIP_PATH:-./CLIP-modules/ViT-B-16.pt}
-if [[ ! -f "$CLIP_PATH" ]]; then
-  echo "start_fusion.sh: CLIP checkpoint $CLIP_PATH not found: fetch it with 'python CLIP-modules/fetch_clip.py' or set CLIP_PATH" >&2
-  exit 2
-fi
+check_real_run_inputs start_fusion.sh
 if [[ ! -f "${INIT_MODEL:-}" ]]; then
   echo "start_fusion.sh: INIT_MODEL '${INIT_MODEL:-}' is not a file: set it to the stage-1 checkpoint to start from (e.g. runs/stage1/ckpt/pytorch_model.bin.N)" >&2
   exit 2

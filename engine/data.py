@@ -97,8 +97,3 @@ def build_eval_dataset(args: argparse.Namespace, image_size: int) -> Dataset | N
                          f"{args.val_csv} can be decoded from --features_path {args.features_path} (wrong folder?)")
     dataset.n_skipped = 0
     return dataset
-
-
-def require_eval_dataset(args: argparse.Namespace, dataset: Dataset | None) -> None:
-    if dataset is None:
-        raise InputError("--do_eval needs an evaluation split: give --val_csv (and --features_path)")

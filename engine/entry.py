@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from engine import distributed
 from engine.args import local_batch_sizes, parse_args, report_ignored_flags
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
+from engine.tasks.base import Task
 from engine.trainer import Trainer, TrainSettings
 from modules.errors import InputError
 
@@ -64,8 +66,30 @@ def run_config(args: argparse.Namespace) -> dict[str, object]:
     return config
 
 
-def trainer_exit_code(trainer: Trainer) -> int:
-    return EXIT_STOPPED if trainer.stopped_by_signal else EXIT_OK
+def train_or_evaluate(
+    args: argparse.Namespace,
+    dist_info: distributed.DistInfo,
+    run: RunLogger,
+    model: torch.nn.Module,
+    train_dataset: Callable[[], Dataset],
+    task: Task,
+    precision: str,
+) -> int:
+    """`--do_train`: train `task` (resuming from restore.bin when there is one); else `--do_eval`: evaluate the
+    model once with the task's evaluation. Returns the exit code."""
+    if args.do_train:
+        trainer = Trainer(
+            model, train_dataset(), train_settings(args, dist_info.world_size, precision), run, dist_info,
+            args.output_dir, freeze_layer_num=args.freeze_layer_num, task=task, run_config=run_config(args),
+        )
+        trainer.resume_if_possible(args.resume_model)
+        trainer.fit()
+        return EXIT_STOPPED if trainer.stopped_by_signal else EXIT_OK
+    if task.evaluate is None:
+        raise InputError("--do_eval needs an evaluation split: give --val_csv (and --features_path)")
+    if dist_info.is_main:
+        task.evaluate(model.to(dist_info.device), 0, 0)
+    return EXIT_OK
 
 
 def run_main(task: str, run: RunFn, argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from modules.clip import CLIPConfig
@@ -19,17 +21,7 @@ TINY_CLIP = CLIPConfig(
 )
 
 # The fusion encoder needs the text width to equal the joint embedding (as ViT-B/16's 512 and 512).
-TINY_FUSION_CLIP = CLIPConfig(
-    embed_dim=32,
-    image_resolution=32,
-    vision_layers=4,
-    vision_width=64,
-    vision_patch_size=8,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=32,
-    transformer_layers=2,
-)
+TINY_FUSION_CLIP = replace(TINY_CLIP, transformer_width=32)
 
 
 def random_text(

@@ -20,20 +20,26 @@ ORIGINAL_STAGE1 = (
 )
 
 
-def test_original_stage1_command(webvid_demo, tiny_clip_checkpoint, tmp_path):
-    # The original reads WebVid TFRecords from ./WebVid_TFRecord and CLIP from ./CLIP-modules (relative to the
-    # working directory); DATA_PATH holds the annotation files and MSR-VTT videos.
-    work = tmp_path / "work"
-    data = tmp_path / "data"
+def original_layout(webvid_demo, clip_checkpoint, tmp_path):
+    """(working directory, DATA_PATH) as the original's scripts expect them: ./WebVid_TFRecord and
+    ./CLIP-modules/ViT-B-16.pt under the working directory; annotations and MSR-VTT videos under DATA_PATH."""
+    work, data = tmp_path / "work", tmp_path / "data"
     data.mkdir()
     (work / "CLIP-modules").mkdir(parents=True)
-    shutil.copy(tiny_clip_checkpoint, work / "CLIP-modules" / "ViT-B-16.pt")
+    shutil.copy(clip_checkpoint, work / "CLIP-modules" / "ViT-B-16.pt")
     shutil.copytree(ROOT / "CLIP-modules" / "cross-base", work / "CLIP-modules" / "cross-base")
     (work / "WebVid_TFRecord").symlink_to(webvid_demo["tfrecord_dir"])
     (data / "frozen_train_labels.json").symlink_to(webvid_demo["labels"])
     (data / "MSRVTT_train.9k.csv").symlink_to(webvid_demo["train_csv"])
     (data / "MSRVTT_JSFUSION_test.csv").symlink_to(webvid_demo["test_csv"])
     (data / "MSRVTT_Videos").symlink_to(webvid_demo["videos_dir"])
+    return work, data
+
+
+def test_original_stage1_command(webvid_demo, tiny_clip_checkpoint, tmp_path):
+    # The original reads WebVid TFRecords from ./WebVid_TFRecord and CLIP from ./CLIP-modules (relative to the
+    # working directory); DATA_PATH holds the annotation files and MSR-VTT videos.
+    work, data = original_layout(webvid_demo, tiny_clip_checkpoint, tmp_path)
     output = tmp_path / "output"
 
     arguments = shlex.split(

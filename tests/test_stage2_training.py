@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 
 import torch
 
@@ -13,6 +12,7 @@ import main_task_fusion
 from engine.checkpointing import load_restore
 from modules.checkpoint import read_clip_state_dict, read_model_state_dict
 from tests.stage1_helpers import stage2_argv
+from tests.test_original_command import original_layout
 from tests.test_stage1_training import final_state, metrics
 from tests.torchrun import ROOT, run_torchrun
 
@@ -88,15 +88,8 @@ ORIGINAL_STAGE2 = (
 
 def test_original_stage2_command(webvid_demo, tiny_fusion_clip_checkpoint, stage1_checkpoint, tmp_path):
     # The original's stage 2 read CLIP from ./CLIP-modules/ViT-B-16.pt and WebVid from ./WebVid_TFRecord
-    work, data, output = tmp_path / "work", tmp_path / "data", tmp_path / "output"
-    data.mkdir()
-    (work / "CLIP-modules").mkdir(parents=True)
-    shutil.copy(tiny_fusion_clip_checkpoint, work / "CLIP-modules" / "ViT-B-16.pt")
-    shutil.copytree(ROOT / "CLIP-modules" / "cross-base", work / "CLIP-modules" / "cross-base")
-    (work / "WebVid_TFRecord").symlink_to(webvid_demo["tfrecord_dir"])
-    (data / "frozen_train_labels.json").symlink_to(webvid_demo["labels"])
-    (data / "MSRVTT_JSFUSION_test.csv").symlink_to(webvid_demo["test_csv"])
-    (data / "MSRVTT_Videos").symlink_to(webvid_demo["videos_dir"])
+    work, data = original_layout(webvid_demo, tiny_fusion_clip_checkpoint, tmp_path)
+    output = tmp_path / "output"
     command = (ORIGINAL_STAGE2.replace("${DATA_PATH}", str(data)).replace("${OUTPUT_PATH}", str(output))
                .replace("${INIT_MODEL}", str(stage1_checkpoint)))
     arguments = shlex.split(command)

@@ -66,7 +66,8 @@ def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bo
     def objective(model: nn.Module, batch: dict[str, Any], context: StepContext) -> dict[str, torch.Tensor]:
         attention_mask, video_mask = batch["attention_mask"], batch["video_mask"]
         frames, tubes = model.encode_video(batch["video"], video_mask)
-        text_eot, tokens = model.encode_text(batch["input_ids"], attention_mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_encoders):  # its outputs are detached
+            text_eot, tokens = model.encode_text(batch["input_ids"], attention_mask)
         fusion_tubes = tubes
         if detach_encoders:
             frames, text_eot, tokens, fusion_tubes = frames.detach(), text_eot.detach(), tokens.detach(), tubes.detach()
@@ -74,9 +75,8 @@ def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bo
         terms: dict[str, torch.Tensor] = {}
         loss = frames.new_zeros(())
         if weights.mlm:
-            _, masked_tokens = model.encode_text(batch["mlm_input_ids"], attention_mask)
-            if detach_encoders:
-                masked_tokens = masked_tokens.detach()
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_encoders):
+                _, masked_tokens = model.encode_text(batch["mlm_input_ids"], attention_mask)
             mlm = masked_lm_terms(model, video, TextParts(masked_tokens, attention_mask), batch["mlm_labels"])
             terms["mlm_loss"] = mean_over_global_count(mlm.loss_sum, mlm.count, context)
             terms["mlm_acc"] = 100.0 * mean_over_global_count(mlm.correct.float(), mlm.count, context)

@@ -1,0 +1,30 @@
+# Sourced by the start_*.sh launchers (run from the repository root): the interpreter, the torchrun command
+# for this node, and checks of the launcher's inputs. Sets PYTHON, NPROC_PER_NODE, OMP_NUM_THREADS and `launch`.
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
+
+launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
+        --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+
+# check_real_run_inputs SCRIPT: DATA_PATH must be a folder and CLIP_PATH (default ./CLIP-modules/ViT-B-16.pt) a file.
+check_real_run_inputs() {
+  if [[ ! -d "$DATA_PATH" ]]; then
+    echo "$1: DATA_PATH $DATA_PATH is not a folder (unset DATA_PATH to run the demo)" >&2
+    exit 2
+  fi
+  CLIP_PATH=${CLIP_PATH:-./CLIP-modules/ViT-B-16.pt}
+  if [[ ! -f "$CLIP_PATH" ]]; then
+    echo "$1: CLIP checkpoint $CLIP_PATH not found: fetch it with 'python CLIP-modules/fetch_clip.py' or set CLIP_PATH" >&2
+    exit 2
+  fi
+}
