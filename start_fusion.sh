@@ -36,11 +36,11 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   fi
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage2_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: running the stage-2 demo on synthetic data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
-  "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=36 --batch_size=16 --n_display=50 \
+  "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=30 --batch_size=16 --n_display=50 \
     --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
     --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" --warmup_proportion 0.1 \
-    --lr 1e-3 --coef_lr 1e-3 --new_params_lr 5e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
+    --lr 1e-3 --coef_lr 1e-3 --new_params_lr 3e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
     --datatype msrvtt --feature_framerate 2 --freeze_layer_num 0 --slice_framepos 2 --eval_steps 0 \
     --keep_checkpoints 2 --fusion_layers 3 --match_norm pair --vtm_weight 2 --rerank_top_k 10 \
     --init_model "$INIT_MODEL" \

@@ -120,7 +120,7 @@ def _add_original_flags(parser: argparse.ArgumentParser) -> None:
     add("--max_words", type=int, default=20, help="Text length in tokens, SOT and EOT included.")
     add("--max_frames", type=int, default=100,
         help="Frames per clip (default %(default)s, CLIP4Clip's; T2VLP's recipes use 12, and WebVid records store "
-             "12: more than the records hold is refused). Any number works with this model.")
+             "12: frames beyond those stored are zeros, with a warning). Any number works with this model.")
     add("--feature_framerate", type=int, default=1, help="Frames sampled per second when decoding raw videos.")
     add("--output_dir", type=str, required=True, help="Logs, metrics, checkpoints and restore.bin go here.")
     add("--init_model", type=str, default=None, help="Starting checkpoint (original format or ours).")

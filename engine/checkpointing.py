@@ -148,8 +148,6 @@ def load_restore(
             f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
             f"it is truncated or corrupt: {hint}delete it to start the run over"
         ) from error
-    if not isinstance(state, Mapping) or "model_state_dict" not in state or "progress" not in state:
-        raise InputError(f"{path} is not a restore.bin written by this project (no model_state_dict/progress)")
     return state
 
 

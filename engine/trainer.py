@@ -202,6 +202,9 @@ class Trainer:
         state = load_restore(self.output_dir, path=path)
         if state is None:
             return False
+        if not isinstance(state, dict) or not {"model_state_dict", "progress", "optim_state_dict"} <= state.keys():
+            raise InputError(f"{path or Path(self.output_dir) / 'restore.bin'} is not a restore.bin of this project "
+                             f"(a model checkpoint? pass it as --init_model)")
         changes = self._fixed_setting_changes(state)
         if changes and not self.settings.allow_changed_settings:
             raise InputError(

@@ -30,10 +30,12 @@ def test_crash_during_save_keeps_the_previous_restore_file(tmp_path, monkeypatch
     restored = load_restore(tmp_path)
     assert restored["global_step"] == 10
     assert torch.equal(restored["weights"], torch.arange(4.0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["restore.bin"]  # the temp file was removed
+    # the temp file was removed; restore.bin.prev is a second name of the intact file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["restore.bin", "restore.bin.prev"]
 
     save_restore(tmp_path, {"global_step": 30})
     assert load_restore(tmp_path)["global_step"] == 30
+    assert load_restore(path=tmp_path / "restore.bin.prev")["global_step"] == 10
 
 
 def test_load_restore_without_a_file(tmp_path):

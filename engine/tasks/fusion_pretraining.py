@@ -131,7 +131,9 @@ def evaluate_fusion_heads(
     per text and one hard-negative text per video, drawn from the meanP similarity of the split with a
     Generator seeded by `seed`, scored in chunks of `batch_size` pairs (each chunk's 3 x chunk sequences one
     normalisation group, as in training). `vtm_acc` is the balanced accuracy, the mean of the accuracy on
-    matching pairs and on non-matching pairs, so chance is 50% whatever the 1:2 ratio.
+    matching pairs and on non-matching pairs, so chance is 50% whatever the 1:2 ratio; `vtm_pairwise_acc` is how
+    often a matching pair scores a higher match margin than each of its two hard negatives (what the rerank
+    relies on; chance 50%, independent of the head's decision threshold).
     """
     model.eval()
     device = encoded["frames"].device
@@ -150,7 +152,7 @@ def evaluate_fusion_heads(
     all_video = VideoParts(encoded["frames"], encoded["video_mask"], encoded["tubes"])
     all_text = TextParts(encoded["text_tokens"], encoded["attention_mask"])
     mlm_correct = mlm_total = 0
-    match_correct = unmatch_correct = 0
+    match_correct = unmatch_correct = pairwise_correct = 0
     for start in range(0, count, batch_size):
         rows = torch.arange(start, min(start + batch_size, count), device=device)
         video, text = all_video.take(rows), all_text.take(rows)
@@ -164,6 +166,8 @@ def evaluate_fusion_heads(
         predicted_match = vtm.logits.argmax(dim=-1) == 1
         match_correct += int(predicted_match[: len(rows)].sum())
         unmatch_correct += int((~predicted_match[len(rows):]).sum())
+        margin = (vtm.logits[:, 1] - vtm.logits[:, 0]).reshape(3, len(rows))  # matching, negative video, negative text
+        pairwise_correct += int((margin[0] > margin[1]).sum() + (margin[0] > margin[2]).sum())
     positive_acc = 100.0 * match_correct / count
     negative_acc = 100.0 * unmatch_correct / (2 * count)
     vocab = model.clip_config.vocab_size
@@ -174,7 +178,8 @@ def evaluate_fusion_heads(
         "n_masked_tokens": mlm_total,
         "vtm_acc_match": positive_acc,
         "vtm_acc_unmatch": negative_acc,
-        "chance": {"mlm_acc": 100.0 / vocab, "vtm_acc": 50.0},
+        "vtm_pairwise_acc": 100.0 * pairwise_correct / (2 * count),
+        "chance": {"mlm_acc": 100.0 / vocab, "vtm_acc": 50.0, "vtm_pairwise_acc": 50.0},
     }
 
 
@@ -197,9 +202,10 @@ def make_fusion_evaluator(
         run.scalars({"mlm_acc": heads["mlm_acc"], "vtm_acc": heads["vtm_acc"]}, step, prefix="eval/")
         logger.info(
             "fusion heads at step %d, epoch %d on %d held-out pairs: MLM accuracy %.2f%% (%d masked tokens; chance "
-            "%.3f%%), VTM balanced accuracy %.2f%% (matching %.2f%%, hard negatives %.2f%%; chance 50%%)",
+            "%.3f%%), VTM balanced accuracy %.2f%% (matching %.2f%%, hard negatives %.2f%%; chance 50%%), matching pair "
+            "above its hard negatives %.2f%% (chance 50%%)",
             step, epoch, heads["n"], heads["mlm_acc"], heads["n_masked_tokens"], heads["chance"]["mlm_acc"],
-            heads["vtm_acc"], heads["vtm_acc_match"], heads["vtm_acc_unmatch"],
+            heads["vtm_acc"], heads["vtm_acc_match"], heads["vtm_acc_unmatch"], heads["vtm_pairwise_acc"],
         )
         return record
 
