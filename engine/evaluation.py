@@ -96,22 +96,7 @@ def evaluate_retrieval(model: torch.nn.Module, dataset: Dataset, **encode_option
     """Single-sentence retrieval (one caption per video, e.g. MSR-VTT 1k-A): t2v and v2t metrics, meanP.
 
     `encode_options` are `encode_split`'s keyword arguments (batch_size, device, precision, ...)."""
-    return evaluate_retrieval_rows(model, dataset, **encode_options)[0]
-
-
-def evaluate_retrieval_rows(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    *,
-    rerank_top_k: int = 0,
-    rerank_batch_pairs: int = 2048,
-    **encode_options: Any,
-) -> list[dict[str, Any]]:
-    """The meanP result, then (with `rerank_top_k` > 0) the fusion-rerank result, of single-sentence retrieval."""
-    encoded = encode_split(model, dataset, keep_fusion_inputs=rerank_top_k > 0, **encode_options)
-    return retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_pairs,
-                          precision=encode_options["precision"],
-                          show_progress=encode_options.get("show_progress", True))
+    return retrieval_rows(model, encode_split(model, dataset, **encode_options))[0]
 
 
 def retrieval_rows(

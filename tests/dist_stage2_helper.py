@@ -19,6 +19,7 @@ from engine.run_logging import RunLogger
 from engine.tasks.base import StepContext
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, hard_negative_indices
 from engine.trainer import Trainer, TrainSettings
+from modules.fusion_objectives import VideoParts
 from modules.model import T2VLP, T2VLPConfig
 from tests.dist_stage1_helper import GLOBAL_BATCH, global_batch
 
@@ -83,7 +84,11 @@ def uneven_negatives(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Te
             return meanp_logits(text, video, video_mask, self.logit_scale)
 
     context = StepContext(seed=1, step=7, micro=0, epoch=0)
-    return hard_negative_indices(Similarity(), eot[rows], frames[rows], mask[rows], context)
+    all_eot, offset = context.gather_rows(eot[rows])
+    all_frames, all_mask = context.gather_rows(frames[rows])[0], context.gather_rows(mask[rows])[0]
+    all_video = VideoParts(all_frames, all_mask, tubes=all_frames)  # the similarity reads no tubes
+    local_rows = slice(offset, offset + sizes[rank])
+    return (*hard_negative_indices(Similarity(), all_eot, all_video, local_rows, context), offset)
 
 
 if __name__ == "__main__":

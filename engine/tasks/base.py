@@ -79,8 +79,9 @@ class ObjectiveModule(nn.Module):
         return self.objective(self.model, batch, context)
 
 
-def mean_over_global_count(total: torch.Tensor, count: torch.Tensor, context: StepContext) -> torch.Tensor:
-    """`total` (a sum over this rank's items) scaled so that DDP's average over ranks gives the sum over all
-    ranks divided by the count over all ranks: N processes then match one process on the global batch."""
+def global_mean_scale(count: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """The factor that turns a sum over this rank's `count` items into its share of the global mean: after DDP's
+    average over ranks, sum * factor is the sum over all ranks divided by the count over all ranks, so N processes
+    match one process on the global batch. One all-reduce, no host synchronisation."""
     global_count = context.sum_over_ranks(count.float()).clamp(min=1.0)
-    return total * (context.world_size() / global_count)
+    return context.world_size() / global_count

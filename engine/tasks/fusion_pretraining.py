@@ -7,11 +7,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from dataloaders.lm_targets import language_model_targets
+from dataloaders.lm_targets import sample_targets
 from engine.evaluation import (
     autocast_context,
     encode_split,
@@ -20,7 +19,7 @@ from engine.evaluation import (
     similarity_matrix,
 )
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
-from engine.tasks.base import EvaluateFn, StepContext, Task, mean_over_global_count
+from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
 from modules.fusion_objectives import (
     TextParts,
     VideoParts,
@@ -42,21 +41,16 @@ class FusionLossWeights:
 
 
 def hard_negative_indices(
-    model: nn.Module, text_eot: torch.Tensor, frames: torch.Tensor, video_mask: torch.Tensor, context: StepContext
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Hard negatives for this rank's rows from the all-gathered meanP similarity (METHOD §6.4).
-
-    Every rank draws for all rows of the global batch with the step's Generator and keeps its own, so the draw
-    does not depend on the number of processes. Returns (negative video per local text, negative text per local
-    video), both indices into the gathered batch, and this rank's first row in it."""
+    model: nn.Module, all_eot: torch.Tensor, all_video: VideoParts, local_rows: slice, context: StepContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives for this rank's `local_rows` of the all-gathered batch, from its meanP similarity
+    (METHOD §6.4). Every rank draws for all rows with the step's Generator and keeps its own, so the draw does not
+    depend on the number of processes. Returns (negative video per local text, negative text per local video),
+    both indices into the gathered batch."""
     with torch.no_grad():
-        all_eot, offset = context.gather_rows(text_eot.detach())
-        all_frames, _ = context.gather_rows(frames.detach())
-        all_mask, _ = context.gather_rows(video_mask)
-        sim = model.similarity(all_eot, all_frames, all_mask)
+        sim = model.similarity(all_eot, all_video.frames, all_video.video_mask)
     negative_video, negative_text = sample_hard_negatives(sim, context.generator())
-    rows = slice(offset, offset + text_eot.shape[0])
-    return negative_video[rows], negative_text[rows], offset
+    return negative_video[local_rows], negative_text[local_rows]
 
 
 def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bool = True):
@@ -78,17 +72,20 @@ def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bo
             with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_encoders):
                 _, masked_tokens = model.encode_text(batch["mlm_input_ids"], attention_mask)
             mlm = masked_lm_terms(model, video, TextParts(masked_tokens, attention_mask), batch["mlm_labels"])
-            terms["mlm_loss"] = mean_over_global_count(mlm.loss_sum, mlm.count, context)
-            terms["mlm_acc"] = 100.0 * mean_over_global_count(mlm.correct.float(), mlm.count, context)
+            scale = global_mean_scale(mlm.count, context)
+            terms["mlm_loss"] = mlm.loss_sum * scale
+            terms["mlm_acc"] = 100.0 * mlm.correct.float() * scale
             loss = loss + weights.mlm * terms["mlm_loss"]
         if weights.plm:
             plm = prefix_lm_terms(model, video, text, batch["input_ids"], batch["plm_start"])
-            terms["plm_loss"] = mean_over_global_count(plm.loss_sum, plm.count, context)
+            terms["plm_loss"] = plm.loss_sum * global_mean_scale(plm.count, context)
             loss = loss + weights.plm * terms["plm_loss"]
         if weights.vtm:
-            negative_video, negative_text, _ = hard_negative_indices(model, text_eot, frames, video_mask, context)
+            all_eot, offset = context.gather_rows(text_eot.detach())
             all_video = VideoParts(*(context.gather_rows(part.detach())[0] for part in video))
             all_text = TextParts(*(context.gather_rows(part.detach())[0] for part in text))
+            local_rows = slice(offset, offset + text_eot.shape[0])
+            negative_video, negative_text = hard_negative_indices(model, all_eot, all_video, local_rows, context)
             vtm = video_text_matching_terms(model, video, text, all_video, all_text, negative_video, negative_text)
             terms["vtm_loss"] = vtm.loss
             terms["vtm_acc"] = 100.0 * vtm.correct.float() / vtm.count
@@ -141,9 +138,8 @@ def evaluate_fusion_heads(
     if count < 2:
         raise ValueError("MLM/VTM evaluation needs at least 2 items")
     targets = [
-        language_model_targets(encoded["input_ids"][i].cpu(), encoded["attention_mask"][i].cpu(), mask_ratio,
-                               np.random.default_rng([seed, 0, int(index), 7]))
-        for i, index in enumerate(encoded["indices"])
+        sample_targets({"input_ids": ids, "attention_mask": mask, "index": index}, mask_ratio, seed, epoch=0)
+        for ids, mask, index in zip(encoded["input_ids"].cpu(), encoded["attention_mask"].cpu(), encoded["indices"])
     ]
     mlm_ids = torch.stack([t["mlm_input_ids"] for t in targets]).to(device)
     mlm_labels = torch.stack([t["mlm_labels"] for t in targets]).to(device)
