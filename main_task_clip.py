@@ -16,23 +16,12 @@ from typing import Any
 import torch
 
 from engine import distributed
-from engine.args import check_model_limits, resolve_precision
+from engine.args import resolve_precision
 from engine.data import build_eval_dataset, build_train_dataset
-from engine.entry import run_main, train_or_evaluate
+from engine.entry import build_model, run_main, train_or_evaluate
 from engine.evaluation import evaluate_retrieval, evaluated_checkpoint, log_retrieval_rows
 from engine.run_logging import RunLogger
 from engine.tasks.clip_pretraining import clip_pretraining_task
-from modules.model import T2VLP, T2VLPConfig
-
-
-def build_model(args: argparse.Namespace) -> T2VLP:
-    config = T2VLPConfig(
-        num_centers=args.num_centers, split_layer=args.split_layer, tube_layers=args.tube_layers,
-        detach_tube_input=False,
-    )
-    model = T2VLP.from_pretrained(args.visual_pretrain_path, init_model=args.init_model, config=config)
-    check_model_limits(args, context_length=model.clip_config.context_length)
-    return model
 
 
 def make_evaluator(args: argparse.Namespace, dataset, run: RunLogger, device: torch.device, precision: str):

@@ -16,25 +16,12 @@ import sys
 
 from dataloaders.lm_targets import WithLanguageModelTargets
 from engine import distributed
-from engine.args import check_model_limits, resolve_precision
+from engine.args import resolve_precision
 from engine.data import build_eval_dataset, build_train_dataset
-from engine.entry import run_main, train_or_evaluate
+from engine.entry import build_model, run_main, train_or_evaluate
 from engine.evaluation import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, make_fusion_evaluator
-from modules.model import T2VLP, T2VLPConfig
-
-
-def build_model(args: argparse.Namespace) -> T2VLP:
-    config = T2VLPConfig(
-        num_centers=args.num_centers, split_layer=args.split_layer, tube_layers=args.tube_layers,
-        detach_tube_input=not args.train_encoders, with_fusion=True, fusion_layers=args.fusion_layers,
-        head_dropout=args.head_dropout, match_norm=args.match_norm,
-    )
-    model = T2VLP.from_pretrained(args.visual_pretrain_path, init_model=args.init_model, config=config)
-    check_model_limits(args, context_length=model.clip_config.context_length,
-                       fusion_extra_tokens=1 + args.max_frames + model.config.num_centers)
-    return model
 
 
 def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: RunLogger) -> int:

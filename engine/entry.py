@@ -7,6 +7,7 @@ import logging
 import random
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,12 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import distributed
-from engine.args import local_batch_sizes, parse_args, report_ignored_flags
+from engine.args import check_model_limits, local_batch_sizes, parse_args, report_ignored_flags
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.trainer import Trainer, TrainSettings
 from modules.errors import InputError
+from modules.model import T2VLP, T2VLPConfig
 
 logger = logging.getLogger("t2vlp")
 
@@ -64,6 +66,24 @@ def run_config(args: argparse.Namespace) -> dict[str, object]:
     if args.task != "fusion":
         config.pop("mask_ratio", None)  # read by stage 2 only
     return config
+
+
+def build_model(args: argparse.Namespace) -> T2VLP:
+    """The task's T2VLP from the command line: sizes from `--visual_pretrain_path`, then `--init_model`.
+
+    Stage 1 ("clip") keeps the tube input in the graph; every later task has the fusion encoder and detaches the
+    tube input unless `--train_encoders` (METHOD §11.5)."""
+    config = T2VLPConfig(num_centers=args.num_centers, split_layer=args.split_layer, tube_layers=args.tube_layers)
+    if args.task != "clip":
+        config = replace(
+            config, detach_tube_input=not args.train_encoders, with_fusion=True, fusion_layers=args.fusion_layers,
+            head_dropout=args.head_dropout, match_norm=args.match_norm,
+        )
+    model = T2VLP.from_pretrained(args.visual_pretrain_path, init_model=args.init_model, config=config)
+    fusion_extra_tokens = 1 + args.max_frames + model.config.num_centers if config.with_fusion else None
+    check_model_limits(args, context_length=model.clip_config.context_length,
+                       fusion_extra_tokens=fusion_extra_tokens)
+    return model
 
 
 def train_or_evaluate(

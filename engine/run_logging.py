@@ -63,7 +63,7 @@ class RunLogger:
         """
         if not self.is_main:
             return
-        line = json.dumps(_jsonable(record), allow_nan=False)  # floats rounded to 6 decimals
+        line = json.dumps(_jsonable(record, decimals=6), allow_nan=False)  # 57.99999999999999 -> 58.0
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
@@ -106,17 +106,17 @@ def _open_tensorboard(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, decimals: int | None = None) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, decimals) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, decimals) for v in value]
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
         value = value.item()  # numpy / torch scalar
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, float):
-        return round(value, 6)  # 57.99999999999999 -> 58.0: the same rounding for every field
+    if isinstance(value, float) and decimals is not None:
+        return round(value, decimals)  # metrics only: flags such as --lr 1e-8 keep their value
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     return str(value)

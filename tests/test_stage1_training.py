@@ -16,6 +16,7 @@ import torch
 
 import main_task_clip
 from engine.checkpointing import load_restore
+from modules.model import T2VLP
 from tests.stage1_helpers import stage1_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_bad_videos_are_skipped_and_counted(small_demo, tiny_clip_checkpoint, tm
 
 def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
-    original_forward = main_task_clip.T2VLP.forward
+    original_forward = T2VLP.forward
     calls = {"n": 0}
 
     def forward_with_nan_after_two_steps(self, *args, **kwargs):
@@ -103,7 +104,7 @@ def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint
             result["loss"] = result["loss"] * float("nan")
         return result
 
-    monkeypatch.setattr(main_task_clip.T2VLP, "forward", forward_with_nan_after_two_steps)
+    monkeypatch.setattr(T2VLP, "forward", forward_with_nan_after_two_steps)
     argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=3", "--max_bad_steps=3", "--save_steps=1")
     with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
         main_task_clip.main(argv)
