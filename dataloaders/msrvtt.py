@@ -1,8 +1,6 @@
 """MSR-VTT retrieval datasets in the CLIP4Clip layout (METHOD §7a, §9.3; DATA_FORMATS §1).
 
-Samples follow docs/CONTRACTS.md: a dict with input_ids, attention_mask, video (uint8), video_mask, video_id
-and index, or `None` when the video cannot be decoded (the dataset logs it once per video id and counts it;
-batches report it through `collate_clips`' `n_skipped`).
+Videos are `<features_path>/<video_id>.mp4`. Samples follow docs/CONTRACTS.md (see dataloaders/raw_video_text.py).
 """
 
 from __future__ import annotations
@@ -12,24 +10,14 @@ import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from dataloaders.collate import clip_sample
-from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
-from modules.errors import InputError
+from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset, TextTokenizer  # noqa: F401 (re-exported)
+from dataloaders.retrieval_split import RetrievalSplit
 
 logger = logging.getLogger("t2vlp.data")
-
-
-class TextTokenizer(Protocol):
-    def encode(self, text: str, max_words: int) -> tuple[list[int], list[int]]: ...
-
-
-class AnnotationError(InputError, ValueError):
-    """An annotation file is malformed; the message names the file (and line or item)."""
 
 
 def read_csv_columns(path: str | Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -72,78 +60,6 @@ def read_msrvtt_sentences(json_path: str | Path) -> list[tuple[str, str]]:
             raise AnnotationError(f"{json_path}: sentences[{position}] lacks a string video_id/caption: {item!r}")
         pairs.append((video_id, caption))
     return pairs
-
-
-class RawVideoTextDataset(Dataset):
-    """Shared machinery of the raw-video retrieval datasets: decoding, tokenising, skipping, per-sample RNG.
-
-    Subclasses implement `__len__` and `_pair(index, rng) -> (video_id, caption)`. The per-sample numpy
-    Generator is derived from (seed, epoch, index), so caption choice and frame shuffling are reproducible
-    and resumable whatever the worker layout; call `set_epoch` at the start of every epoch.
-    """
-
-    def __init__(
-        self,
-        features_path: str | Path,
-        *,
-        tokenizer: TextTokenizer | None = None,
-        max_words: int = 32,
-        feature_framerate: int = 1,
-        max_frames: int = 12,
-        image_size: int = 224,
-        frame_order: int = 0,
-        slice_framepos: int = SLICE_UNIFORM,
-        pad_mode: str = "zero",
-        seed: int = 42,
-        video_extension: str = ".mp4",
-    ) -> None:
-        self.features_path = Path(features_path)
-        self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
-        self.max_words = max_words
-        self.clip_options = dict(
-            max_frames=max_frames, feature_framerate=feature_framerate, slice_framepos=slice_framepos,
-            frame_order=frame_order, image_size=image_size, pad_mode=pad_mode,
-        )
-        self.seed = seed
-        self.epoch = 0
-        self.video_extension = video_extension
-        self.n_skipped = 0
-        self._warned_video_ids: set[str] = set()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def video_path(self, video_id: str) -> Path:
-        return self.features_path / f"{video_id}{self.video_extension}"
-
-    def sample_rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
-
-    def _pair(self, index: int, rng: np.random.Generator) -> tuple[str, str]:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        rng = self.sample_rng(index)
-        video_id, caption = self._pair(index, rng)
-        try:
-            video, video_mask = load_video_clip(self.video_path(video_id), rng=rng, **self.clip_options)
-        except VideoDecodeError as error:
-            self._record_skip(video_id, error)
-            return None
-        input_ids, attention_mask = self.tokenizer.encode(caption, self.max_words)
-        return clip_sample(input_ids, attention_mask, video, video_mask, video_id, index)
-
-    def _record_skip(self, video_id: str, error: VideoDecodeError) -> None:
-        self.n_skipped += 1
-        if video_id not in self._warned_video_ids:
-            self._warned_video_ids.add(video_id)
-            logger.warning("skipping video %s: %s", video_id, error)
-
-
-def _default_tokenizer() -> TextTokenizer:
-    from modules.tokenization import ClipTokenizer
-
-    return ClipTokenizer()
 
 
 class MSRVTTTrainDataset(RawVideoTextDataset):
@@ -199,9 +115,49 @@ class MSRVTTTestDataset(RawVideoTextDataset):
         super().__init__(features_path, **options)
         rows = read_csv_columns(csv_path, ("video_id", "sentence"))
         self.pairs = [(row["video_id"], row["sentence"]) for row in rows]
+        self.split = RetrievalSplit.from_pairs(self.pairs)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _pair(self, index: int, rng: np.random.Generator) -> tuple[str, str]:
         return self.pairs[index]
+
+
+def read_msrvtt_test_videos(json_path: str | Path) -> list[str]:
+    """The ids of the videos whose `split` is "test" in `MSRVTT_data.json` (video7010..video9999), in file order."""
+    json_path = Path(json_path)
+    with json_path.open(encoding="utf-8") as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise AnnotationError(f"{json_path}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    videos = data.get("videos") if isinstance(data, dict) else None
+    if not isinstance(videos, list):
+        raise AnnotationError(f"{json_path}: expected an object with a 'videos' list (the full test split needs it)")
+    test_ids = []
+    for position, item in enumerate(videos):
+        if not isinstance(item, dict) or not isinstance(item.get("video_id"), str) or "split" not in item:
+            raise AnnotationError(f"{json_path}: videos[{position}] lacks a string video_id or a split: {item!r}")
+        if item["split"] == "test":
+            test_ids.append(item["video_id"])
+    return test_ids
+
+
+class MSRVTTFullTestDataset(MSRVTTTestDataset):
+    """The official MSR-VTT test split: all 2,990 test videos of `MSRVTT_data.json` with all their captions
+    (about 20 each), a multi-sentence evaluation (`--msrvtt_test full`)."""
+
+    def __init__(self, json_path: str | Path, features_path: str | Path, **options: Any) -> None:
+        RawVideoTextDataset.__init__(self, features_path, **options)
+        test_ids = read_msrvtt_test_videos(json_path)
+        if not test_ids:
+            raise AnnotationError(f"{json_path}: no video has split 'test'")
+        wanted = set(test_ids)
+        self.pairs = [pair for pair in read_msrvtt_sentences(json_path) if pair[0] in wanted]
+        without = sorted(wanted - {video_id for video_id, _ in self.pairs})
+        if without:
+            raise AnnotationError(f"{json_path}: {len(without)} test video(s) have no sentence, e.g. {without[:5]}")
+        order = {video_id: position for position, video_id in enumerate(test_ids)}
+        self.pairs.sort(key=lambda pair: order[pair[0]])  # grouped by video (stable: captions keep file order)
+        self.split = RetrievalSplit.from_pairs(self.pairs)

@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
 from dataloaders.video import normalize_video
-from engine.metrics import chance_retrieval_metrics, format_retrieval_table, retrieval_metrics
+from engine.dual_softmax import dual_softmax_scores
+from engine.metrics import best_positive_ranks, chance_retrieval_metrics, format_retrieval_table, metrics_from_ranks
 from engine.rerank import rerank_scores
 
 logger = logging.getLogger("t2vlp.eval")
@@ -28,10 +29,17 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+    )
+
+
 @torch.no_grad()
 def encode_split(
     model: torch.nn.Module,
-    dataset: Dataset,
+    dataset: Any,
     *,
     batch_size: int,
     device: torch.device,
@@ -40,45 +48,63 @@ def encode_split(
     show_progress: bool = True,
     keep_fusion_inputs: bool = False,
 ) -> dict[str, Any]:
-    """Encode every (text, video) item: EOT features [N, D], frame features [N, T, D], masks, video ids.
+    """Encode an evaluation split (a dataset with `caption_dataset()` / `video_dataset()`, see
+    dataloaders/raw_video_text.py): every video once, every caption once.
 
-    With `keep_fusion_inputs` also what the fusion encoder takes: tube tokens [N, K, D], text token states
-    [N, L, D], token ids and attention masks [N, L] (on `device`).
-    Items whose video cannot be decoded are dropped (both text and video) and counted in `n_skipped`.
+    Returns EOT features "text" [N_t, D], "frames" [N_v, T, D], "video_mask" [N_v, T], "caption_video" [N_t] (the
+    row of each caption's video), "video_ids", "indices" (each caption's index in the split), "n_skipped" (videos
+    that could not be decoded: they and their captions are left out) and "n_captions_left_out". With
+    `keep_fusion_inputs` also the fusion encoder's inputs: "tubes" [N_v, K, D], "text_tokens" [N_t, L, D],
+    "input_ids" and "attention_mask" [N_t, L]. All tensors on `device`.
     """
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
-    )
-    texts, frames, masks, video_ids, indices, skipped = [], [], [], [], [], 0
-    fusion_parts: dict[str, list[torch.Tensor]] = {"tubes": [], "text_tokens": [], "input_ids": [], "attention_mask": []}
     model.eval()
-    for batch in tqdm(loader, desc="encoding", disable=not show_progress, leave=False):
+    videos: dict[str, list] = {"frames": [], "video_mask": [], "tubes": [], "video_ids": [], "rows": []}
+    skipped = 0
+    for batch in tqdm(_loader(dataset.video_dataset(), batch_size, num_workers, device), desc="encoding videos",
+                      disable=not show_progress, leave=False):
         skipped += batch["n_skipped"]
         if is_empty_batch(batch):
             continue
         video = normalize_video(batch["video"].to(device, non_blocking=True))
+        video_mask = batch["video_mask"].to(device)
+        with autocast_context(device, precision):
+            frames, tubes = model.encode_video(video, video_mask)
+        videos["frames"].append(frames.float())
+        videos["video_mask"].append(video_mask)
+        if keep_fusion_inputs:
+            videos["tubes"].append(tubes.float())
+        videos["video_ids"].extend(batch["video_id"])
+        videos["rows"].extend(int(i) for i in batch["index"])
+    if not videos["rows"]:
+        raise RuntimeError(f"no decodable video in the evaluation split ({skipped} skipped)")
+    split = dataset.caption_dataset().split
+    kept_row = {split_row: row for row, split_row in enumerate(videos["rows"])}
+    kept_captions = [i for i, video in enumerate(split.caption_video) if video in kept_row]
+    texts: dict[str, list] = {"text": [], "text_tokens": [], "input_ids": [], "attention_mask": []}
+    captions = Subset(dataset.caption_dataset(), kept_captions)
+    for batch in tqdm(_loader(captions, batch_size, num_workers, device), desc="encoding captions",
+                      disable=not show_progress, leave=False):
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast_context(device, precision):
-            eot, text_tokens = model.encode_text(input_ids, attention_mask)
-            frame_features, tubes = model.encode_video(video, batch["video_mask"].to(device))
+            eot, tokens = model.encode_text(input_ids, attention_mask)
+        texts["text"].append(eot.float())
         if keep_fusion_inputs:
-            for key, value in (("tubes", tubes), ("text_tokens", text_tokens), ("input_ids", input_ids),
-                               ("attention_mask", attention_mask)):
-                fusion_parts[key].append(value)
-        texts.append(eot.float())
-        frames.append(frame_features.float())
-        masks.append(batch["video_mask"].to(device))
-        video_ids.extend(batch["video_id"])
-        indices.extend(int(i) for i in batch["index"])
-    if not texts:
-        raise RuntimeError(f"no decodable item in the evaluation split ({skipped} skipped)")
+            texts["text_tokens"].append(tokens.float())
+            texts["input_ids"].append(input_ids)
+            texts["attention_mask"].append(attention_mask)
     encoded = {
-        "text": torch.cat(texts), "frames": torch.cat(frames), "video_mask": torch.cat(masks),
-        "video_ids": video_ids, "indices": indices, "n_skipped": skipped,
+        "text": torch.cat(texts["text"]),
+        "frames": torch.cat(videos["frames"]),
+        "video_mask": torch.cat(videos["video_mask"]),
+        "caption_video": torch.tensor([kept_row[split.caption_video[i]] for i in kept_captions], device=device),
+        "video_ids": videos["video_ids"],
+        "indices": kept_captions,
+        "n_skipped": skipped,
+        "n_captions_left_out": len(split.captions) - len(kept_captions),
     }
     if keep_fusion_inputs:
-        encoded.update({key: torch.cat(values) for key, values in fusion_parts.items()})
+        encoded["tubes"] = torch.cat(videos["tubes"])
+        encoded.update({key: torch.cat(values) for key, values in texts.items() if key != "text"})
     return encoded
 
 
@@ -92,10 +118,9 @@ def similarity_matrix(model: torch.nn.Module, encoded: dict[str, Any], chunk: in
     return torch.cat(rows).numpy()
 
 
-def evaluate_retrieval(model: torch.nn.Module, dataset: Dataset, **encode_options: Any) -> dict[str, Any]:
-    """Single-sentence retrieval (one caption per video, e.g. MSR-VTT 1k-A): t2v and v2t metrics, meanP.
-
-    `encode_options` are `encode_split`'s keyword arguments (batch_size, device, precision, ...)."""
+def evaluate_retrieval(model: torch.nn.Module, dataset: Any, **encode_options: Any) -> dict[str, Any]:
+    """meanP retrieval metrics of an evaluation split. `encode_options` are `encode_split`'s keyword arguments
+    (batch_size, device, precision, ...)."""
     return retrieval_rows(model, encode_split(model, dataset, **encode_options))[0]
 
 
@@ -107,50 +132,74 @@ def retrieval_rows(
     rerank_batch_pairs: int = 2048,
     precision: str = "fp32",
     show_progress: bool = False,
+    dsl: bool = False,
+    dsl_temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """meanP (and rerank) results of an encoded single-sentence split (text i pairs with video i)."""
-    if len(set(encoded["video_ids"])) != len(encoded["video_ids"]):
-        raise NotImplementedError("multi-sentence retrieval evaluation (several captions per video) is not supported yet")
-    sim = similarity_matrix(model, encoded)
+    """One result per scoring of an encoded split: meanP; with `rerank_top_k` the fusion rerank of each query's
+    top-K; with `dsl` the same again on dual-softmax first-stage scores (labelled "dsl", "base" meanP/rerank).
+
+    Text->video ranks each caption against every video (its own is correct); video->text ranks every caption
+    for each video, and a video's rank is the best rank over its captions (`best_positive_ranks`). With one
+    caption per video both reduce to the usual diagonal ranks."""
+    sim = torch.from_numpy(similarity_matrix(model, encoded))
     if encoded["n_skipped"]:
-        logger.warning("evaluation: %d item(s) skipped because their video could not be decoded", encoded["n_skipped"])
-    rows = [_retrieval_result("meanP", sim, sim.T, encoded)]
+        logger.warning("evaluation: %d video(s) skipped because they could not be decoded (%d caption(s) left out)",
+                       encoded["n_skipped"], encoded.get("n_captions_left_out", 0))
+    first_stage = {"meanP": (sim, sim.t())}
+    if dsl:
+        first_stage["dsl"] = (dual_softmax_scores(sim, dsl_temperature), dual_softmax_scores(sim.t(), dsl_temperature))
+    rows = []
+    for name, (t2v, v2t) in first_stage.items():
+        rows.append(_retrieval_result(name, t2v, v2t, encoded, base="meanP" if name == "dsl" else None))
     if rerank_top_k > 0:
-        t2v, v2t = rerank_both_directions(
-            model, encoded, torch.from_numpy(sim), rerank_top_k, rerank_batch_pairs, precision, show_progress
-        )
-        rows.append({**_retrieval_result("rerank", t2v, v2t, encoded), "top_k": rerank_top_k})
+        for name, (t2v, v2t) in first_stage.items():
+            reranked = rerank_both_directions(model, encoded, t2v, v2t, rerank_top_k, rerank_batch_pairs, precision,
+                                              show_progress)
+            scoring = "rerank" if name == "meanP" else "dsl"
+            rows.append({**_retrieval_result(scoring, *reranked, encoded, base="rerank" if name == "dsl" else None),
+                         "top_k": rerank_top_k})
     return rows
 
 
-def _retrieval_result(scoring: str, t2v: Any, v2t: Any, encoded: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _retrieval_result(scoring: str, t2v: Any, v2t: Any, encoded: dict[str, Any],
+                      base: str | None = None) -> dict[str, Any]:
+    caption_video = encoded["caption_video"].cpu()
+    videos = torch.arange(t2v.shape[1])
+    result = {
         "task": "retrieval",
         "scoring": scoring,
+        **({"base": base} if base else {}),
         "n_texts": int(t2v.shape[0]),
         "n_videos": int(t2v.shape[1]),
         "n_skipped": int(encoded["n_skipped"]),
-        "t2v": retrieval_metrics(t2v),
-        "v2t": retrieval_metrics(v2t),
+        "t2v": metrics_from_ranks(best_positive_ranks(t2v, caption_video, videos)),
+        "v2t": metrics_from_ranks(best_positive_ranks(v2t, videos, caption_video)),
         "chance": chance_retrieval_metrics(t2v.shape[1]),
     }
+    if t2v.shape[0] != t2v.shape[1]:
+        result["multi_sentence"] = True
+    return result
 
 
 @torch.no_grad()
 def rerank_both_directions(
     model: torch.nn.Module,
     encoded: dict[str, Any],
-    sim: torch.Tensor,
+    t2v: torch.Tensor,
+    v2t: torch.Tensor,
     top_k: int,
     batch_pairs: int,
     precision: str,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reranked text->video [N_t, N_v] and video->text [N_v, N_t] matrices (METHOD §7a). Each query's K
-    candidates form one normalisation group of `match_logits`, as in the original; many queries share a call."""
+    """Reranked text->video [N_t, N_v] and video->text [N_v, N_t] matrices (METHOD §7a) from first-stage scores
+    `t2v` and `v2t` (meanP: `sim` and `sim.T`). Each query's K candidates form one normalisation group of
+    `match_logits`, as in the original; many queries share a call."""
+    if "text_tokens" not in encoded:
+        raise ValueError("the rerank needs the fusion inputs: encode_split(..., keep_fusion_inputs=True)")
     model.eval()
     device = encoded["frames"].device
-    k = min(top_k, sim.shape[1], sim.shape[0])
+    k = min(top_k, t2v.shape[1], v2t.shape[1])
     queries_per_call = max(1, batch_pairs // k)
 
     def probability(video_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
@@ -168,13 +217,21 @@ def rerank_both_directions(
     def video_to_text(videos: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         return probability(videos[:, None].expand_as(texts), texts)
 
-    t2v = rerank_scores(sim, top_k, text_to_video, queries_per_call, show_progress, "rerank text->video")
-    v2t = rerank_scores(sim.t(), top_k, video_to_text, queries_per_call, show_progress, "rerank video->text")
+    t2v = rerank_scores(t2v, k, text_to_video, queries_per_call, show_progress, "rerank text->video")
+    v2t = rerank_scores(v2t, k, video_to_text, queries_per_call, show_progress, "rerank video->text")
     return t2v, v2t
 
 
 def retrieval_table(result: dict[str, Any]) -> str:
     return format_retrieval_table(result["t2v"], result["v2t"], chance=result.get("chance"))
+
+
+def scoring_label(result: dict[str, Any]) -> str:
+    """"meanP", "rerank, top 32", "DSL on meanP", "DSL on rerank, top 32"."""
+    top_k = f", top {result['top_k']}" if "top_k" in result else ""
+    if result["scoring"] == "dsl":
+        return f"DSL on {result['base']}{top_k}"
+    return result["scoring"] + top_k
 
 
 def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: int, split: str = "test",
@@ -185,14 +242,15 @@ def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: i
     for result in rows:
         record = {"split": split, "step": step, "epoch": epoch, **result, **(extra or {})}
         run.log_metrics(record)
-        tag = "" if result["scoring"] == "meanP" else f"{result['scoring']}_"
+        tag = "" if result["scoring"] == "meanP" else "_".join(filter(None, (result["scoring"], result.get("base")))) + "_"
         run.scalars({f"{tag}t2v_{k}": v for k, v in result["t2v"].items()}, step, prefix="eval/")
         run.scalars({f"{tag}v2t_{k}": v for k, v in result["v2t"].items()}, step, prefix="eval/")
-        scoring = result["scoring"] + (f", top {result['top_k']}" if "top_k" in result else "")
         logger.info(
-            "retrieval (%s) at step %d, epoch %d: %d texts x %d videos%s\n%s",
-            scoring, step, epoch, result["n_texts"], result["n_videos"],
-            f", {result['n_skipped']} skipped" if result["n_skipped"] else "", retrieval_table(result),
+            "retrieval (%s) at step %d, epoch %d: %d texts x %d videos%s%s\n%s",
+            scoring_label(result), step, epoch, result["n_texts"], result["n_videos"],
+            " (several captions per video: video->text counts a video's best-ranked caption)"
+            if result.get("multi_sentence") else "",
+            f", {result['n_skipped']} videos skipped" if result["n_skipped"] else "", retrieval_table(result),
         )
         records.append(record)
     return records

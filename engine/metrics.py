@@ -43,6 +43,50 @@ def correct_ranks(sim: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor 
     return ranks
 
 
+def best_positive_ranks(sim: np.ndarray | torch.Tensor, row_groups: np.ndarray | torch.Tensor,
+                        column_groups: np.ndarray | torch.Tensor, nan_policy: str = "raise") -> np.ndarray:
+    """1-based rank of the best-ranked correct candidate of each row of `sim` [N_q, N_c], for queries with
+    several correct candidates: column c is correct for row r when `column_groups[c] == row_groups[r]`.
+
+    rank = 1 + #(wrong candidates scoring strictly higher than the row's best correct score) + #(wrong candidates
+    scoring exactly the same): ties never help the model. With one correct column per row this is `correct_ranks`.
+    Multi-sentence retrieval uses it both ways: text->video (row = caption, group = its video; one correct column)
+    and video->text (row = video; every caption of the video is correct, so a video's rank is the best rank over
+    its captions). NaN: as `correct_ranks`. A row without a correct column is a ValueError.
+    """
+    if nan_policy not in ("raise", "last"):
+        raise ValueError(f"nan_policy must be 'raise' or 'last', got {nan_policy!r}")
+    scores = _as_numpy_scores(sim)
+    if scores.ndim != 2:
+        raise ValueError(f"similarity must be 2-D [queries, candidates], got shape {scores.shape}")
+    rows_of, columns_of = _as_int_array(row_groups), _as_int_array(column_groups)
+    if rows_of.shape[0] != scores.shape[0] or columns_of.shape[0] != scores.shape[1]:
+        raise ValueError(f"groups of {rows_of.shape[0]} rows x {columns_of.shape[0]} columns for a "
+                         f"{scores.shape[0]} x {scores.shape[1]} matrix")
+    if nan_policy == "raise" and np.isnan(scores).any():
+        raise ValueError(f"similarity matrix contains {int(np.isnan(scores).sum())} NaN scores")
+    n_queries, n_candidates = scores.shape
+    ranks = np.empty(n_queries, dtype=np.int64)
+    for start in range(0, n_queries, _ROW_CHUNK):
+        rows = slice(start, min(start + _ROW_CHUNK, n_queries))
+        block = np.where(np.isnan(scores[rows]), -np.inf, scores[rows]) if nan_policy == "last" else scores[rows]
+        correct = rows_of[rows][:, None] == columns_of[None, :]
+        if not correct.any(axis=1).all():
+            missing = start + int(np.flatnonzero(~correct.any(axis=1))[0])
+            raise ValueError(f"row {missing} has no correct candidate")
+        best = np.where(correct, block, -np.inf).max(axis=1, keepdims=True)
+        wrong = ~correct
+        rank = 1 + ((block > best) & wrong).sum(axis=1) + ((block == best) & wrong).sum(axis=1)
+        all_nan = np.where(correct, np.isnan(scores[rows]), True).all(axis=1)
+        ranks[rows] = np.where(all_nan, n_candidates, rank)
+    return ranks
+
+
+def _as_int_array(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    return array.astype(np.int64).reshape(-1)
+
+
 def _as_numpy_scores(sim: np.ndarray | torch.Tensor) -> np.ndarray:
     if not isinstance(sim, torch.Tensor):
         return np.asarray(sim)

@@ -134,18 +134,21 @@ def evaluate_fusion_heads(
     """
     model.eval()
     device = encoded["frames"].device
-    count = encoded["frames"].shape[0]
+    count = encoded["text"].shape[0]
     if count < 2:
         raise ValueError("MLM/VTM evaluation needs at least 2 items")
+    pair_video = encoded["caption_video"]
+    if len(set(pair_video.tolist())) != count:
+        raise ValueError("MLM/VTM evaluation needs a split with one caption per video (e.g. MSR-VTT 1k-A)")
     targets = [
         sample_targets({"input_ids": ids, "attention_mask": mask, "index": index}, mask_ratio, seed, epoch=0)
         for ids, mask, index in zip(encoded["input_ids"].cpu(), encoded["attention_mask"].cpu(), encoded["indices"])
     ]
     mlm_ids = torch.stack([t["mlm_input_ids"] for t in targets]).to(device)
     mlm_labels = torch.stack([t["mlm_labels"] for t in targets]).to(device)
-    sim = torch.from_numpy(similarity_matrix(model, encoded))
+    sim = torch.from_numpy(similarity_matrix(model, encoded))[:, pair_video.cpu()]  # pair i = caption i, its video
     negative_video, negative_text = sample_hard_negatives(sim, torch.Generator().manual_seed(seed))
-    all_video = VideoParts(encoded["frames"], encoded["video_mask"], encoded["tubes"])
+    all_video = VideoParts(encoded["frames"], encoded["video_mask"], encoded["tubes"]).take(pair_video)
     all_text = TextParts(encoded["text_tokens"], encoded["attention_mask"])
     mlm_correct = mlm_total = 0
     match_correct = unmatch_correct = pairwise_correct = 0

@@ -1,0 +1,190 @@
+"""What every raw-video dataset shares (MSR-VTT, MSVD, LSMDC, DiDeMo): decoding a clip with the frame-sampling
+flags, tokenising its caption, skipping undecodable videos, reproducible per-sample randomness, and the
+retrieval evaluation split.
+
+Samples follow docs/CONTRACTS.md: a dict with input_ids, attention_mask, video (uint8), video_mask, video_id and
+index, or `None` when the video cannot be decoded (logged once per video id and counted; batches report it
+through `collate_clips`' `n_skipped`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataloaders.collate import clip_sample
+from dataloaders.retrieval_split import RetrievalSplit, SplitCaptions, SplitVideos
+from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
+from modules.errors import InputError
+
+logger = logging.getLogger("t2vlp.data")
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str, max_words: int) -> tuple[list[int], list[int]]: ...
+
+
+class AnnotationError(InputError, ValueError):
+    """An annotation file is malformed; the message names the file (and line or item)."""
+
+
+def default_tokenizer() -> TextTokenizer:
+    from modules.tokenization import ClipTokenizer
+
+    return ClipTokenizer()
+
+
+class RawVideoTextDataset(Dataset):
+    """Shared machinery of the raw-video datasets.
+
+    Subclasses implement `__len__` and `_pair(index, rng) -> (video_id, caption)`, and override `locate` when
+    videos are not `<features_path>/<video_id><video_extension>`. The per-sample numpy Generator is derived from
+    (seed, epoch, index), so caption choice and frame shuffling are reproducible and resumable whatever the
+    worker layout; call `set_epoch` at the start of every epoch. Evaluation datasets also set `split`.
+
+    `pad_mode` says what happens to a video with fewer frames than `max_frames` (METHOD §9.8): "zero" keeps the
+    n real frames and zero-pads (root and CLIP4Clip loaders), "repeat" up-samples with linspace so every entry is
+    a real frame (the task-specific downstream loaders).
+    """
+
+    split: RetrievalSplit | None = None
+
+    def __init__(
+        self,
+        features_path: str | Path,
+        *,
+        tokenizer: TextTokenizer | None = None,
+        max_words: int = 32,
+        feature_framerate: int = 1,
+        max_frames: int = 12,
+        image_size: int = 224,
+        frame_order: int = 0,
+        slice_framepos: int = SLICE_UNIFORM,
+        pad_mode: str = "zero",
+        seed: int = 42,
+        video_extension: str = ".mp4",
+    ) -> None:
+        self.features_path = Path(features_path)
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+        self.max_words = max_words
+        self.clip_options = dict(
+            max_frames=max_frames, feature_framerate=feature_framerate, slice_framepos=slice_framepos,
+            frame_order=frame_order, image_size=image_size, pad_mode=pad_mode,
+        )
+        self.seed = seed
+        self.epoch = 0
+        self.video_extension = video_extension
+        self.n_skipped = 0
+        self._warned_video_ids: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def locate(self, video_id: str) -> tuple[Path, tuple[int, int] | None]:
+        """The video file and the (start, end) seconds to read, None for the whole video."""
+        return self.features_path / f"{video_id}{self.video_extension}", None
+
+    def video_path(self, video_id: str) -> Path:
+        return self.locate(video_id)[0]
+
+    def load_video(self, video_id: str, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 video [T, 3, S, S] and video_mask [T]; raises VideoDecodeError."""
+        path, window = self.locate(video_id)
+        start, end = window if window is not None else (None, None)
+        return load_video_clip(path, rng=rng, start_time=start, end_time=end, **self.clip_options)
+
+    def sample_rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def _pair(self, index: int, rng: np.random.Generator) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        rng = self.sample_rng(index)
+        video_id, caption = self._pair(index, rng)
+        try:
+            video, video_mask = self.load_video(video_id, rng)
+        except VideoDecodeError as error:
+            self._record_skip(video_id, error)
+            return None
+        input_ids, attention_mask = self.tokenizer.encode(caption, self.max_words)
+        return clip_sample(input_ids, attention_mask, video, video_mask, video_id, index)
+
+    def _record_skip(self, video_id: str, error: VideoDecodeError) -> None:
+        self.n_skipped += 1
+        if video_id not in self._warned_video_ids:
+            self._warned_video_ids.add(video_id)
+            logger.warning("skipping video %s: %s", video_id, error)
+
+    # ------------------------------------------------------------------ evaluation view
+
+    def caption_dataset(self) -> SplitCaptions:
+        return SplitCaptions(self._require_split(), self.tokenizer, self.max_words)
+
+    def video_dataset(self) -> SplitVideos:
+        return SplitVideos(self._require_split(), self.load_video, self.seed)
+
+    def _require_split(self) -> RetrievalSplit:
+        if self.split is None:
+            raise TypeError(f"{type(self).__name__} is a training dataset: it has no evaluation split")
+        return self.split
+
+
+class PairsDataset(RawVideoTextDataset):
+    """One sample per (video_id, caption) pair, in the given order; `locate` finds the files.
+
+    With `as_split` the pairs also form the evaluation split (one entry per caption, each video encoded once).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        features_path: str | Path,
+        *,
+        video_files: dict[str, Path] | None = None,
+        window: tuple[int, int] | None = None,
+        as_split: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(features_path, **options)
+        self.pairs = list(pairs)
+        self.video_files = video_files
+        self.window = window
+        if as_split:
+            self.split = RetrievalSplit.from_pairs(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _pair(self, index: int, rng: np.random.Generator) -> tuple[str, str]:
+        return self.pairs[index]
+
+    def locate(self, video_id: str) -> tuple[Path, tuple[int, int] | None]:
+        if self.video_files is None:
+            return super().locate(video_id)[0], self.window
+        path = self.video_files.get(video_id)
+        if path is None:
+            raise VideoDecodeError(f"no file for video {video_id} under {self.features_path}")
+        return path, self.window
+
+
+def keep_pairs_with_videos(
+    pairs: Sequence[tuple[str, str]], video_files: dict[str, Path], source: str, features_path: str | Path
+) -> list[tuple[str, str]]:
+    """Drop the pairs whose video has no file (the original did so silently); say how many, fail when none is
+    left (the wrong --features_path)."""
+    kept = [pair for pair in pairs if pair[0] in video_files]
+    missing = sorted({video_id for video_id, _ in pairs if video_id not in video_files})
+    if pairs and not kept:
+        raise InputError(f"none of the {len(set(v for v, _ in pairs))} videos of {source} is under --features_path "
+                         f"{features_path} (e.g. {missing[:3]})")
+    if missing:
+        logger.warning("%s: %d video(s) have no file under %s and are left out (%d of %d captions), e.g. %s",
+                       source, len(missing), features_path, len(pairs) - len(kept), len(pairs), missing[:5])
+    return kept

@@ -1,0 +1,109 @@
+"""An evaluation split for text-video retrieval: captions, the videos they describe, and which is which.
+
+Single-sentence splits (MSR-VTT 1k-A, LSMDC, DiDeMo paragraphs) have one caption per video; multi-sentence splits
+(MSVD, the full MSR-VTT test set) several. Evaluation encodes every caption once and every video once (never a
+video per caption), so a split is two datasets over one description: `SplitCaptions` and `SplitVideos`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from modules.errors import InputError
+
+logger = logging.getLogger("t2vlp.data")
+
+
+@dataclass(frozen=True)
+class RetrievalSplit:
+    """`captions[i]` describes `video_ids[caption_video[i]]`; every video has at least one caption."""
+
+    captions: list[str]
+    caption_video: list[int]
+    video_ids: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.caption_video):
+            raise ValueError("captions and caption_video differ in length")
+        described = set(self.caption_video)
+        if described != set(range(len(self.video_ids))):
+            raise ValueError("every video of a split needs at least one caption, and every caption a video")
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[str, str]]) -> RetrievalSplit:
+        """(video_id, caption) pairs -> a split whose videos are in order of first appearance."""
+        position: dict[str, int] = {}
+        caption_video = [position.setdefault(video_id, len(position)) for video_id, _ in pairs]
+        return cls([caption for _, caption in pairs], caption_video, list(position))
+
+    @property
+    def multi_sentence(self) -> bool:
+        return len(self.captions) != len(self.video_ids)
+
+
+# load_video(video_id, rng) -> (uint8 video [T, 3, S, S], video_mask [T]); raises VideoDecodeError
+VideoLoader = Callable[[str, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SplitCaptions(Dataset):
+    """The captions of a split, tokenised: {input_ids, attention_mask, index}."""
+
+    def __init__(self, split: RetrievalSplit, tokenizer: Any, max_words: int) -> None:
+        self.split, self.tokenizer, self.max_words = split, tokenizer, max_words
+
+    def __len__(self) -> int:
+        return len(self.split.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ids, mask = self.tokenizer.encode(self.split.captions[index], self.max_words)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "index": index}
+
+
+class SplitVideos(Dataset):
+    """The videos of a split, decoded: {video, video_mask, video_id, index}, or None when undecodable."""
+
+    def __init__(self, split: RetrievalSplit, load_video: VideoLoader, seed: int = 0) -> None:
+        self.split, self.load_video, self.seed = split, load_video, seed
+
+    def __len__(self) -> int:
+        return len(self.split.video_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        from dataloaders.video import VideoDecodeError
+
+        video_id = self.split.video_ids[index]
+        try:
+            video, video_mask = self.load_video(video_id, np.random.default_rng([self.seed, index]))
+        except VideoDecodeError as error:
+            logger.warning("evaluation: skipping video %s: %s", video_id, error)
+            return None
+        return {"video": video, "video_mask": video_mask, "video_id": video_id, "index": index}
+
+
+def index_video_files(features_path: str | Path, key: str = "stem") -> dict[str, Path]:
+    """Every file under `features_path` (recursively) by its name without extension ("stem", MSVD and LSMDC) or
+    its full name ("name", DiDeMo, whose ids keep the extension and may end in a bare dot)."""
+    if key not in ("stem", "name"):
+        raise ValueError(f"key must be 'stem' or 'name', got {key!r}")
+    root = Path(features_path)
+    if not root.is_dir():
+        raise InputError(f"--features_path {features_path} is not a folder of videos")
+    found: dict[str, Path] = {}
+    for folder, _, files in os.walk(root, followlinks=True):
+        for name in sorted(files):
+            path = Path(folder) / name
+            video_id = name if key == "name" else os.path.splitext(name)[0]
+            if video_id in found and found[video_id] != path:
+                logger.warning("two files for video %s: %s and %s (using the first)", video_id, found[video_id], path)
+                continue
+            found[video_id] = path
+    return found
