@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from modules.errors import InputError
+
 logger = logging.getLogger("t2vlp.args")
 
 TASKS = ("clip", "fusion", "retrieval", "caption", "qa")
@@ -143,7 +145,10 @@ def _add_original_flags(parser: argparse.ArgumentParser) -> None:
         help="Only meanP is implemented.")
     add("--cross_config_path", type=str, default="./CLIP-modules",
         help="Folder containing cross-base/cross_config.json.")
-    add("--visual_pretrain_path", type=str, default="./CLIP-modules/ViT-B-16.pt", help="OpenAI CLIP checkpoint.")
+    add("--visual_pretrain_path", type=str, default=None,
+        help="OpenAI CLIP checkpoint (ViT-B-16.pt). Default: the first of ./CLIP-modules/ViT-B-16.pt, "
+             "../CLIP-modules/ViT-B-16.pt (the original's task scripts ran from their folder) and "
+             "<--cross_config_path>/ViT-B-16.pt that exists.")
 
 
 def _add_ignored_flags(parser: argparse.ArgumentParser, task: str) -> None:
@@ -231,9 +236,21 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
         add("--rerank_top_k", type=int, default=32,
             help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP only).")
         add("--rerank_batch_size", type=int, default=2048, help="Evaluation: (video, text) pairs per rerank call.")
-    if task == "fusion":
-        for loss in ("mlm", "plm", "vtm", "align"):
-            add(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
+    losses = {"fusion": ("mlm", "plm", "vtm", "align"), "retrieval": ("sim", "vtm", "align")}.get(task, ())
+    for loss in losses:
+        add(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
+    if task == "retrieval":
+        add("--dsl", action="store_true",
+            help="Also report dual-softmax (DSL) rows, on meanP and on the rerank (labelled 'dsl'; DSL uses every "
+                 "query of the split at once, so it is not comparable with plain retrieval).")
+        add("--dsl_temperature", type=float, default=1.0, help="Temperature of the DSL prior over the meanP logits.")
+        add("--eval_split", choices=["val", "test"], default="test",
+            help="MSVD, LSMDC, DiDeMo: the split evaluated (default %(default)s).")
+        add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
+            help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
+        add("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
+            help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); 'full' "
+                 "the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
 
 
 def parse_args(argv: Sequence[str] | None = None, task: str = "clip",
@@ -302,12 +319,14 @@ def _fusion_flag_error(args: argparse.Namespace) -> str | None:
         return "--head_dropout must be in [0, 1)"
     if getattr(args, "rerank_top_k", 0) < 0 or getattr(args, "rerank_batch_size", 1) < 1:
         return "--rerank_top_k must be >= 0 and --rerank_batch_size >= 1"
-    if args.task == "fusion":
-        if not 0 <= args.mask_ratio <= 1:
-            return "--mask_ratio must be in [0, 1]"
-        weights = [args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight]
-        if min(weights) < 0 or max(weights) == 0:
-            return "the loss weights (--mlm_weight --plm_weight --vtm_weight --align_weight) must be >= 0, one > 0"
+    if args.task == "fusion" and not 0 <= args.mask_ratio <= 1:
+        return "--mask_ratio must be in [0, 1]"
+    weight_flags = [name for name in vars(args) if name.endswith("_weight")]
+    weights = [getattr(args, name) for name in weight_flags]
+    if weights and (min(weights) < 0 or max(weights) == 0):
+        return f"the loss weights ({' '.join('--' + name for name in weight_flags)}) must be >= 0, one > 0"
+    if args.task == "retrieval" and args.dsl_temperature <= 0:
+        return "--dsl_temperature must be > 0"
     return None
 
 
@@ -344,6 +363,23 @@ def check_model_limits(args: argparse.Namespace, *, context_length: int, num_fra
             f"the fusion sequence needs {fusion_extra_tokens} video positions + --max_words {args.max_words} "
             f"> {context_length} positions; use --max_words <= {context_length - fusion_extra_tokens}"
         )
+
+
+CLIP_FILE_NAME = "ViT-B-16.pt"
+
+
+def resolve_clip_path(args: argparse.Namespace) -> str:
+    """`--visual_pretrain_path`, or where the original scripts found CLIP: ./CLIP-modules (stages 1 and 2),
+    ../CLIP-modules (the task scripts, run from their folder), or beside `--cross_config_path`."""
+    if args.visual_pretrain_path:
+        return args.visual_pretrain_path
+    candidates = [os.path.join("CLIP-modules", CLIP_FILE_NAME), os.path.join("..", "CLIP-modules", CLIP_FILE_NAME),
+                  os.path.join(args.cross_config_path, CLIP_FILE_NAME)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise InputError(f"no CLIP checkpoint found: tried {', '.join(dict.fromkeys(candidates))} from {os.getcwd()}; "
+                     f"fetch it with 'python CLIP-modules/fetch_clip.py' or pass --visual_pretrain_path")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

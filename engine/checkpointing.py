@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ RESTORE_NAME = "restore.bin"
 PREVIOUS_RESTORE_NAME = "restore.bin.prev"
 CHECKPOINT_DIR = "ckpt"
 CHECKPOINT_PREFIX = "pytorch_model.bin."
+BEST_CHECKPOINT_NAME = "best_checkpoint.json"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -82,15 +84,26 @@ def save_model_checkpoint(
     return save_atomic(payload, checkpoint_path(output_dir, global_step))
 
 
+def best_checkpoint_step(output_dir: str | os.PathLike) -> int | None:
+    """The step that model selection (`engine.selection`) recorded as best, if any."""
+    path = Path(output_dir) / BEST_CHECKPOINT_NAME
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def prune_model_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest (by step) `ckpt/pytorch_model.bin.<step>` files; returns the deleted."""
+    """Delete all but the `keep` newest (by step) `ckpt/pytorch_model.bin.<step>` files, never the one model
+    selection recorded as best; returns the deleted."""
     folder = checkpoint_path(output_dir, 0).parent
     steps = sorted(
         int(p.name.rsplit(".", 1)[1])
         for p in folder.glob("pytorch_model.bin.*")
         if p.name.rsplit(".", 1)[1].isdigit()
     )
-    doomed = [checkpoint_path(output_dir, step) for step in steps[:-keep]] if keep > 0 else []
+    best = best_checkpoint_step(output_dir)
+    doomed = [checkpoint_path(output_dir, step) for step in steps[:-keep] if step != best] if keep > 0 else []
     for path in doomed:
         path.unlink()
     return doomed

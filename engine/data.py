@@ -6,9 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
+from collections.abc import Callable
+
 from torch.utils.data import Dataset
 
-from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset
+from dataloaders.didemo import didemo_dataset
+from dataloaders.lsmdc import lsmdc_dataset
+from dataloaders.msrvtt import MSRVTTFullTestDataset, MSRVTTTestDataset, MSRVTTTrainDataset
+from dataloaders.msvd import msvd_dataset
+from dataloaders.raw_video_text import RawVideoTextDataset
+from dataloaders.video import SLICE_UNIFORM
 from dataloaders.webvid import WebVidDataset
 from modules.errors import InputError
 
@@ -94,8 +101,81 @@ def build_eval_dataset(args: argparse.Namespace, image_size: int) -> Dataset | N
     )
     if len(dataset) == 0:
         raise InputError(f"--val_csv {args.val_csv} has no rows")
-    if not any(dataset[i] is not None for i in range(min(EVAL_ITEMS_CHECKED, len(dataset)))):
-        raise InputError(f"none of the first {min(EVAL_ITEMS_CHECKED, len(dataset))} videos of --val_csv "
-                         f"{args.val_csv} can be decoded from --features_path {args.features_path} (wrong folder?)")
-    dataset.n_skipped = 0
+    check_eval_videos(dataset, f"--val_csv {args.val_csv}", args.features_path)
     return dataset
+
+
+def check_eval_videos(dataset: RawVideoTextDataset, source: str, features_path: str) -> None:
+    """One of the first videos of an evaluation split must decode, or the data is wrong (checked at start-up)."""
+    videos = dataset.video_dataset()
+    tried = min(EVAL_ITEMS_CHECKED, len(videos))
+    with _quiet_skips():
+        if not any(videos[i] is not None for i in range(tried)):
+            raise InputError(f"none of the first {tried} videos of {source} can be decoded from --features_path "
+                             f"{features_path} (wrong folder?)")
+
+
+class _quiet_skips:
+    """Silence the per-video skip warnings of the start-up check (the evaluation reports skips itself)."""
+
+    def __enter__(self) -> None:
+        self.level = logging.getLogger("t2vlp.data").level
+        logging.getLogger("t2vlp.data").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("t2vlp.data").setLevel(self.level)
+
+
+RETRIEVAL_DATASETS = ("msrvtt", "msvd", "lsmdc", "didemo")
+
+
+def build_retrieval_datasets(
+    args: argparse.Namespace, dataset: str, image_size: int
+) -> tuple[Callable[[], Dataset], RawVideoTextDataset | None]:
+    """(training-set factory, evaluation split or None) of a retrieval dataset from the original flags.
+
+    MSR-VTT: `--train_csv` (9k/7k list), `--data_path` (MSRVTT_data.json), `--val_csv` (1k-A) or `--msrvtt_test
+    full`; its downstream loader always samples 12 frames with linspace, repeating frames of short videos (METHOD
+    §9.8). MSVD, LSMDC, DiDeMo: `--data_path` is the folder of annotation files, `--eval_split` picks val or test;
+    short videos are zero-padded. Videos under `--features_path`.
+    """
+    if dataset not in RETRIEVAL_DATASETS:
+        raise ValueError(f"dataset must be one of {RETRIEVAL_DATASETS}, got {dataset!r}")
+    common = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
+                  image_size=image_size, seed=args.seed)
+    train_options = {**common, "frame_order": args.train_frame_order}
+    eval_options = {**common, "frame_order": args.eval_frame_order}
+    if dataset == "msrvtt":
+        if args.slice_framepos != SLICE_UNIFORM:
+            logger.warning("--slice_framepos %d is ignored for MSR-VTT retrieval: its loader always samples frames "
+                           "uniformly (linspace), as the original's did", args.slice_framepos)
+        frames = {"pad_mode": "repeat", "slice_framepos": SLICE_UNIFORM}
+        train = lambda: _checked(lambda: MSRVTTTrainDataset(  # noqa: E731
+            args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
+            **train_options, **frames), "--train_csv / --data_path")
+        if args.msrvtt_test == "full":
+            evaluation = _checked(lambda: MSRVTTFullTestDataset(args.data_path, args.features_path, **eval_options,
+                                                                **frames), "--data_path")
+            source = f"the full test split of --data_path {args.data_path}"
+        elif args.val_csv:
+            evaluation = _checked(lambda: MSRVTTTestDataset(args.val_csv, args.features_path, **eval_options,
+                                                            **frames), "--val_csv")
+            source = f"--val_csv {args.val_csv}"
+        else:
+            evaluation, source = None, ""
+    else:
+        build = {"msvd": msvd_dataset, "lsmdc": lsmdc_dataset, "didemo": didemo_dataset}[dataset]
+        frames = {"pad_mode": "zero", "slice_framepos": args.slice_framepos}
+        if not Path(args.data_path).is_dir():
+            raise InputError(f"--data_path {args.data_path} must be the folder of the {dataset.upper()} annotation "
+                             f"files (see README)")
+        train = lambda: _checked(lambda: build(args.data_path, args.features_path, "train",  # noqa: E731
+                                               **train_options, **frames), "--data_path")
+        evaluation = _checked(lambda: build(args.data_path, args.features_path, args.eval_split, **eval_options,
+                                            **frames), "--data_path")
+        source = f"the {args.eval_split} split of --data_path {args.data_path}"
+    if evaluation is not None:
+        if len(evaluation) == 0:
+            raise InputError(f"{source} has no captions")
+        check_eval_videos(evaluation, source, args.features_path)
+    return train, evaluation

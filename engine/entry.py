@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import distributed
-from engine.args import check_model_limits, local_batch_sizes, parse_args, report_ignored_flags
+from engine.args import check_model_limits, local_batch_sizes, parse_args, report_ignored_flags, resolve_clip_path
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.trainer import Trainer, TrainSettings
@@ -56,6 +56,7 @@ RUN_CONFIG_FLAGS = (
     "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num", "slice_framepos",
     "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers", "head_dropout",
     "match_norm", "train_encoders", "mask_ratio", "mlm_weight", "plm_weight", "vtm_weight", "align_weight",
+    "sim_weight",
 )
 
 
@@ -79,7 +80,7 @@ def build_model(args: argparse.Namespace) -> T2VLP:
             config, detach_tube_input=not args.train_encoders, with_fusion=True, fusion_layers=args.fusion_layers,
             head_dropout=args.head_dropout, match_norm=args.match_norm,
         )
-    model = T2VLP.from_pretrained(args.visual_pretrain_path, init_model=args.init_model, config=config)
+    model = T2VLP.from_pretrained(resolve_clip_path(args), init_model=args.init_model, config=config)
     fusion_extra_tokens = 1 + args.max_frames + model.config.num_centers if config.with_fusion else None
     check_model_limits(args, context_length=model.clip_config.context_length,
                        fusion_extra_tokens=fusion_extra_tokens)

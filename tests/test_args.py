@@ -38,7 +38,7 @@ def test_defaults_follow_clip4clip_and_the_task():
     assert (args.linear_patch, args.sim_header, args.n_display, args.num_thread_reader) == ("2d", "meanP", 100, 1)
     assert args.dir_path == "./WebVid_TFRecord"
     assert args.cross_config_path == "./CLIP-modules"
-    assert args.visual_pretrain_path == "./CLIP-modules/ViT-B-16.pt"
+    assert args.visual_pretrain_path is None  # found as the original did: see test_clip_path_found_like_the_original
     assert (args.precision, args.new_params_lr, args.weight_decay) == ("auto", 1e-5, 0.2)
     assert (args.eval_steps, args.save_steps, args.max_bad_steps, args.max_steps) == (500, 0, 20, 0)
     assert (args.num_centers, args.split_layer, args.tube_layers, args.tensorboard) == (8, None, 2, True)
@@ -115,3 +115,23 @@ def test_help_documents_global_batch_and_freeze_rule():
 def test_resolve_precision():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_clip_path_found_like_the_original(tmp_path, monkeypatch):
+    from engine.args import resolve_clip_path
+    from modules.errors import InputError
+
+    task_folder = tmp_path / "video_text_retrieval"
+    task_folder.mkdir()
+    monkeypatch.chdir(task_folder)
+    args = parse_args(["--do_eval", "--output_dir", "o", "--cross_config_path", "../CLIP-modules"], task="retrieval")
+    with pytest.raises(InputError, match=r"tried CLIP-modules/ViT-B-16.pt, \.\./CLIP-modules/ViT-B-16.pt"):
+        resolve_clip_path(args)
+    (tmp_path / "CLIP-modules").mkdir()
+    (tmp_path / "CLIP-modules" / "ViT-B-16.pt").write_bytes(b"x")  # run from the task folder: ../CLIP-modules
+    assert resolve_clip_path(args) == "../CLIP-modules/ViT-B-16.pt"
+    (task_folder / "CLIP-modules").mkdir()
+    (task_folder / "CLIP-modules" / "ViT-B-16.pt").write_bytes(b"x")  # ./CLIP-modules comes first
+    assert resolve_clip_path(args) == "CLIP-modules/ViT-B-16.pt"
+    explicit = parse_args(["--do_eval", "--output_dir", "o", "--visual_pretrain_path", "a.pt"], task="retrieval")
+    assert resolve_clip_path(explicit) == "a.pt"

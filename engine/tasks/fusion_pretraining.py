@@ -21,6 +21,7 @@ from engine.evaluation import (
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
 from modules.fusion_objectives import (
+    MatchingTerms,
     TextParts,
     VideoParts,
     masked_lm_terms,
@@ -41,16 +42,36 @@ class FusionLossWeights:
 
 
 def hard_negative_indices(
-    model: nn.Module, all_eot: torch.Tensor, all_video: VideoParts, local_rows: slice, context: StepContext
+    model: nn.Module, all_eot: torch.Tensor, all_video: VideoParts, local_rows: slice, context: StepContext,
+    similarity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard negatives for this rank's `local_rows` of the all-gathered batch, from its meanP similarity
-    (METHOD §6.4). Every rank draws for all rows with the step's Generator and keeps its own, so the draw does not
-    depend on the number of processes. Returns (negative video per local text, negative text per local video),
-    both indices into the gathered batch."""
-    with torch.no_grad():
-        sim = model.similarity(all_eot, all_video.frames, all_video.video_mask)
-    negative_video, negative_text = sample_hard_negatives(sim, context.generator())
+    """Hard negatives for this rank's `local_rows` of the all-gathered batch (METHOD §6.4), drawn from
+    `similarity` of the gathered batch when the caller has it, else from its meanP similarity. Every rank draws
+    for all rows with the step's Generator and keeps its own, so the draw does not depend on the number of
+    processes. Returns (negative video per local text, negative text per local video), indices into the
+    gathered batch."""
+    if similarity is None:
+        with torch.no_grad():
+            similarity = model.similarity(all_eot, all_video.frames, all_video.video_mask)
+    negative_video, negative_text = sample_hard_negatives(similarity.detach(), context.generator())
     return negative_video[local_rows], negative_text[local_rows]
+
+
+def matching_with_hard_negatives(
+    model: nn.Module, video: VideoParts, text: TextParts, text_eot: torch.Tensor, context: StepContext, *,
+    similarity: torch.Tensor | None = None, detach_inputs: bool = True,
+) -> MatchingTerms:
+    """VTM with hard negatives (METHOD §6.4): the local batch's fusion inputs are all-gathered (without
+    gradient), hard negatives drawn (`hard_negative_indices`) and the 3B local pairs scored. With `detach_inputs`
+    (the original, stage 2 and retrieval) only the fusion encoder and its match heads get gradients."""
+    all_eot, offset = context.gather_rows(text_eot.detach())
+    all_video = VideoParts(*(context.gather_rows(part.detach())[0] for part in video))
+    all_text = TextParts(*(context.gather_rows(part.detach())[0] for part in text))
+    local_rows = slice(offset, offset + text_eot.shape[0])
+    negative_video, negative_text = hard_negative_indices(model, all_eot, all_video, local_rows, context, similarity)
+    if detach_inputs:
+        video, text = video.detach(), text.detach()
+    return video_text_matching_terms(model, video, text, all_video, all_text, negative_video, negative_text)
 
 
 def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bool = True):
@@ -81,12 +102,8 @@ def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bo
             terms["plm_loss"] = plm.loss_sum * global_mean_scale(plm.count, context)
             loss = loss + weights.plm * terms["plm_loss"]
         if weights.vtm:
-            all_eot, offset = context.gather_rows(text_eot.detach())
-            all_video = VideoParts(*(context.gather_rows(part.detach())[0] for part in video))
-            all_text = TextParts(*(context.gather_rows(part.detach())[0] for part in text))
-            local_rows = slice(offset, offset + text_eot.shape[0])
-            negative_video, negative_text = hard_negative_indices(model, all_eot, all_video, local_rows, context)
-            vtm = video_text_matching_terms(model, video, text, all_video, all_text, negative_video, negative_text)
+            vtm = matching_with_hard_negatives(model, video, text, text_eot, context,
+                                               detach_inputs=detach_encoders)
             terms["vtm_loss"] = vtm.loss
             terms["vtm_acc"] = 100.0 * vtm.correct.float() / vtm.count
             loss = loss + weights.vtm * vtm.loss

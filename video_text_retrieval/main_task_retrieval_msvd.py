@@ -1,0 +1,17 @@
+"""Text-video retrieval fine-tuning and evaluation on MSVD (per-caption training, multi-sentence val/test).
+
+Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
+    torchrun --nproc_per_node=8 video_text_retrieval/main_task_retrieval_msvd.py --do_train ...
+    python video_text_retrieval/main_task_retrieval_msvd.py --do_eval --init_model CKPT ...
+The implementation is engine/retrieval_main.py; flags and data layout are in the README.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.retrieval_main import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("msvd"))
