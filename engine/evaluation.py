@@ -199,8 +199,6 @@ def rerank_both_directions(
         raise ValueError("the rerank needs the fusion inputs: encode_split(..., keep_fusion_inputs=True)")
     model.eval()
     device = encoded["frames"].device
-    k = min(top_k, t2v.shape[1], v2t.shape[1])
-    queries_per_call = max(1, batch_pairs // k)
 
     def probability(video_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         videos, texts = video_rows.reshape(-1).to(device), text_rows.reshape(-1).to(device)
@@ -217,8 +215,11 @@ def rerank_both_directions(
     def video_to_text(videos: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         return probability(videos[:, None].expand_as(texts), texts)
 
-    t2v = rerank_scores(t2v, k, text_to_video, queries_per_call, show_progress, "rerank text->video")
-    v2t = rerank_scores(v2t, k, video_to_text, queries_per_call, show_progress, "rerank video->text")
+    def queries_per_call(candidates: int) -> int:
+        return max(1, batch_pairs // min(top_k, candidates))
+
+    t2v = rerank_scores(t2v, top_k, text_to_video, queries_per_call(t2v.shape[1]), show_progress, "rerank text->video")
+    v2t = rerank_scores(v2t, top_k, video_to_text, queries_per_call(v2t.shape[1]), show_progress, "rerank video->text")
     return t2v, v2t
 
 
