@@ -11,7 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.retrieval_main import main  # noqa: E402
+from engine import retrieval_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return retrieval_main.main("lsmdc", argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main("lsmdc"))
+    sys.exit(main())
