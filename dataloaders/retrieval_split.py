@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataloaders.video import VideoDecodeError
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")
@@ -78,8 +79,6 @@ class SplitVideos(Dataset):
         return len(self.split.video_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        from dataloaders.video import VideoDecodeError
-
         video_id = self.split.video_ids[index]
         try:
             video, video_mask = self.load_video(video_id, np.random.default_rng([self.seed, index]))

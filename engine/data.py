@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 from torch.utils.data import Dataset
 

@@ -64,13 +64,16 @@ def summary(output_dir: Path) -> str:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     last_step = records[-1]["step"]
     lines = []
-    for record in (r for r in records if r["step"] == last_step):
+    shown = [r for r in records if r["step"] == 0 and r["task"] == "retrieval"] if last_step else []
+    shown += [r for r in records if r["step"] == last_step]
+    for record in shown:
         if record["task"] == "retrieval":
             t2v, chance = record["t2v"]["R1"], record["chance"]["R1"]
+            when = "before training: " if record["step"] == 0 and last_step else ""
             lines.append(
-                f"retrieval ({record['scoring']}): text->video R@1 {t2v:.1f}% on {record['n_texts']} held-out "
-                f"videos (chance {chance:.1f}%, {t2v / chance:.1f}x chance); video->text R@1 "
-                f"{record['v2t']['R1']:.1f}%"
+                f"{when}retrieval ({record['scoring']}{' on ' + record['base'] if record.get('base') else ''}): "
+                f"text->video R@1 {t2v:.1f}% on {record['n_texts']} held-out videos (chance {chance:.1f}%, "
+                f"{t2v / chance:.1f}x chance); video->text R@1 {record['v2t']['R1']:.1f}%"
             )
         elif record["task"] == "fusion":
             lines.append(

@@ -15,7 +15,13 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import distributed
-from engine.args import check_model_limits, local_batch_sizes, parse_args, report_ignored_flags, resolve_clip_path
+from engine.args import (
+    check_model_limits,
+    local_batch_sizes,
+    parse_args,
+    report_ignored_flags,
+    resolve_clip_path,
+)
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.trainer import Trainer, TrainSettings
