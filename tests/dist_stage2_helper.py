@@ -1,6 +1,7 @@
 """Stage-2 forward/backward through the real Trainer path on N processes, and hard negatives of uneven batches.
 
 Usage: torchrun --nproc_per_node=N tests/dist_stage2_helper.py OUT_DIR CLIP_PATH   (repository on PYTHONPATH)
+Then the same for the retrieval objective (OUT_DIR/retrieval_rank<r>.pt).
 Rank r takes the r-th contiguous block of a fixed global batch (so the gathered batch is in the global order) and
 writes OUT_DIR/rank<r>.pt with the mean losses over ranks, every gradient after DDP's reduction, and the hard
 negatives it drew for an uneven split (rank 0: 3 rows, rank 1: 2 rows of a 5-row batch).
@@ -18,6 +19,7 @@ from engine import distributed
 from engine.run_logging import RunLogger
 from engine.tasks.base import StepContext
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, hard_negative_indices
+from engine.tasks.retrieval import RetrievalLossWeights, retrieval_task
 from engine.trainer import Trainer, TrainSettings
 from modules.fusion_objectives import VideoParts
 from modules.model import T2VLP, T2VLPConfig
@@ -43,7 +45,8 @@ def build_model(clip_path: str) -> T2VLP:
     return T2VLP.from_pretrained(clip_path, config=config)
 
 
-def loss_and_gradients(clip_path: str, output_dir: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def loss_and_gradients(clip_path: str, output_dir: Path, task: str = "fusion") -> tuple[dict[str, float],
+                                                                                       dict[str, torch.Tensor]]:
     dist_info = distributed.init_distributed()
     model = build_model(clip_path)
     batch = stage2_batch(model.image_resolution)
@@ -55,9 +58,11 @@ def loss_and_gradients(clip_path: str, output_dir: Path) -> tuple[dict[str, floa
         epochs=1, micro_batch_size=per_rank, accumulation_steps=1, lr=1e-3, coef_lr=1.0, new_params_lr=1e-3,
         weight_decay=0.2, warmup_proportion=0.1, seed=3,
     )
-    run = RunLogger(output_dir / f"logs{dist_info.world_size}", dist_info.is_main, tensorboard=False)
+    run = RunLogger(output_dir / f"logs{task}{dist_info.world_size}", dist_info.is_main, tensorboard=False)
+    objective = (fusion_pretraining_task(FusionLossWeights()) if task == "fusion"
+                 else retrieval_task(RetrievalLossWeights()))
     trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), freeze_layer_num=0,
-                      task=fusion_pretraining_task(FusionLossWeights()))
+                      task=objective)
     pending: list = []
     assert trainer._accumulate(local, last_in_window=True, pending=pending)
     losses = {key: distributed.all_reduce_mean(value) for key, value in pending[0].items()}
@@ -97,4 +102,6 @@ if __name__ == "__main__":
     negatives = uneven_negatives(distributed.get_rank(), distributed.get_world_size())
     torch.save({"losses": losses, "grads": grads, "negatives": negatives},
                out_dir / f"rank{distributed.get_rank()}.pt")
+    losses, grads = loss_and_gradients(clip, out_dir, task="retrieval")
+    torch.save({"losses": losses, "grads": grads}, out_dir / f"retrieval_rank{distributed.get_rank()}.pt")
     distributed.cleanup()
