@@ -14,6 +14,7 @@ import csv
 import itertools
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,7 @@ CAPTION_TEMPLATES = (
     "video of {a_colour} {shape} going {direction}",
 )
 MARKER_NAME = ".demo_data_complete.json"
+LAYOUT_VERSION = 2  # 2: validation videos and the MSVD layout
 WEBVID_FIRST_ID = 10_000_000
 
 
@@ -58,13 +60,16 @@ def make_demo_dataset(
     size: int = 64,
     fps: int = 8,
     seconds: int = 3,
+    n_val: int = 20,
 ) -> dict[str, Path]:
     """Write the demo dataset under `out_dir` (skipped when a complete one with these settings is there).
 
-    Train videos are `video0 .. video<n_train-1>`, test videos follow. Returns the paths the loaders need.
+    Train videos are `video0 .. video<n_train-1>`, test videos follow, then the validation videos (MSR-VTT's
+    "validate" split, MSVD's val list). Returns the paths the loaders need.
     """
     out_dir = Path(out_dir)
-    settings = dict(n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds)
+    settings = dict(n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds, n_val=n_val,
+                    layout=LAYOUT_VERSION)
     paths = demo_paths(out_dir)
     marker = out_dir / MARKER_NAME
     if marker.is_file():
@@ -73,10 +78,12 @@ def make_demo_dataset(
         # Ours (the marker says so) but made with other settings: start clean so no stale video remains.
         shutil.rmtree(paths["msrvtt_dir"], ignore_errors=True)
         shutil.rmtree(paths["webvid_dir"], ignore_errors=True)
+        shutil.rmtree(paths["msvd_dir"], ignore_errors=True)
         marker.unlink()
 
     rng = np.random.default_rng(seed)
     videos = _plan_videos(rng, n_train, n_test)
+    videos += _plan_validation_videos(np.random.default_rng([seed, 1]), len(videos), n_val)
     paths["videos_dir"].mkdir(parents=True, exist_ok=True)
     for number, video in enumerate(videos):
         video_path = paths["videos_dir"] / f"video{number}.mp4"
@@ -84,6 +91,7 @@ def make_demo_dataset(
         _check_decodes(video_path, fps * seconds)
     _write_msrvtt_annotations(paths, videos, rng, seconds)
     _write_webvid(paths, videos[:n_train], seconds)
+    _write_msvd_annotations(paths, videos)
     marker.write_text(json.dumps(settings))
     return paths
 
@@ -103,6 +111,7 @@ def demo_paths(out_dir: str | Path) -> dict[str, Path]:
         "webvid_dir": webvid,
         "webvid_csv": webvid / "results_2M_train.csv",
         "webvid_videos_dir": webvid / "videos",
+        "msvd_dir": root / "MSVD",
     }
 
 
@@ -124,6 +133,34 @@ def _plan_videos(rng: np.random.Generator, n_train: int, n_test: int) -> list[di
             "captions": captions, "split": "train" if number < n_train else "test",
         })
     return videos
+
+
+def _plan_validation_videos(rng: np.random.Generator, first_number: int, n_val: int) -> list[dict]:
+    """Validation videos (model selection for captioning): random attribute combinations, numbered after the rest."""
+    combinations = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    videos = []
+    for offset, choice in enumerate(rng.choice(len(combinations), size=n_val, replace=n_val > len(combinations))):
+        colour, shape, direction = combinations[choice]
+        words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
+                     a_colour=_with_article(colour), a_shape=_with_article(shape))
+        videos.append({
+            "video_id": f"video{first_number + offset}", "colour": colour, "shape": shape, "direction": direction,
+            "captions": [template.format(**words) for template in CAPTION_TEMPLATES], "split": "validate",
+        })
+    return videos
+
+
+def _write_msvd_annotations(paths: dict[str, Path], videos: list[dict]) -> None:
+    """MSVD's CLIP4Clip layout over the same videos: `{train,val,test}_list.txt` and `raw-captions.pkl` (captions as
+    word lists); the videos are found by name under the MSR-VTT video folder."""
+    folder = paths["msvd_dir"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", "train"), ("val", "validate"), ("test", "test")):
+        ids = [video["video_id"] for video in videos if video["split"] == split]
+        (folder / f"{name}_list.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    captions = {video["video_id"]: [caption.split() for caption in video["captions"]] for video in videos}
+    with (folder / "raw-captions.pkl").open("wb") as handle:
+        pickle.dump(captions, handle, protocol=4)
 
 
 def _with_article(word: str) -> str:
@@ -268,8 +305,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--n_val", type=int, default=20)
     args = parser.parse_args()
-    paths = make_demo_dataset(args.out, args.n_train, args.n_test, args.seed, args.size, args.fps, args.seconds)
+    paths = make_demo_dataset(args.out, args.n_train, args.n_test, args.seed, args.size, args.fps, args.seconds,
+                              args.n_val)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

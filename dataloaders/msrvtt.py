@@ -124,8 +124,9 @@ class MSRVTTTestDataset(RawVideoTextDataset):
         return self.pairs[index]
 
 
-def read_msrvtt_test_videos(json_path: str | Path) -> list[str]:
-    """The ids of the videos whose `split` is "test" in `MSRVTT_data.json` (video7010..video9999), in file order."""
+def read_msrvtt_video_splits(json_path: str | Path) -> dict[str, str]:
+    """`MSRVTT_data.json` -> {video_id: split} in file order; split is "train", "validate" or "test" (the official
+    video0-6512 / video6513-7009 / video7010-9999)."""
     json_path = Path(json_path)
     with json_path.open(encoding="utf-8") as handle:
         try:
@@ -134,14 +135,18 @@ def read_msrvtt_test_videos(json_path: str | Path) -> list[str]:
             raise AnnotationError(f"{json_path}, line {error.lineno}: invalid JSON ({error.msg})") from error
     videos = data.get("videos") if isinstance(data, dict) else None
     if not isinstance(videos, list):
-        raise AnnotationError(f"{json_path}: expected an object with a 'videos' list (the full test split needs it)")
-    test_ids = []
+        raise AnnotationError(f"{json_path}: expected an object with a 'videos' list (its splits are needed)")
+    splits = {}
     for position, item in enumerate(videos):
         if not isinstance(item, dict) or not isinstance(item.get("video_id"), str) or "split" not in item:
             raise AnnotationError(f"{json_path}: videos[{position}] lacks a string video_id or a split: {item!r}")
-        if item["split"] == "test":
-            test_ids.append(item["video_id"])
-    return test_ids
+        splits[item["video_id"]] = item["split"]
+    return splits
+
+
+def read_msrvtt_test_videos(json_path: str | Path) -> list[str]:
+    """The ids of the videos whose `split` is "test" in `MSRVTT_data.json` (video7010..video9999), in file order."""
+    return [video_id for video_id, split in read_msrvtt_video_splits(json_path).items() if split == "test"]
 
 
 class MSRVTTFullTestDataset(MSRVTTTestDataset):

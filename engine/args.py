@@ -236,9 +236,12 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
         add("--rerank_top_k", type=int, default=32,
             help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP only).")
         add("--rerank_batch_size", type=int, default=2048, help="Evaluation: (video, text) pairs per rerank call.")
-    losses = {"fusion": ("mlm", "plm", "vtm", "align"), "retrieval": ("sim", "vtm", "align")}.get(task, ())
+    losses = {"fusion": ("mlm", "plm", "vtm", "align"), "retrieval": ("sim", "vtm", "align"),
+              "caption": ("caption", "sim", "align")}.get(task, ())
     for loss in losses:
         add(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
+    if task == "caption":
+        _add_caption_flags(group)
     if task == "retrieval":
         add("--dsl", action="store_true",
             help="Also report dual-softmax (DSL) rows, on meanP and on the rerank (labelled 'dsl'; DSL uses every "
@@ -251,6 +254,25 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
         add("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
             help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); 'full' "
                  "the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
+
+
+def _add_caption_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add("--beam_size", type=int, default=1,
+        help="Captions are decoded greedily (1, the original) or by beam search with this many hypotheses.")
+    add("--length_penalty", type=float, default=1.0,
+        help="Beam search ranks hypotheses by summed log-probability / length ** this (0: the plain model score).")
+    add("--caption_protocol", choices=["standard", "original"], default="standard",
+        help="'standard': references and hypotheses through pycocoevalcap's PTB tokenizer (published numbers); "
+             "'original': the T2VLP script's un-tokenised scoring (references re-decoded from CLIP ids), for "
+             "comparison with its logs.")
+    add("--eval_split", choices=["val", "test"], default=None,
+        help="The split evaluated during training (default val, which selects the model) or by --do_eval (default "
+             "test).")
+    add("--test_after_training", action=argparse.BooleanOptionalAction, default=True,
+        help="With --do_train, evaluate the test split with the selected (best-on-val) checkpoint at the end.")
+    add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
+        help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
 
 
 def parse_args(argv: Sequence[str] | None = None, task: str = "clip",
@@ -327,6 +349,13 @@ def _fusion_flag_error(args: argparse.Namespace) -> str | None:
         return f"the loss weights ({' '.join('--' + name for name in weight_flags)}) must be >= 0, one > 0"
     if args.task == "retrieval" and args.dsl_temperature <= 0:
         return "--dsl_temperature must be > 0"
+    if args.task == "caption":
+        if args.beam_size < 1:
+            return "--beam_size must be >= 1"
+        if args.length_penalty < 0:
+            return "--length_penalty must be >= 0"
+        if args.eval_split is None:
+            args.eval_split = "val" if args.do_train else "test"
     return None
 
 

@@ -47,7 +47,7 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
     source = training_source(args.data_path)
     if source == "webvid":
         logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
-        dataset = _checked(lambda: WebVidDataset(
+        dataset = build_checked(lambda: WebVidDataset(
             args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames, image_size=image_size,
             slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
             verify_crc=args.verify_crc,
@@ -55,7 +55,7 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
         _check_stored_frames(dataset, args.max_frames)
     else:
         logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)
-        dataset = _checked(lambda: MSRVTTTrainDataset(
+        dataset = build_checked(lambda: MSRVTTTrainDataset(
             args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
             max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
             image_size=image_size, frame_order=args.train_frame_order, slice_framepos=args.slice_framepos,
@@ -67,7 +67,7 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
     return dataset
 
 
-def _checked(build, flags: str):
+def build_checked(build, flags: str):
     """Build a dataset; a missing annotation file is an InputError naming the flags."""
     try:
         return build()
@@ -149,15 +149,15 @@ def build_retrieval_datasets(
             logger.warning("--slice_framepos %d is ignored for MSR-VTT retrieval: its loader always samples frames "
                            "uniformly (linspace), as the original's did", args.slice_framepos)
         frames = {"pad_mode": "repeat", "slice_framepos": SLICE_UNIFORM}
-        train = lambda: _checked(lambda: MSRVTTTrainDataset(  # noqa: E731
+        train = lambda: build_checked(lambda: MSRVTTTrainDataset(  # noqa: E731
             args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
             **train_options, **frames), "--train_csv / --data_path")
         if args.msrvtt_test == "full":
-            evaluation = _checked(lambda: MSRVTTFullTestDataset(args.data_path, args.features_path, **eval_options,
+            evaluation = build_checked(lambda: MSRVTTFullTestDataset(args.data_path, args.features_path, **eval_options,
                                                                 **frames), "--data_path")
             source = f"the full test split of --data_path {args.data_path}"
         elif args.val_csv:
-            evaluation = _checked(lambda: MSRVTTTestDataset(args.val_csv, args.features_path, **eval_options,
+            evaluation = build_checked(lambda: MSRVTTTestDataset(args.val_csv, args.features_path, **eval_options,
                                                             **frames), "--val_csv")
             source = f"--val_csv {args.val_csv}"
         else:
@@ -168,9 +168,9 @@ def build_retrieval_datasets(
         if not Path(args.data_path).is_dir():
             raise InputError(f"--data_path {args.data_path} must be the folder of the {dataset.upper()} annotation "
                              f"files (see README)")
-        train = lambda: _checked(lambda: build(args.data_path, args.features_path, "train",  # noqa: E731
+        train = lambda: build_checked(lambda: build(args.data_path, args.features_path, "train",  # noqa: E731
                                                **train_options, **frames), "--data_path")
-        evaluation = _checked(lambda: build(args.data_path, args.features_path, args.eval_split, **eval_options,
+        evaluation = build_checked(lambda: build(args.data_path, args.features_path, args.eval_split, **eval_options,
                                             **frames), "--data_path")
         source = f"the {args.eval_split} split of --data_path {args.data_path}"
     if evaluation is not None:

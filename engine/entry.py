@@ -62,7 +62,7 @@ RUN_CONFIG_FLAGS = (
     "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num", "slice_framepos",
     "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers", "head_dropout",
     "match_norm", "train_encoders", "mask_ratio", "mlm_weight", "plm_weight", "vtm_weight", "align_weight",
-    "sim_weight",
+    "sim_weight", "caption_weight",
 )
 
 
@@ -117,6 +117,19 @@ def train_or_evaluate(
     if dist_info.is_main:
         task.evaluate(model.to(dist_info.device), 0, 0)
     return EXIT_OK
+
+
+def evaluate_before_training(
+    args: argparse.Namespace, dist_info: distributed.DistInfo, evaluate: Callable, model: torch.nn.Module
+) -> None:
+    """Step-0 evaluation of the starting checkpoint on rank 0 (skipped when resuming: the run already has it)."""
+    if (Path(args.output_dir) / "restore.bin").is_file() or args.resume_model:
+        return
+    if dist_info.is_main:
+        logger.info("evaluating the starting checkpoint before training (step 0)")
+        evaluate(model.to(dist_info.device), 0, 0)
+        model.train()
+    distributed.barrier()
 
 
 def run_main(task: str, run: RunFn, argv: Sequence[str] | None = None) -> int:

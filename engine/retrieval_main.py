@@ -7,12 +7,11 @@ import argparse
 import logging
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 from engine import distributed
 from engine.args import resolve_precision
 from engine.data import build_retrieval_datasets
-from engine.entry import build_model, run_main, train_or_evaluate
+from engine.entry import build_model, evaluate_before_training, run_main, train_or_evaluate
 from engine.evaluation import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.retrieval import (
@@ -50,19 +49,8 @@ def run_retrieval(dataset: str, args: argparse.Namespace, dist_info: distributed
         return train
 
     if args.do_train and evaluate is not None and args.eval_before_training:
-        _evaluate_before_training(args, dist_info, evaluate, model)
+        evaluate_before_training(args, dist_info, evaluate, model)
     return train_or_evaluate(args, dist_info, run, model, train_dataset, task, precision)
-
-
-def _evaluate_before_training(args, dist_info, evaluate, model) -> None:
-    """Step-0 evaluation of the starting checkpoint (skipped when resuming: the run already has it)."""
-    if (Path(args.output_dir) / "restore.bin").is_file() or args.resume_model:
-        return
-    if dist_info.is_main:
-        logger.info("evaluating the starting checkpoint before training (step 0)")
-        evaluate(model.to(dist_info.device), 0, 0)
-        model.train()
-    distributed.barrier()
 
 
 def main(dataset: str, argv: Sequence[str] | None = None) -> int:

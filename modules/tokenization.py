@@ -44,11 +44,13 @@ class ClipTokenizer:
         ids = ids + [PAD_ID] * (max_words - len(ids))
         return ids, mask
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of the pieces after SOT and before the first EOT (padding after EOT is ignored)."""
+    def decode(self, ids: list[int], strip: bool = True) -> str:
+        """Text of the pieces after SOT and before the first EOT (padding after EOT is ignored). `strip=False`
+        keeps the space each word-final piece leaves at the end, as the original's captions had."""
         ids = [int(i) for i in ids]
         if ids and ids[0] == SOT_ID:
             ids = ids[1:]
         if EOT_ID in ids:
             ids = ids[: ids.index(EOT_ID)]
-        return self._bpe.decode(ids).strip()
+        text = self._bpe.decode(ids)
+        return text.strip() if strip else text

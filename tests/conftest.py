@@ -26,7 +26,8 @@ def tiny_fusion_clip_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_demo_source(tmp_path_factory) -> dict[str, Path]:
     """A small demo dataset (24 train, 6 test videos); copy it before modifying (see `small_demo`)."""
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=24, n_test=6, size=32, fps=4, seconds=2)
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=24, n_test=6, size=32, fps=4, seconds=2,
+                             n_val=4)
 
 
 @pytest.fixture()
@@ -53,7 +54,7 @@ def convert_to_webvid_tfrecords(demo: dict[str, Path], output_dir: Path) -> Path
 def webvid_demo(tmp_path_factory) -> dict[str, Path]:
     """A demo dataset with 64 training videos, converted to WebVid TFRecords (labels + index + shards)."""
     root = tmp_path_factory.mktemp("webvid_demo")
-    demo = make_demo_dataset(root / "data", n_train=64, n_test=6, size=32, fps=4, seconds=2)
+    demo = make_demo_dataset(root / "data", n_train=64, n_test=6, size=32, fps=4, seconds=2, n_val=2)
     labels = convert_to_webvid_tfrecords(demo, root / "WebVid_TFRecord")
     return {**demo, "labels": labels, "tfrecord_dir": root / "WebVid_TFRecord"}
 

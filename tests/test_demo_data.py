@@ -13,7 +13,7 @@ from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset, read_csv_c
 from dataloaders.video import read_frames
 from modules.tokenization import ClipTokenizer
 
-SETTINGS = dict(n_train=12, n_test=6, seed=3, size=32, fps=4, seconds=2)
+SETTINGS = dict(n_train=12, n_test=6, seed=3, size=32, fps=4, seconds=2, n_val=3)
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,14 @@ def load_json(path: Path) -> dict:
 def test_msrvtt_layout_and_schema(demo):
     root = demo["root"]
     assert demo["videos_dir"] == root / "MSRVTT" / "videos" / "all"
-    assert sorted(p.name for p in demo["videos_dir"].iterdir()) == sorted(f"video{n}.mp4" for n in range(18))
+    assert sorted(p.name for p in demo["videos_dir"].iterdir()) == sorted(f"video{n}.mp4" for n in range(21))
     data = load_json(demo["data_json"])
     assert set(data) == {"info", "videos", "sentences"}
     assert set(data["info"]) == {"year", "version", "description", "contributor", "data_created"}
     assert data["videos"][0].keys() == {"id", "video_id", "category", "url", "start time", "end time", "split"}
-    assert [v["split"] for v in data["videos"]] == ["train"] * 12 + ["test"] * 6
+    assert [v["split"] for v in data["videos"]] == ["train"] * 12 + ["test"] * 6 + ["validate"] * 3
     sentences = data["sentences"]
-    assert len(sentences) == 18 * len(demo_data.CAPTION_TEMPLATES)
+    assert len(sentences) == 21 * len(demo_data.CAPTION_TEMPLATES)
     assert [s["sen_id"] for s in sentences] == list(range(len(sentences)))
     assert sentences[0].keys() == {"caption", "video_id", "sen_id"}
     grouped = all(a["video_id"] == b["video_id"] for a, b in zip(sentences[::5], sentences[4::5]))
@@ -111,11 +111,25 @@ def test_idempotent_and_deterministic(demo, tmp_path, monkeypatch):
 def test_other_settings_regenerate_cleanly(tmp_path):
     out = tmp_path / "demo"
     make_demo_dataset(out, **SETTINGS)
-    paths = make_demo_dataset(out, **{**SETTINGS, "n_train": 4, "n_test": 2})
-    assert len(list(paths["videos_dir"].iterdir())) == 6
+    paths = make_demo_dataset(out, **{**SETTINGS, "n_train": 4, "n_test": 2, "n_val": 1})
+    assert len(list(paths["videos_dir"].iterdir())) == 7
     assert len(read_csv_columns(paths["test_csv"], ("video_id", "sentence"))) == 2
 
 
 def test_too_many_test_videos_for_distinct_captions(tmp_path):
     with pytest.raises(ValueError, match="n_test"):
         make_demo_dataset(tmp_path / "demo", n_train=1, n_test=10_000)
+
+
+def test_msvd_layout_over_the_same_videos(demo):
+    from dataloaders.msvd import msvd_pairs, read_id_list
+
+    folder = demo["msvd_dir"]
+    assert read_id_list(folder / "train_list.txt") == [f"video{n}" for n in range(12)]
+    assert read_id_list(folder / "test_list.txt") == [f"video{n}" for n in range(12, 18)]
+    assert read_id_list(folder / "val_list.txt") == [f"video{n}" for n in range(18, 21)]
+    captions = {}
+    for sentence in load_json(demo["data_json"])["sentences"]:
+        captions.setdefault(sentence["video_id"], []).append(sentence["caption"])
+    for video_id, caption in msvd_pairs(folder, "val"):
+        assert caption in captions[video_id]

@@ -1,0 +1,189 @@
+"""Video captioning (METHOD §7b): caption loss (prefix-masked fusion, tied head) + contrastive + local alignment,
+and its evaluation: decode every video of a split, score with pycocoevalcap, write the predictions, select the
+model by CIDEr."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dataloaders.captioning import references_by_video
+from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.video import normalize_video
+from engine.caption_metrics import METRIC_NAMES, CaptionScorer
+from engine.evaluation import autocast_context
+from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
+from engine.selection import BestCheckpoint
+from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
+from modules.caption_decoding import decode_captions
+from modules.fusion_objectives import TextParts, VideoParts, prefix_lm_terms
+from modules.similarity import symmetric_contrastive_loss
+
+logger = logging.getLogger("t2vlp.caption")
+
+SELECTION_METRIC = "CIDEr"
+EXAMPLES_LOGGED = 5
+
+
+@dataclass(frozen=True)
+class CaptionLossWeights:
+    caption: float = 1.0
+    sim: float = 1.0
+    align: float = 1.0
+
+
+def caption_loss_terms(model: nn.Module, video: VideoParts, text: TextParts, input_ids: torch.Tensor):
+    """Teacher forcing under the prefix mask: every text position up to the last word predicts the next token, so
+    the targets are all real tokens but SOT (EOT included), chosen by the attention mask (the original's `id > 0`
+    misaligned captions containing "!", whose id is 0)."""
+    start = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    return prefix_lm_terms(model, video, text, input_ids, start)
+
+
+def caption_objective(weights: CaptionLossWeights):
+    """`L = L_cap + L_sim + L_align` (METHOD §7b); nothing is detached. The caption loss is the mean over the
+    global batch's target tokens (so N processes compute one process's loss)."""
+
+    def objective(model: nn.Module, batch: dict[str, Any], context: StepContext) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask, video_mask = batch["input_ids"], batch["attention_mask"], batch["video_mask"]
+        text_eot, tokens = model.encode_text(input_ids, attention_mask)
+        frames, tubes = model.encode_video(batch["video"], video_mask)
+        terms: dict[str, torch.Tensor] = {}
+        loss = frames.new_zeros(())
+        if weights.caption:
+            caption = caption_loss_terms(model, VideoParts(frames, video_mask, tubes),
+                                         TextParts(tokens, attention_mask), input_ids)
+            scale = global_mean_scale(caption.count, context)
+            terms["caption_loss"] = caption.loss_sum * scale
+            terms["caption_acc"] = 100.0 * caption.correct.float() * scale
+            loss = loss + weights.caption * terms["caption_loss"]
+        if weights.sim:
+            sim = model.similarity(context.gather(text_eot), context.gather(frames), context.gather(video_mask))
+            terms["sim_loss"] = symmetric_contrastive_loss(sim)
+            loss = loss + weights.sim * terms["sim_loss"]
+        if weights.align:
+            terms["align_loss"] = model.alignment_loss(tokens, attention_mask, tubes)
+            loss = loss + weights.align * terms["align_loss"]
+        return {"loss": loss, **{key: value.detach() for key, value in terms.items()}}
+
+    return objective
+
+
+def caption_task(weights: CaptionLossWeights, evaluate: EvaluateFn | None = None) -> Task:
+    return Task("caption", caption_objective(weights), NEW_PARAM_PATTERNS_BY_TASK["caption"],
+                find_unused_parameters=True, evaluate=evaluate)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    max_steps: int = 31  # max_words - 1, as the original
+
+    @property
+    def label(self) -> str:
+        return "greedy" if self.beam_size == 1 else f"beam{self.beam_size}"
+
+
+@torch.no_grad()
+def decode_split(
+    model: nn.Module, videos: torch.utils.data.Dataset, decode: DecodeSettings, *, batch_size: int,
+    device: torch.device, precision: str, num_workers: int = 0, show_progress: bool = True,
+) -> tuple[dict[str, list[int]], int]:
+    """Decode a caption for every video of `videos` (a dataset of {video, video_mask, video_id}, e.g. a split's
+    `video_dataset()`): ({video_id: token ids without SOT/EOT}, number of videos that could not be decoded)."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        videos, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+    )
+    tokens: dict[str, list[int]] = {}
+    skipped = 0
+    for batch in tqdm(loader, desc=f"captioning ({decode.label})", disable=not show_progress, leave=False):
+        skipped += batch["n_skipped"]
+        if is_empty_batch(batch):
+            continue
+        video = normalize_video(batch["video"].to(device, non_blocking=True))
+        video_mask = batch["video_mask"].to(device)
+        with autocast_context(device, precision):
+            frames, tubes = model.encode_video(video, video_mask)
+            decoded = decode_captions(model, frames, video_mask, tubes, beam_size=decode.beam_size,
+                                      max_steps=decode.max_steps, length_penalty=decode.length_penalty)
+        tokens.update(zip(batch["video_id"], decoded.tokens))
+    return tokens, skipped
+
+
+def caption_texts(
+    tokens: dict[str, list[int]], references: dict[str, list[str]], tokenizer: Any, protocol: str, max_words: int
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(hypotheses, references) as the protocol scores them. "standard": clean decoded text and the raw reference
+    captions (the PTB tokenizer normalises both). "original": the BPE decoder's text with its trailing spaces,
+    references re-decoded from their CLIP ids (lower-cased, cleaned, cut to `max_words`)."""
+    if protocol == "standard":
+        return {key: tokenizer.decode(ids) for key, ids in tokens.items()}, {key: references[key] for key in tokens}
+    hypotheses = {key: tokenizer.decode(ids, strip=False) for key, ids in tokens.items()}
+    redecoded = {key: [tokenizer.decode(tokenizer.encode(ref, max_words)[0]) for ref in references[key]]
+                 for key in tokens}
+    return hypotheses, redecoded
+
+
+def make_caption_evaluator(
+    dataset: Any, split_name: str, run: Any, output_dir: str | Path, device: torch.device, precision: str, *,
+    decode: DecodeSettings, protocol: str, batch_size: int, num_workers: int, best: BestCheckpoint | None = None,
+    extra: dict[str, Any] | None = None,
+) -> EvaluateFn:
+    """Evaluate a captioning split: a metrics.jsonl row {"task": "caption", ...} (scores in percent, as papers
+    report them), `predictions_<split>_step<N>.json` ([{"video_id", "caption"}]), the scores and a few examples in
+    log.txt; with `best`, model selection by CIDEr."""
+    split = dataset.video_dataset().split
+    references = references_by_video(split)
+    tokenizer = dataset.tokenizer
+
+    def evaluate(model: nn.Module, step: int, epoch: int) -> dict[str, Any]:
+        tokens, skipped = decode_split(model, dataset.video_dataset(), decode, batch_size=batch_size, device=device,
+                                       precision=precision, num_workers=num_workers)
+        if not tokens:
+            raise RuntimeError(f"no video of the {split_name} split could be decoded ({skipped} skipped)")
+        hypotheses, scored_references = caption_texts(tokens, references, tokenizer, protocol, dataset.max_words)
+        with CaptionScorer() as scorer:
+            scores = scorer.score(hypotheses, scored_references, protocol)
+        record = {"task": "caption", "split": split_name, "step": step, "epoch": epoch,
+                  **{name: 100.0 * scores[name] for name in METRIC_NAMES}, "decode": decode.label,
+                  "protocol": protocol, "n_videos": len(tokens), "n_skipped": skipped, **(extra or {})}
+        run.log_metrics(record)
+        run.scalars({name: record[name] for name in METRIC_NAMES}, step, prefix=f"eval_{split_name}/")
+        predictions = [{"video_id": video_id, "caption": tokenizer.decode(tokens[video_id])}
+                       for video_id in split.video_ids if video_id in tokens]
+        path = Path(output_dir) / f"predictions_{split_name}_step{step}.json"
+        path.write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        logger.info("captioning (%s, %s protocol) on %s at step %d, epoch %d: %d videos%s\n  %s\n%s\npredictions: %s",
+                    decode.label, protocol, split_name, step, epoch, len(tokens),
+                    f", {skipped} skipped" if skipped else "",
+                    "  ".join(f"{name} {record[name]:.2f}" for name in METRIC_NAMES),
+                    format_examples(predictions, references), path)
+        if best is not None and step > 0:
+            best.update(record[SELECTION_METRIC], step, epoch)
+        return record
+
+    return evaluate
+
+
+def format_examples(predictions: list[dict[str, str]], references: dict[str, list[str]],
+                    count: int = EXAMPLES_LOGGED) -> str:
+    lines = []
+    for item in predictions[:count]:
+        refs = references[item["video_id"]]
+        lines.append(f"  {item['video_id']}: \"{item['caption']}\"  (references: \"{refs[0]}\""
+                     f"{f' and {len(refs) - 1} more' if len(refs) > 1 else ''})")
+    return "\n".join(lines)
+
+
+def best_checkpoint_for(output_dir: str | Path) -> BestCheckpoint:
+    return BestCheckpoint(output_dir, f"val {SELECTION_METRIC}")

@@ -1,0 +1,22 @@
+"""Video captioning fine-tuning and evaluation on MSR-VTT (greedy or beam-search decoding, COCO caption metrics).
+
+Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
+    torchrun --nproc_per_node=8 video_captioning/msrvtt_captioning.py --do_train ...
+    python video_captioning/msrvtt_captioning.py --do_eval --init_model CKPT ...
+The implementation is engine/caption_main.py; flags and data layout are in the README.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import caption_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return caption_main.main("msrvtt", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
