@@ -96,7 +96,7 @@ def _test_selected_checkpoint(output_dir: str, model, test_evaluate) -> None:
     if _already_tested(Path(output_dir) / "metrics.jsonl", best["step"]):
         logger.info("the test split was already evaluated with the step-%d checkpoint", best["step"])
         return
-    logger.info("evaluating the test split with the checkpoint selected on val: %s (val %s %.2f)",
+    logger.info("evaluating the test split with the checkpoint selected on val: %s (%s %.2f)",
                 best["checkpoint"], best["metric"], best["value"])
     load_state_dict_checked(model, read_model_state_dict(best["checkpoint"]))
     test_evaluate(model, best["step"], best["epoch"])

@@ -12,6 +12,7 @@ runtime at start-up, before any training.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -83,6 +84,19 @@ class CaptionScorer:
         scores["ROUGE_L"] = float(Rouge().compute_score(gts, result)[0])
         scores["CIDEr"] = float(Cider().compute_score(gts, result)[0])
         return scores
+
+
+_shared: CaptionScorer | None = None
+
+
+def shared_scorer() -> CaptionScorer:
+    """One scorer for the whole process (a training run evaluates many times, and METEOR's Java process takes ~10 s to start),
+    closed when the interpreter exits."""
+    global _shared
+    if _shared is None:
+        _shared = CaptionScorer()
+        atexit.register(_shared.close)
+    return _shared
 
 
 def score_captions(

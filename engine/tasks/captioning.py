@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dataloaders.captioning import references_by_video
 from dataloaders.collate import collate_clips, is_empty_batch
 from dataloaders.video import normalize_video
-from engine.caption_metrics import METRIC_NAMES, CaptionScorer
+from engine.caption_metrics import METRIC_NAMES, shared_scorer
 from engine.evaluation import autocast_context
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
@@ -152,8 +152,7 @@ def make_caption_evaluator(
         if not tokens:
             raise RuntimeError(f"no video of the {split_name} split could be decoded ({skipped} skipped)")
         hypotheses, scored_references = caption_texts(tokens, references, tokenizer, protocol, dataset.max_words)
-        with CaptionScorer() as scorer:
-            scores = scorer.score(hypotheses, scored_references, protocol)
+        scores = shared_scorer().score(hypotheses, scored_references, protocol)
         record = {"task": "caption", "split": split_name, "step": step, "epoch": epoch,
                   **{name: 100.0 * scores[name] for name in METRIC_NAMES}, "decode": decode.label,
                   "protocol": protocol, "n_videos": len(tokens), "n_skipped": skipped, **(extra or {})}
