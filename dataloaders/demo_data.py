@@ -48,7 +48,7 @@ CAPTION_TEMPLATES = (
     "video of {a_colour} {shape} going {direction}",
 )
 MARKER_NAME = ".demo_data_complete.json"
-LAYOUT_VERSION = 2  # 2: validation videos and the MSVD layout
+LAYOUT_VERSION = 3  # 2: validation videos and the MSVD layout; 3: MSRVTT-QA and MSVD-QA questions
 WEBVID_FIRST_ID = 10_000_000
 
 
@@ -78,7 +78,8 @@ def make_demo_dataset(
         # Ours (the marker says so) but made with other settings: start clean so no stale video remains.
         shutil.rmtree(paths["msrvtt_dir"], ignore_errors=True)
         shutil.rmtree(paths["webvid_dir"], ignore_errors=True)
-        shutil.rmtree(paths["msvd_dir"], ignore_errors=True)
+        for folder in ("msvd_dir", "msrvtt_qa_dir", "msvd_qa_dir"):
+            shutil.rmtree(paths[folder], ignore_errors=True)
         marker.unlink()
 
     rng = np.random.default_rng(seed)
@@ -92,6 +93,7 @@ def make_demo_dataset(
     _write_msrvtt_annotations(paths, videos, rng, seconds)
     _write_webvid(paths, videos[:n_train], seconds)
     _write_msvd_annotations(paths, videos)
+    _write_qa_annotations(paths, videos)
     marker.write_text(json.dumps(settings))
     return paths
 
@@ -112,6 +114,8 @@ def demo_paths(out_dir: str | Path) -> dict[str, Path]:
         "webvid_csv": webvid / "results_2M_train.csv",
         "webvid_videos_dir": webvid / "videos",
         "msvd_dir": root / "MSVD",
+        "msrvtt_qa_dir": root / "MSRVTT-QA",
+        "msvd_qa_dir": root / "MSVD-QA",
     }
 
 
@@ -161,6 +165,51 @@ def _write_msvd_annotations(paths: dict[str, Path], videos: list[dict]) -> None:
     captions = {video["video_id"]: [caption.split() for caption in video["captions"]] for video in videos}
     with (folder / "raw-captions.pkl").open("wb") as handle:
         pickle.dump(captions, handle, protocol=4)
+
+
+DIRECTION_ANSWERS = {"left": "left", "right": "right", "up": "up", "down": "down"}
+
+
+def demo_questions(video: dict) -> list[dict[str, str]]:
+    """Questions whose answers only the video gives: its colour, its shape and where it moves (each question names
+    the other attributes, never the answer). Every demo video shows a single shape, so there is no count question."""
+    direction = DIRECTIONS[video["direction"]][1]
+    return [
+        {"question": f"what colour is the {video['shape']}?", "answer": video["colour"], "answer_type": "what"},
+        {"question": f"what shape moves {direction}?", "answer": video["shape"], "answer_type": "what"},
+        {"question": f"where does the {video['colour']} {video['shape']} move?",
+         "answer": DIRECTION_ANSWERS[video["direction"]], "answer_type": "where"},
+    ]
+
+
+def _write_qa_annotations(paths: dict[str, Path], videos: list[dict]) -> None:
+    """MSRVTT-QA in the ClipBERT/ALPRO JSON Lines layout (`{train,val,test}.jsonl`, `train_ans2label.json`) and
+    MSVD-QA in its original layout (`{train,val,test}_qa.json` with `vid<N>` numbers, `youtube_mapping.txt`), both
+    over the demo videos (train, validate and test splits as for captioning)."""
+    msrvtt, msvd = paths["msrvtt_qa_dir"], paths["msvd_qa_dir"]
+    msrvtt.mkdir(parents=True, exist_ok=True)
+    msvd.mkdir(parents=True, exist_ok=True)
+    vid_numbers = {video["video_id"]: number for number, video in enumerate(sorted(videos, key=lambda v: v["video_id"]),
+                                                                             start=1)}
+    mapping = "\n".join(f"{video_id} vid{number}" for video_id, number in vid_numbers.items())
+    (msvd / "youtube_mapping.txt").write_text(mapping, encoding="utf-8")  # no final newline, as the real file
+    question_id = 0
+    for name, split in (("train", "train"), ("val", "validate"), ("test", "test")):
+        lines, items = [], []
+        for video in (v for v in videos if v["split"] == split):
+            for qa in demo_questions(video):
+                lines.append(json.dumps({"answer": qa["answer"], "question": qa["question"],
+                                         "video_id": video["video_id"], "answer_type": qa["answer_type"]}))
+                items.append({"answer": qa["answer"], "id": question_id, "question": qa["question"],
+                              "video_id": vid_numbers[video["video_id"]]})
+                question_id += 1
+        (msrvtt / f"{name}.jsonl").write_text("\n".join(lines), encoding="utf-8")  # no final newline, as ClipBERT's
+        (msvd / f"{name}_qa.json").write_text(json.dumps(items, separators=(",", ":")), encoding="utf-8")
+        if name == "train":
+            answers = sorted({json.loads(line)["answer"] for line in lines})
+            ans2label = json.dumps({answer: label for label, answer in enumerate(answers)})
+            (msrvtt / "train_ans2label.json").write_text(ans2label, encoding="utf-8")
+            (msvd / "train_ans2label.json").write_text(ans2label, encoding="utf-8")
 
 
 def _with_article(word: str) -> str:

@@ -69,6 +69,9 @@ IGNORED_FLAGS: dict[str, str] = {
     "pretrained_clip_name": "use --visual_pretrain_path",
     "webvid_train_json": "the original QA script passed it but never read it",
     "webvid_tfrecord": "the original QA script passed it but never read it",
+    "msrvtt_train_csv": "the original QA script passed it but never read it (QA reads --msrvtt_qa_*_json)",
+    "msrvtt_val_csv": "the original QA script passed it but never read it (QA reads --msrvtt_qa_*_json)",
+    "msrvtt_train_json": "the original QA script passed it but never read it (QA reads --msrvtt_qa_*_json)",
 }
 
 BATCH_HELP = (
@@ -182,6 +185,9 @@ def _add_ignored_flags(parser: argparse.ArgumentParser, task: str) -> None:
     if task == "qa":
         add("--webvid_train_json", type=str, default=None)
         add("--webvid_tfrecord", type=str, default=None)
+        add("--msrvtt_train_csv", type=str, default=None)
+        add("--msrvtt_val_csv", type=str, default=None)
+        add("--msrvtt_train_json", type=str, default=None)
 
 
 def _add_new_flags(parser: argparse.ArgumentParser) -> None:
@@ -237,11 +243,13 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
             help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP only).")
         add("--rerank_batch_size", type=int, default=2048, help="Evaluation: (video, text) pairs per rerank call.")
     losses = {"fusion": ("mlm", "plm", "vtm", "align"), "retrieval": ("sim", "vtm", "align"),
-              "caption": ("caption", "sim", "align")}.get(task, ())
+              "caption": ("caption", "sim", "align"), "qa": ("qa", "sim")}.get(task, ())
     for loss in losses:
         add(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
     if task == "caption":
         _add_caption_flags(group)
+    if task == "qa":
+        _add_qa_flags(parser)
     if task == "retrieval":
         add("--dsl", action="store_true",
             help="Also report dual-softmax (DSL) rows, on meanP and on the rerank (labelled 'dsl'; DSL uses every "
@@ -271,6 +279,28 @@ def _add_caption_flags(group: argparse._ArgumentGroup) -> None:
              "test).")
     add("--test_after_training", action=argparse.BooleanOptionalAction, default=True,
         help="With --do_train, evaluate the test split with the selected (best-on-val) checkpoint at the end.")
+    add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
+        help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
+
+
+def _add_qa_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("video QA (the original's MSRVTT-QA names, or the dataset-neutral ones)")
+    add = group.add_argument
+    for split in ("train", "val", "test"):
+        add(f"--qa_{split}_json", f"--msrvtt_qa_{split}_json", f"--msvd_qa_{split}_json", dest=f"qa_{split}_json",
+            help=f"The {split} questions: ClipBERT/ALPRO JSON Lines, or MSVD-QA's original {split}_qa.json.")
+    add("--qa_anslabel_json", "--msrvtt_qa_anslabel_json", "--msvd_qa_anslabel_json", dest="qa_anslabel_json",
+        help="train_ans2label.json: the answer vocabulary of the classifier head (and of the out-of-vocabulary "
+             "count).")
+    add("--qa_features_path", "--msrvtt_features_path", "--msvd_features_path", dest="qa_features_path",
+        help="The video folder (default: --features_path).")
+    add("--youtube_mapping", help="MSVD-QA: youtube_mapping.txt (clip id -> vid<N>) for the original format.")
+    add("--qa_head", choices=["classifier", "first_token"], default="classifier",
+        help="'classifier': over the answers of --qa_anslabel_json (answers outside it count as wrong). "
+             "'first_token': the original's protocol, the tied vocabulary head predicting the answer's first BPE "
+             "piece (needed to evaluate the original's released QA checkpoint).")
+    add("--eval_split", choices=["val", "test"], default="test",
+        help="The split evaluated after each epoch and by --do_eval (the original: test).")
     add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
         help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
 

@@ -60,8 +60,11 @@ def prepare(out_dir: Path) -> dict[str, Path]:
 
 
 def summary(output_dir: Path) -> str:
-    """A few lines on the last evaluation of a demo run: each retrieval scoring, and the fusion heads."""
+    """A few lines on the last evaluation of a demo run: each retrieval scoring and the fusion heads, or the
+    captioning scores before and after training with a few test captions beside their references."""
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    if records[-1]["task"] == "caption":
+        return caption_summary(output_dir, records)
     last_step = records[-1]["step"]
     lines = []
     shown = [r for r in records if r["step"] == 0 and r["task"] == "retrieval"] if last_step else []
@@ -84,6 +87,42 @@ def summary(output_dir: Path) -> str:
             )
     lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
     return f"demo finished (step {last_step}):\n  " + "\n  ".join(lines)
+
+
+EXAMPLES_SHOWN = 8
+
+
+def caption_summary(output_dir: Path, records: list[dict], examples: int = EXAMPLES_SHOWN) -> str:
+    """CIDEr (and the other scores) of the starting checkpoint and of the selected one, and test captions beside
+    their references (read from the run's --data_path)."""
+    from dataloaders.captioning import caption_pairs
+
+    def scores(record: dict) -> str:
+        return (f"CIDEr {record['CIDEr']:.1f}, BLEU-4 {record['Bleu_4']:.1f}, METEOR {record['METEOR']:.1f}, "
+                f"ROUGE-L {record['ROUGE_L']:.1f}")
+
+    val = [r for r in records if r["split"] == "val"]
+    tests = [r for r in records if r["split"] == "test"]
+    lines = []
+    if val and val[0]["step"] == 0:
+        lines.append(f"before training (val, {val[0]['n_videos']} videos): {scores(val[0])}")
+    if len(val) > 1:
+        best = max(val[1:], key=lambda r: (r["CIDEr"], -r["step"]))
+        lines.append(f"after training (val, best at step {best['step']}): {scores(best)}")
+    if tests:
+        test = tests[-1]
+        lines.append(f"test split ({test['n_videos']} videos, checkpoint of step {test['step']}, {test['decode']}): "
+                     f"{scores(test)}")
+        predictions = json.loads((output_dir / f"predictions_test_step{test['step']}.json").read_text())
+        flags = json.loads((output_dir / "run.json").read_text())[-1]["flags"]
+        references: dict[str, list[str]] = {}
+        for video_id, caption in caption_pairs(test["dataset"], flags["data_path"], "test"):
+            references.setdefault(video_id, []).append(caption)
+        lines.append("test captions (model | a reference):")
+        lines += [f"  {p['video_id']}: {p['caption']!r:45} | {references[p['video_id']][0]!r}"
+                  for p in predictions[:examples]]
+    lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
+    return f"demo finished (captioning, {records[-1]['dataset']}):\n  " + "\n  ".join(lines)
 
 
 def latest_checkpoint(stage: int, output_root: Path = ROOT / "output") -> Path | None:

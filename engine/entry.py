@@ -62,7 +62,7 @@ RUN_CONFIG_FLAGS = (
     "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num", "slice_framepos",
     "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers", "head_dropout",
     "match_norm", "train_encoders", "mask_ratio", "mlm_weight", "plm_weight", "vtm_weight", "align_weight",
-    "sim_weight", "caption_weight",
+    "sim_weight", "caption_weight", "qa_weight", "qa_head",
 )
 
 
@@ -75,7 +75,7 @@ def run_config(args: argparse.Namespace) -> dict[str, object]:
     return config
 
 
-def build_model(args: argparse.Namespace) -> T2VLP:
+def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
     """The task's T2VLP from the command line: sizes from `--visual_pretrain_path`, then `--init_model`.
 
     Stage 1 ("clip") keeps the tube input in the graph; every later task has the fusion encoder and detaches the
@@ -86,6 +86,7 @@ def build_model(args: argparse.Namespace) -> T2VLP:
             config, detach_tube_input=not args.train_encoders, with_fusion=True, fusion_layers=args.fusion_layers,
             head_dropout=args.head_dropout, match_norm=args.match_norm,
         )
+    config = replace(config, **config_overrides)
     model = T2VLP.from_pretrained(resolve_clip_path(args), init_model=args.init_model, config=config)
     fusion_extra_tokens = 1 + args.max_frames + model.config.num_centers if config.with_fusion else None
     check_model_limits(args, context_length=model.clip_config.context_length,
@@ -114,18 +115,20 @@ def train_or_evaluate(
         return EXIT_STOPPED if trainer.stopped_by_signal else EXIT_OK
     if task.evaluate is None:
         raise InputError("--do_eval needs an evaluation split: give --val_csv (and --features_path)")
-    if dist_info.is_main:
+    if dist_info.is_main or task.evaluate_on_all_ranks:
         task.evaluate(model.to(dist_info.device), 0, 0)
     return EXIT_OK
 
 
 def evaluate_before_training(
-    args: argparse.Namespace, dist_info: distributed.DistInfo, evaluate: Callable, model: torch.nn.Module
+    args: argparse.Namespace, dist_info: distributed.DistInfo, evaluate: Callable, model: torch.nn.Module,
+    all_ranks: bool = False,
 ) -> None:
-    """Step-0 evaluation of the starting checkpoint on rank 0 (skipped when resuming: the run already has it)."""
+    """Step-0 evaluation of the starting checkpoint on rank 0, or on every rank for an evaluation that shares the
+    work (skipped when resuming: the run already has it)."""
     if (Path(args.output_dir) / "restore.bin").is_file() or args.resume_model:
         return
-    if dist_info.is_main:
+    if dist_info.is_main or all_ranks:
         logger.info("evaluating the starting checkpoint before training (step 0)")
         evaluate(model.to(dist_info.device), 0, 0)
         model.train()

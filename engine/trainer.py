@@ -471,7 +471,7 @@ class Trainer:
         self._last_evaluated_step = self.progress.global_step
         if self.evaluate is None:
             return
-        if self.dist.is_main:
+        if self.dist.is_main or self.task.evaluate_on_all_ranks:
             self.evaluate(self.model, self.progress.global_step, self.progress.epoch)
             self.model.train()
         distributed.barrier()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.alignment import local_alignment_loss, text_side_centers
+from modules.answer_head import AnswerClassifier
 from modules.checkpoint import (
     check_init_coverage,
     init_state_from_clip,
@@ -50,6 +51,7 @@ class T2VLPConfig:
     fusion_layers: int = 6  # fusion blocks executed (all are kept in the state dict)
     head_dropout: float = 0.2  # token and match heads: 0.2 stage 2 / retrieval, 0.5 captioning / QA
     match_norm: str = "group"  # VTM text head: "group" as the original (METHOD §6.4) or "pair"
+    num_answers: int = 0  # QA classifier head over an answer vocabulary (0: none)
 
     def resolved(self, clip: CLIPConfig) -> T2VLPConfig:
         split = clip.vision_layers - 2 if self.split_layer is None else self.split_layer
@@ -65,6 +67,8 @@ class T2VLPConfig:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.with_fusion:
             check_fusion_sizes(clip, self.fusion_layers)
+        if self.num_answers and not self.with_fusion:
+            raise ValueError("the QA classifier head (num_answers > 0) needs the fusion encoder (with_fusion=True)")
         return replace(self, split_layer=split)
 
 
@@ -122,7 +126,10 @@ class T2VLP(nn.Module):
         if self.config.with_fusion:  # unused top-level layer of the original's stage-2 model, kept for its keys
             self.visual_linear = nn.Linear(clip_config.embed_dim, clip_config.embed_dim)
             self.visual_linear.requires_grad_(False)
+        if self.config.num_answers:
+            self.answer_head = AnswerClassifier(self.config.num_answers, clip_config.embed_dim)
         self._bert_style_init()
+        self.init_keys: frozenset[str] = frozenset()  # the keys `from_pretrained` read from `init_model`
 
     def _bert_style_init(self) -> None:
         """METHOD §10.3 step 4: Linear and Embedding weights N(0, 0.02), zero biases (before loading)."""
@@ -151,6 +158,7 @@ class T2VLP(nn.Module):
             with_fusion=model.config.with_fusion,
         )
         load_state_dict_checked(model, state)
+        model.init_keys = frozenset(init_state or ())
         logger.info(
             "built T2VLP from %s%s: %s, %s",
             clip_path,
@@ -305,3 +313,21 @@ class T2VLP(nn.Module):
         projected = hidden @ clip.fusion_proj_embedding.to(hidden.dtype)
         logits = projected @ clip.token_embedding.weight.to(projected.dtype).t()
         return logits.float() + clip.fusion_logit_bias.float()
+
+    def answer_logits(self, answer_states: torch.Tensor, head: str = "classifier") -> torch.Tensor:
+        """QA logits from the fusion states at the answer slot [..., D] (METHOD §7c): "first_token" is the tied
+        vocabulary head (the original's protocol: the label is the answer's first BPE id); "classifier" the answer
+        vocabulary head (`modules/answer_head.py`). Dropout at the head's rate in train mode; fp32."""
+        if head == "first_token":
+            return self.token_logits(answer_states)
+        if head != "classifier":
+            raise ValueError(f"head must be 'classifier' or 'first_token', got {head!r}")
+        if not self.config.num_answers:
+            raise RuntimeError("this model has no answer classifier: build it with T2VLPConfig(num_answers=N)")
+        hidden = F.dropout(answer_states, self.config.head_dropout, self.training)
+        return self.answer_head(hidden @ self.clip.fusion_proj_embedding.to(hidden.dtype))
+
+    def init_answer_head(self, answer_pieces: list[list[int]]) -> None:
+        """Start the answer classifier from the tied token head (see `AnswerClassifier.init_from_token_head`)."""
+        self.answer_head.init_from_token_head(self.clip.token_embedding.weight, self.clip.fusion_logit_bias,
+                                              answer_pieces)

@@ -17,7 +17,8 @@ from torch import nn
 
 from engine import distributed
 
-# evaluate(model, step, epoch) -> metrics record (already logged) or None; called on rank 0 only.
+# evaluate(model, step, epoch) -> metrics record (already logged) or None; called on rank 0 only, or on every rank
+# when the task says `evaluate_on_all_ranks` (the evaluation then shares the work and rank 0 logs).
 EvaluateFn = Callable[[nn.Module, int, int], dict[str, Any] | None]
 
 
@@ -65,6 +66,7 @@ class Task:
     new_param_patterns: tuple[str, ...]  # substrings naming the fixed-LR ("new") parameters
     find_unused_parameters: bool = False  # DDP: parameters that get no gradient in some steps
     evaluate: EvaluateFn | None = None
+    evaluate_on_all_ranks: bool = False
 
 
 class ObjectiveModule(nn.Module):
