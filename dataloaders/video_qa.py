@@ -215,4 +215,5 @@ def qa_dataset(
     items = drop_excluded(read_qa_file(path, mapping), excluded, str(path))
     msrvtt_style = all(re.fullmatch(r"video\d+", item.video_id) for item in items)
     files = None if msrvtt_style else index_video_files(features_path, key="stem")
+    options.setdefault("pad_mode", "repeat")  # the original's QA loader: every frame entry a real frame
     return QADataset(items, features_path, ans2label=ans2label, head=head, video_files=files, **options)
