@@ -65,6 +65,8 @@ def summary(output_dir: Path) -> str:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     if records[-1]["task"] == "caption":
         return caption_summary(output_dir, records)
+    if records[-1]["task"] == "qa":
+        return qa_summary(output_dir, records)
     last_step = records[-1]["step"]
     lines = []
     shown = [r for r in records if r["step"] == 0 and r["task"] == "retrieval"] if last_step else []
@@ -123,6 +125,27 @@ def caption_summary(output_dir: Path, records: list[dict], examples: int = EXAMP
                   for p in predictions[:examples]]
     lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
     return f"demo finished (captioning, {records[-1]['dataset']}):\n  " + "\n  ".join(lines)
+
+
+def qa_summary(output_dir: Path, records: list[dict], examples: int = EXAMPLES_SHOWN) -> str:
+    """Accuracy before training and of the best evaluation, beside the majority-answer baseline, and a few
+    answered questions."""
+    first, best = records[0], max(records, key=lambda r: (r["accuracy"], -r["step"]))
+    lines = [f"{best['split']} split, {best['n']} questions, {best['head']} head:"]
+    if first["step"] == 0:
+        lines.append(f"before training: accuracy {first['accuracy']:.1f}%")
+    lines.append(f"after training (best at step {best['step']}): accuracy {best['accuracy']:.1f}% "
+                 f"(always answering {best['majority_answer']!r}: {best['majority_baseline']:.1f}%)")
+    for kind, value in best.get("by_type", {}).items():
+        lines.append(f"  {kind} questions: {value['accuracy']:.1f}% of {value['n']}")
+    path = output_dir / f"predictions_{best['split']}_step{best['step']}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    lines.append("answers (question -> model | truth):")
+    step = max(1, len(rows) // examples)
+    lines += [f"  {row['video_id']}: {row['question']} -> {row['prediction']} | {row['answer']}"
+              for row in rows[::step][:examples]]
+    lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
+    return f"demo finished (video QA, {records[-1]['dataset']}):\n  " + "\n  ".join(lines)
 
 
 def latest_checkpoint(stage: int, output_root: Path = ROOT / "output") -> Path | None:
