@@ -120,11 +120,34 @@ def caption_summary(output_dir: Path, records: list[dict], examples: int = EXAMP
         references: dict[str, list[str]] = {}
         for video_id, caption in caption_pairs(test["dataset"], flags["data_path"], "test"):
             references.setdefault(video_id, []).append(caption)
+        named = demo_attribute_rates(predictions, references)
+        if named:
+            lines.append("test captions naming the video's " + ", ".join(f"{k} {v:.0f}%" for k, v in named.items()))
         lines.append("test captions (model | a reference):")
         lines += [f"  {p['video_id']}: {p['caption']!r:45} | {references[p['video_id']][0]!r}"
                   for p in predictions[:examples]]
     lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
     return f"demo finished (captioning, {records[-1]['dataset']}):\n  " + "\n  ".join(lines)
+
+
+def demo_attribute_rates(predictions: list[dict], references: dict[str, list[str]]) -> dict[str, float]:
+    """For demo captions: the share of predictions that name the video's colour, shape and direction (read from its
+    first reference), and all three; empty when the references are not demo captions."""
+    from dataloaders.demo_data import COLOURS, DIRECTIONS, SHAPES
+
+    def attributes(text: str) -> tuple:
+        words = text.split()
+        return (next((w for w in words if w in COLOURS), None), next((w for w in words if w in SHAPES), None),
+                next((name for name, (_, phrase) in DIRECTIONS.items() if phrase in text), None))
+
+    truths = {p["video_id"]: attributes(references[p["video_id"]][0]) for p in predictions}
+    if not truths or any(None in truth for truth in truths.values()):
+        return {}
+    hits = [[got == want for got, want in zip(attributes(p["caption"]), truths[p["video_id"]])] for p in predictions]
+    rates = {name: 100.0 * sum(h[i] for h in hits) / len(hits) for i, name in enumerate(("colour", "shape",
+                                                                                         "direction"))}
+    rates["all three"] = 100.0 * sum(all(h) for h in hits) / len(hits)
+    return rates
 
 
 def qa_summary(output_dir: Path, records: list[dict], examples: int = EXAMPLES_SHOWN) -> str:
