@@ -1,0 +1,117 @@
+"""A trained model from its checkpoint alone, for using it (predict.py) rather than training it.
+
+Sizes come from the checkpoint (`clip.*` keys: CLIP sizes, tube depth, centers; fusion keys; the answer
+classifier). The settings a model must be run with but that a state dict cannot hold (fusion blocks executed,
+match-head normalisation, frame sampling, text length) come, in this order, from explicit arguments, from the
+`run.json` of the run that wrote the checkpoint (`<run>/ckpt/pytorch_model.bin.N` -> `<run>/run.json`), and from
+the original recipe's defaults. `--visual_pretrain_path` is only needed for a checkpoint without the CLIP keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules.checkpoint import (
+    CheckpointError,
+    init_state_from_clip,
+    load_state_dict_checked,
+    read_clip_state_dict,
+    read_model_state_dict,
+)
+from modules.clip import CLIPConfig
+from modules.errors import InputError
+from modules.model import T2VLP, T2VLPConfig
+
+logger = logging.getLogger("t2vlp.predict")
+
+# What the original recipes used (METHOD §8); a run.json beside the checkpoint overrides them.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "fusion_layers": 6, "match_norm": "group", "max_frames": 12, "feature_framerate": 1, "slice_framepos": 2,
+    "max_words": 32, "split_layer": None,
+}
+FUSION_KEY = "clip.fusion_transformer.resblocks.0.attn.in_proj_weight"
+ANSWER_KEY = "answer_head.answer_embedding"
+
+
+@dataclass
+class TrainedModel:
+    model: T2VLP
+    checkpoint: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_fusion(self) -> bool:
+        return self.model.config.with_fusion
+
+    def require_fusion(self, what: str) -> None:
+        if not self.has_fusion:
+            raise InputError(f"{self.checkpoint} has no fusion encoder (a stage-1 checkpoint?): {what} needs a "
+                             f"stage-2 or downstream checkpoint")
+
+
+def run_settings(checkpoint: Path) -> dict[str, Any]:
+    """The flags recorded in the run.json of the run that saved `checkpoint` ({} when there is none)."""
+    for candidate in (checkpoint.parent.parent / "run.json", checkpoint.parent / "run.json"):
+        if candidate.is_file():
+            entries = json.loads(candidate.read_text(encoding="utf-8"))
+            finished = [e for e in entries if not str(e.get("outcome", "")).startswith("bad input")]
+            if finished:
+                return dict(finished[-1].get("flags", {}))
+    return {}
+
+
+def load_trained_model(
+    checkpoint: str | Path, *, clip_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> TrainedModel:
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise InputError(f"checkpoint {checkpoint} does not exist")
+    state = read_model_state_dict(checkpoint)
+    recorded = run_settings(checkpoint)
+    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in recorded.items() if k in DEFAULT_SETTINGS},
+                **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if "clip.visual.conv1.weight" in state:
+        clip_state = {key[len("clip."):]: value for key, value in state.items() if key.startswith("clip.")}
+    elif clip_path is not None:
+        clip_state = read_clip_state_dict(clip_path)
+    else:
+        raise InputError(f"{checkpoint} has no CLIP weights (clip.visual.*): give --visual_pretrain_path")
+    try:
+        clip_config = CLIPConfig.from_state_dict(clip_state)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint}: not a T2VLP checkpoint ({error})") from error
+    config = T2VLPConfig(
+        num_centers=state["clip.fusion_center"].shape[2] if "clip.fusion_center" in state else 8,
+        split_layer=settings["split_layer"], tube_layers=_count_tube_layers(state),
+        detach_tube_input=True, with_fusion=FUSION_KEY in state, fusion_layers=settings["fusion_layers"],
+        match_norm=settings["match_norm"],
+        num_answers=state[ANSWER_KEY].shape[0] if ANSWER_KEY in state else 0,
+    )
+    try:
+        model = T2VLP(clip_config, config)
+    except ValueError as error:  # settings that do not fit the checkpoint's sizes, e.g. --fusion_layers
+        raise InputError(f"{checkpoint}: {error}") from error
+    full_state = init_state_from_clip(clip_state, state, clip_config.vision_layers, config.tube_layers,
+                                      with_fusion=config.with_fusion)
+    missing, _ = load_state_dict_checked(model, full_state)
+    important = [key for key in missing if not key.startswith(("clip.lm_head", "visual_linear"))]
+    if important:
+        raise CheckpointError(f"{checkpoint} lacks {len(important)} weights of the model it describes, e.g. "
+                              f"{important[:3]}")
+    model.eval().to(device or torch.device("cpu"))
+    logger.info("loaded %s (%s; settings %s%s)", checkpoint, "with fusion encoder" if config.with_fusion else
+                "stage 1", settings, f", answers {config.num_answers}" if config.num_answers else "")
+    return TrainedModel(model, checkpoint, settings)
+
+
+def _count_tube_layers(state: dict[str, torch.Tensor]) -> int:
+    prefix = "clip.local_visual.transformer.resblocks."
+    blocks = {key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)}
+    return len(blocks) or 2

@@ -1,0 +1,265 @@
+"""A searchable index of a folder of videos (predict.py index / query).
+
+An index is a folder of plain files other tools can read:
+* `index.json`: the checkpoint and sampling settings it was built with, one entry per indexed video (`path`,
+  `size`, `mtime`, in row order), the videos that could not be read, and what the last update did;
+* `clip_features.npy` [N, D] float32: each video's meanP feature (unit norm), what text queries are scored against;
+* `frames.npy` [N, T, D] float16 and `video_mask.npy` [N, T] uint8: frame features, and `tubes.npy` [N, K, D]
+  float16 when the model has a fusion encoder: the inputs of the fusion rerank.
+
+Re-indexing encodes only new or changed files (by size and modification time) and drops deleted ones. Search is
+exact: one matrix product per chunk of rows, read memory-mapped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
+from engine.evaluation import autocast_context
+from engine.rerank import rerank_scores
+from engine.trained_model import TrainedModel
+from modules.errors import InputError
+from modules.similarity import mean_pool_frames
+
+logger = logging.getLogger("t2vlp.predict")
+
+INDEX_FORMAT = 1
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
+                              ".3gp", ".ogv", ".ts"})
+ARRAYS = ("clip_features", "frames", "video_mask", "tubes")
+SEARCH_CHUNK = 1 << 18  # rows scored per matrix product
+
+
+def find_videos(folder: Path) -> list[Path]:
+    """Every file with a video extension under `folder` (recursively, following links), sorted."""
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of videos")
+    found = []
+    for root, _, files in os.walk(folder, followlinks=True):
+        found += [Path(root) / name for name in files if Path(name).suffix.lower() in VIDEO_EXTENSIONS]
+    return sorted(Path(os.path.abspath(path)) for path in found)  # the user's paths, links not resolved
+
+
+def sampling_settings(trained: TrainedModel) -> dict[str, Any]:
+    settings = trained.settings
+    return {"max_frames": settings["max_frames"], "feature_framerate": settings["feature_framerate"],
+            "slice_framepos": settings["slice_framepos"], "image_size": trained.model.image_resolution}
+
+
+class VideoFiles(Dataset):
+    """Decoded clips of a list of files with the retrieval sampling flags; None (counted) when unreadable."""
+
+    def __init__(self, paths: list[Path], sampling: dict[str, Any]) -> None:
+        self.paths, self.sampling = paths, sampling
+        self.errors: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            video, video_mask = load_video_clip(self.paths[index], pad_mode="repeat", **self.sampling)
+        except (VideoDecodeError, OSError, ValueError) as error:
+            return {"failed": index, "error": str(error)}
+        return {"video": video, "video_mask": video_mask, "index": index, "video_id": str(self.paths[index])}
+
+
+def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    failed = [(item["failed"], item["error"]) for item in batch if "failed" in item]
+    collated = collate_clips([None if "failed" in item else item for item in batch])
+    collated["failed"] = failed
+    return collated
+
+
+@torch.no_grad()
+def encode_videos(trained: TrainedModel, paths: list[Path], *, batch_size: int, num_workers: int,
+                  device: torch.device, precision: str) -> tuple[dict[str, np.ndarray], list[int], dict[int, str]]:
+    """Arrays of the decodable videos among `paths` (in order), their positions in `paths`, and the errors."""
+    dataset = VideoFiles(paths, sampling_settings(trained))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        generator=torch.Generator().manual_seed(0))
+    model = trained.model
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
+    rows: list[int] = []
+    errors: dict[int, str] = {}
+    for batch in tqdm(loader, desc="indexing videos", unit="batch"):
+        errors.update(dict(batch["failed"]))
+        if is_empty_batch(batch):
+            continue
+        video = normalize_video(batch["video"].to(device))
+        video_mask = batch["video_mask"].to(device)
+        with autocast_context(device, precision):
+            frames, tubes = model.encode_video(video, video_mask)
+        parts["clip_features"].append(mean_pool_frames(frames, video_mask).cpu().numpy().astype(np.float32))
+        parts["frames"].append(frames.cpu().numpy().astype(np.float16))
+        parts["video_mask"].append(video_mask.cpu().numpy().astype(np.uint8))
+        parts["tubes"].append(tubes.cpu().numpy().astype(np.float16))
+        rows += [int(i) for i in batch["index"]]
+    arrays = {name: np.concatenate(values) for name, values in parts.items() if values}
+    return arrays, rows, errors
+
+
+@dataclass
+class VideoIndex:
+    folder: Path
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> VideoIndex:
+        folder = Path(folder)
+        path = folder / "index.json"
+        if not path.is_file():
+            raise InputError(f"{folder} is not an index (no index.json): build one with `predict.py index`")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format") != INDEX_FORMAT:
+            raise InputError(f"{path}: index format {meta.get('format')} is not {INDEX_FORMAT}; rebuild it")
+        return cls(folder, meta)
+
+    @property
+    def paths(self) -> list[str]:
+        return [entry["path"] for entry in self.meta["videos"]]
+
+    def array(self, name: str) -> np.ndarray:
+        path = self.folder / f"{name}.npy"
+        if not path.is_file():
+            raise InputError(f"{self.folder} has no {name}.npy (built from a model without a fusion encoder?)")
+        return np.load(path, mmap_mode="r")
+
+
+def _stat(path: Path) -> dict[str, Any]:
+    status = path.stat()
+    return {"path": str(path), "size": status.st_size, "mtime": status.st_mtime_ns}
+
+
+def update_index(trained: TrainedModel, video_dir: str | Path, out: str | Path, *, batch_size: int = 16,
+                 num_workers: int = 0, device: torch.device, precision: str) -> dict[str, Any]:
+    """Build or update the index of `video_dir` in `out`; returns what this update did."""
+    out = Path(out)
+    files = find_videos(Path(video_dir))
+    settings = {"checkpoint": str(trained.checkpoint.resolve()), **sampling_settings(trained),
+                "fusion_layers": trained.settings["fusion_layers"], "match_norm": trained.settings["match_norm"]}
+    old_meta, old_arrays = None, {}
+    if (out / "index.json").is_file():
+        previous = VideoIndex.load(out)
+        if previous.meta["settings"] == settings:
+            old_meta = previous.meta
+            old_arrays = {name: previous.array(name) for name in ARRAYS if (out / f"{name}.npy").is_file()}
+        else:
+            logger.warning("%s was built with other settings or another checkpoint: re-encoding everything", out)
+    old_rows = {entry["path"]: (row, entry) for row, entry in enumerate(old_meta["videos"])} if old_meta else {}
+    stats = {path: _stat(path) for path in files}
+    reused = [path for path in files if str(path) in old_rows and old_rows[str(path)][1] == stats[path]]
+    to_encode = [path for path in files if path not in set(reused)]
+    removed = sorted(set(old_rows) - {str(path) for path in files})
+    new_arrays, encoded_rows, errors = (encode_videos(trained, to_encode, batch_size=batch_size,
+                                                      num_workers=num_workers, device=device, precision=precision)
+                                        if to_encode else ({}, [], {}))
+    entries, pieces = [], {name: [] for name in ARRAYS}
+    reused_set = set(reused)
+    new_row = {to_encode[i]: row for row, i in enumerate(encoded_rows)}  # file -> row of new_arrays
+    for path in files:  # the index keeps the folder's sorted order; unreadable files are left out
+        if path in reused_set:
+            source, row = old_arrays, old_rows[str(path)][0]
+        elif path in new_row:
+            source, row = new_arrays, new_row[path]
+        else:
+            continue
+        for name, array in source.items():
+            pieces[name].append(np.asarray(array[row : row + 1]))
+        entries.append(stats[path])
+    failed = [{"path": str(to_encode[i]), "error": error} for i, error in sorted(errors.items())]
+    update = {"encoded": [str(to_encode[i]) for i in encoded_rows], "reused": len(reused), "removed": removed,
+              "failed": failed}
+    _write_index(out, settings, entries, pieces, update)
+    return update
+
+
+def _write_index(out: Path, settings: dict[str, Any], entries: list[dict], pieces: dict[str, list],
+                 update: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, parts in pieces.items():
+        if not parts:
+            (out / f"{name}.npy").unlink(missing_ok=True)
+            continue
+        temporary = out / f".{name}.npy.tmp"
+        with open(temporary, "wb") as handle:
+            np.save(handle, np.concatenate(parts))
+        os.replace(temporary, out / f"{name}.npy")
+    meta = {"format": INDEX_FORMAT, "settings": settings, "videos": entries, "last_update": update}
+    temporary = out / ".index.json.tmp"
+    temporary.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, out / "index.json")  # last: the arrays above already match it
+
+
+@dataclass
+class Hit:
+    path: str
+    score: float
+    row: int
+
+
+@torch.no_grad()
+def search(trained: TrainedModel, index: VideoIndex, text: str, *, top_k: int = 10, rerank: bool = False,
+           rerank_top_k: int = 32, device: torch.device, precision: str) -> list[Hit]:
+    """The `top_k` videos of the index for `text`: meanP scores (exp(logit_scale) · cosine), or with `rerank`
+    the fusion rerank of the best `max(top_k, rerank_top_k)` (scores above 1000, METHOD §7a)."""
+    from modules.tokenization import ClipTokenizer
+
+    if not index.paths:
+        return []
+    model = trained.model
+    ids, mask = ClipTokenizer().encode(text, trained.settings["max_words"])
+    input_ids, attention_mask = torch.tensor([ids], device=device), torch.tensor([mask], device=device)
+    with autocast_context(device, precision):
+        eot, tokens = model.encode_text(input_ids, attention_mask)
+    query = torch.nn.functional.normalize(eot.float(), dim=-1)[0] * model.clip.logit_scale.float().exp()
+    features = index.array("clip_features")
+    keep = max(top_k, rerank_top_k if rerank else 0)
+    best_scores, best_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
+    for start in range(0, features.shape[0], SEARCH_CHUNK):
+        chunk = torch.from_numpy(np.array(features[start : start + SEARCH_CHUNK], dtype=np.float32)).to(device)
+        scores = (chunk @ query).cpu()
+        scores, rows = torch.cat([best_scores, scores]), torch.cat([best_rows, torch.arange(start, start +
+                                                                                         len(chunk))])
+        order = scores.topk(min(keep, len(scores))).indices
+        best_scores, best_rows = scores[order], rows[order]
+    if rerank:
+        trained.require_fusion("--rerank")
+        best_scores = _rerank(trained, index, best_rows, best_scores, tokens, attention_mask, device, precision)
+        order = best_scores.argsort(descending=True)
+        best_scores, best_rows = best_scores[order], best_rows[order]
+    paths = index.paths
+    return [Hit(paths[int(row)], float(score), int(row)) for score, row in zip(best_scores[:top_k],
+                                                                               best_rows[:top_k])]
+
+
+def _rerank(trained, index, rows, scores, tokens, attention_mask, device, precision) -> torch.Tensor:
+    model = trained.model
+    def rows_of(name: str, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.array(index.array(name)[rows.numpy()], dtype=dtype)).to(device)
+
+    frames, video_mask, tubes = rows_of("frames", np.float32), rows_of("video_mask", np.int64), rows_of("tubes",
+                                                                                                       np.float32)
+
+    def match_probability(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        flat = candidates.reshape(-1).to(device)
+        count = flat.shape[0]
+        with autocast_context(device, precision):
+            logits = model.match_logits(frames[flat], video_mask[flat], tubes[flat],
+                                        tokens.expand(count, -1, -1), attention_mask.expand(count, -1),
+                                        group_size=candidates.shape[1])
+        return torch.softmax(logits.float(), dim=-1)[:, 1].reshape(candidates.shape).cpu()
+
+    return rerank_scores(scores[None].double(), len(rows), match_probability)[0].float()
