@@ -191,6 +191,40 @@ def _fits_demo_clip(path: Path) -> bool:
     return width is not None and width.shape[0] == DEMO_CLIP.transformer_width
 
 
+def search_rate(checkpoint: Path, demo_dir: Path, work: Path, rerank: bool = False) -> str:
+    """predict.py's index + query on the demo's held-out videos: how often a test caption finds its own video in
+    the top 3 (the search a user runs on their own folder, checked against known answers)."""
+    import csv
+
+    import predict
+
+    videos = work / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    with open(demo_dir / "MSRVTT" / "MSRVTT_JSFUSION_test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        link = videos / f"{row['video_id']}.mp4"
+        if not link.exists():
+            link.symlink_to((demo_dir / "MSRVTT" / "videos" / "all" / link.name).resolve())
+    predict.main(["index", str(videos), "--init_model", str(checkpoint), "--out", str(work / "index"),
+                  "--num_workers", "0"])
+    import torch
+
+    from engine.trained_model import load_trained_model
+    from engine.video_index import VideoIndex, search
+
+    trained = load_trained_model(checkpoint)
+    index = VideoIndex.load(work / "index")
+    found = 0
+    for row in rows:
+        hits = search(trained, index, row["sentence"], top_k=3, rerank=rerank, device=torch.device("cpu"),
+                      precision="fp32")
+        found += any(Path(hit.path).stem == row["video_id"] for hit in hits)
+    return (f"predict.py search on {len(rows)} held-out demo videos ({'rerank' if rerank else 'meanP'}): a test "
+            f"caption's own video is in the top 3 for {found} of {len(rows)} ({100 * found / len(rows):.0f}%; "
+            f"chance {300 / len(rows):.0f}%)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -201,7 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     latest_parser = commands.add_parser("latest", help="print the newest demo checkpoint of a stage (exit 1: none)")
     latest_parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
     latest_parser.add_argument("--output_root", type=Path, default=ROOT / "output")
+    search_parser = commands.add_parser("search_rate", help="predict.py index/query on the held-out demo videos")
+    search_parser.add_argument("--checkpoint", type=Path, required=True)
+    search_parser.add_argument("--demo_data", type=Path, default=Path("demo_data"))
+    search_parser.add_argument("--work", type=Path, default=ROOT / "output" / "demo_search")
+    search_parser.add_argument("--rerank", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "search_rate":
+        print(search_rate(args.checkpoint, args.demo_data, args.work, args.rerank))
+        return 0
     if args.command == "prepare":
         for name, path in prepare(args.out).items():
             print(f"{name}: {path}")

@@ -225,16 +225,8 @@ def search(trained: TrainedModel, index: VideoIndex, text: str, *, top_k: int = 
     with autocast_context(device, precision):
         eot, tokens = model.encode_text(input_ids, attention_mask)
     query = torch.nn.functional.normalize(eot.float(), dim=-1)[0] * model.clip.logit_scale.float().exp()
-    features = index.array("clip_features")
     keep = max(top_k, rerank_top_k if rerank else 0)
-    best_scores, best_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-    for start in range(0, features.shape[0], SEARCH_CHUNK):
-        chunk = torch.from_numpy(np.array(features[start : start + SEARCH_CHUNK], dtype=np.float32)).to(device)
-        scores = (chunk @ query).cpu()
-        scores, rows = torch.cat([best_scores, scores]), torch.cat([best_rows, torch.arange(start, start +
-                                                                                         len(chunk))])
-        order = scores.topk(min(keep, len(scores))).indices
-        best_scores, best_rows = scores[order], rows[order]
+    best_scores, best_rows = top_rows(index.array("clip_features"), query, keep)
     if rerank:
         trained.require_fusion("--rerank")
         best_scores = _rerank(trained, index, best_rows, best_scores, tokens, attention_mask, device, precision)
@@ -243,6 +235,21 @@ def search(trained: TrainedModel, index: VideoIndex, text: str, *, top_k: int = 
     paths = index.paths
     return [Hit(paths[int(row)], float(score), int(row)) for score, row in zip(best_scores[:top_k],
                                                                                best_rows[:top_k])]
+
+
+def top_rows(features: np.ndarray, query: torch.Tensor, keep: int,
+             chunk_rows: int = SEARCH_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-`keep` (scores, rows) of `features` [N, D] (e.g. memory-mapped) · `query` [D], a chunk of rows at a
+    time so that N is limited by the disk, not by memory."""
+    best_scores = torch.empty(0)
+    best_rows = torch.empty(0, dtype=torch.long)
+    for start in range(0, features.shape[0], chunk_rows):
+        chunk = torch.from_numpy(np.array(features[start : start + chunk_rows], dtype=np.float32)).to(query.device)
+        scores = torch.cat([best_scores, (chunk @ query.float()).cpu()])
+        rows = torch.cat([best_rows, torch.arange(start, start + len(chunk))])
+        order = scores.topk(min(keep, len(scores))).indices
+        best_scores, best_rows = scores[order], rows[order]
+    return best_scores, best_rows
 
 
 def _rerank(trained, index, rows, scores, tokens, attention_mask, device, precision) -> torch.Tensor:
