@@ -35,15 +35,7 @@ esac
 SCRIPT=video_captioning/${DATASET}_captioning.py
 
 if [[ -z "${DATA_PATH:-}" ]]; then
-  DEMO_DATA=${DEMO_DATA:-./demo_data}
-  export DEMO_DATA
-  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA" > /dev/null
-  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m engine.demo latest --stage 2 || true)}
-  if [[ -z "$INIT_MODEL" ]]; then
-    echo "no demo stage-2 checkpoint yet: running the stage-2 demo first (bash start_fusion.sh)"
-    env -u OUTPUT_PATH PYTHON="$PYTHON" NPROC_PER_NODE="$NPROC_PER_NODE" bash start_fusion.sh
-    INIT_MODEL=$("$PYTHON" -m engine.demo latest --stage 2)
-  fi
+  demo_init_model 2
   if [[ "$DATASET" == msvd ]]; then DEMO_ANNOTATIONS=$DEMO_DATA/MSVD; else DEMO_ANNOTATIONS=$DEMO_DATA/MSRVTT/MSRVTT_data.json; fi
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_caption_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: fine-tuning $DATASET captioning on the demo data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
@@ -62,20 +54,14 @@ if [[ -z "${DATA_PATH:-}" ]]; then
 fi
 
 check_real_run_inputs start_caption.sh
-if [[ ! -f "${INIT_MODEL:-}" ]]; then
-  echo "start_caption.sh: INIT_MODEL '${INIT_MODEL:-}' is not a file: set it to the stage-2 checkpoint to fine-tune (or a captioning one with EVAL_ONLY=1)" >&2
-  exit 2
-fi
+require_file start_caption.sh "${INIT_MODEL:-}" "set INIT_MODEL to the stage-2 checkpoint to fine-tune (or a captioning one with EVAL_ONLY=1)"
 OUTPUT_PATH=${OUTPUT_PATH:-./output/caption_$DATASET}
 BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}
 case "$DATASET" in
   msvd)   VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/MSVD_Videos}; ANNOTATIONS=$DATA_PATH ;;
   msrvtt) VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/MSRVTT_Videos}; ANNOTATIONS=$DATA_PATH/MSRVTT_data.json ;;
 esac
-if [[ ! -d "$VIDEO_PATH" ]]; then
-  echo "start_caption.sh: video folder $VIDEO_PATH not found: set VIDEO_PATH" >&2
-  exit 2
-fi
+require_folder start_caption.sh "$VIDEO_PATH" "set VIDEO_PATH"
 # The original recipe (METHOD §8): 10 epochs, lr 5e-5, backbone 5e-5 x 1e-3, fusion list + local_visual 1e-6,
 # 12 frames at 1 fps, warmup 0.2, greedy decoding.
 MODE=--do_train

@@ -25,15 +25,7 @@ cd "$(dirname "$0")"
 source engine/launch.sh
 
 if [[ -z "${DATA_PATH:-}" ]]; then
-  DEMO_DATA=${DEMO_DATA:-./demo_data}
-  export DEMO_DATA
-  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA" > /dev/null
-  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m engine.demo latest --stage 1 || true)}
-  if [[ -z "$INIT_MODEL" ]]; then
-    echo "no demo stage-1 checkpoint yet: running the stage-1 demo first (bash start_clip.sh)"
-    env -u OUTPUT_PATH PYTHON="$PYTHON" NPROC_PER_NODE="$NPROC_PER_NODE" bash start_clip.sh
-    INIT_MODEL=$("$PYTHON" -m engine.demo latest --stage 1)
-  fi
+  demo_init_model 1
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage2_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: running the stage-2 demo on synthetic data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
   "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=30 --batch_size=16 --n_display=50 \

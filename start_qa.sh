@@ -48,15 +48,7 @@ qa_files() {  # qa_files FOLDER: the annotation flags of $DATASET in FOLDER
 }
 
 if [[ -z "${DATA_PATH:-}" ]]; then
-  DEMO_DATA=${DEMO_DATA:-./demo_data}
-  export DEMO_DATA
-  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA" > /dev/null
-  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m engine.demo latest --stage 2 || true)}
-  if [[ -z "$INIT_MODEL" ]]; then
-    echo "no demo stage-2 checkpoint yet: running the stage-2 demo first (bash start_fusion.sh)"
-    env -u OUTPUT_PATH PYTHON="$PYTHON" NPROC_PER_NODE="$NPROC_PER_NODE" bash start_fusion.sh
-    INIT_MODEL=$("$PYTHON" -m engine.demo latest --stage 2)
-  fi
+  demo_init_model 2
   if [[ "$DATASET" == msrvtt ]]; then QA_DIR=$DEMO_DATA/MSRVTT-QA; else QA_DIR=$DEMO_DATA/MSVD-QA; fi
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_qa_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: fine-tuning $DATASET QA on the demo data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
@@ -75,17 +67,11 @@ if [[ -z "${DATA_PATH:-}" ]]; then
 fi
 
 check_real_run_inputs start_qa.sh
-if [[ ! -f "${INIT_MODEL:-}" ]]; then
-  echo "start_qa.sh: INIT_MODEL '${INIT_MODEL:-}' is not a file: set it to the stage-2 checkpoint to fine-tune (or a QA one with EVAL_ONLY=1)" >&2
-  exit 2
-fi
+require_file start_qa.sh "${INIT_MODEL:-}" "set INIT_MODEL to the stage-2 checkpoint to fine-tune (or a QA one with EVAL_ONLY=1)"
 OUTPUT_PATH=${OUTPUT_PATH:-./output/qa_$DATASET}
 BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}
 if [[ "$DATASET" == msrvtt ]]; then VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/MSRVTT_Videos}; else VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/MSVD_Videos}; fi
-if [[ ! -d "$VIDEO_PATH" ]]; then
-  echo "start_qa.sh: video folder $VIDEO_PATH not found: set VIDEO_PATH" >&2
-  exit 2
-fi
+require_folder start_qa.sh "$VIDEO_PATH" "set VIDEO_PATH"
 # The original recipe (METHOD §8): 5 epochs, lr 2e-4, backbone 2e-4 x 1e-3, fusion list 5e-6, 12 frames at 1 fps,
 # seed 2021, evaluated on test after each epoch.
 MODE=--do_train

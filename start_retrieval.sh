@@ -38,15 +38,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     echo "start_retrieval.sh: the demo data is laid out as MSR-VTT; unset DATASET (or set DATA_PATH)" >&2
     exit 2
   fi
-  DEMO_DATA=${DEMO_DATA:-./demo_data}
-  export DEMO_DATA
-  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA" > /dev/null
-  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m engine.demo latest --stage 2 || true)}
-  if [[ -z "$INIT_MODEL" ]]; then
-    echo "no demo stage-2 checkpoint yet: running the stage-2 demo first (bash start_fusion.sh)"
-    env -u OUTPUT_PATH PYTHON="$PYTHON" NPROC_PER_NODE="$NPROC_PER_NODE" bash start_fusion.sh
-    INIT_MODEL=$("$PYTHON" -m engine.demo latest --stage 2)
-  fi
+  demo_init_model 2
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_retrieval_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: fine-tuning retrieval on the demo data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
   # The demo model is tiny and its backbone is far from converged, so it trains at much higher rates than the
@@ -65,10 +57,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
 fi
 
 check_real_run_inputs start_retrieval.sh
-if [[ ! -f "${INIT_MODEL:-}" ]]; then
-  echo "start_retrieval.sh: INIT_MODEL '${INIT_MODEL:-}' is not a file: set it to the stage-2 checkpoint to fine-tune (or a downstream one with --do_eval)" >&2
-  exit 2
-fi
+require_file start_retrieval.sh "${INIT_MODEL:-}" "set INIT_MODEL to the stage-2 checkpoint to fine-tune (or a downstream one with EVAL_ONLY=1)"
 OUTPUT_PATH=${OUTPUT_PATH:-./output/retrieval_$DATASET}
 BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}
 MAX_WORDS=${MAX_WORDS:-32}
@@ -80,10 +69,7 @@ case "$DATASET" in
   lsmdc)  VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/LSMDC_Videos}; data_flags=(--data_path "$DATA_PATH") ;;
   didemo) VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/DiDeMo_Videos}; data_flags=(--data_path "$DATA_PATH") ;;
 esac
-if [[ ! -d "$VIDEO_PATH" ]]; then
-  echo "start_retrieval.sh: video folder $VIDEO_PATH not found: set VIDEO_PATH" >&2
-  exit 2
-fi
+require_folder start_retrieval.sh "$VIDEO_PATH" "set VIDEO_PATH"
 # The original recipe (METHOD §8): 5 epochs, lr 5e-5, backbone 5e-5 x 1e-3, fusion list 5e-6, 12 frames at 2 fps.
 MODE=--do_train
 if [[ -n "${EVAL_ONLY:-}" ]]; then MODE=--do_eval; fi

@@ -17,7 +17,6 @@ Those checkpoints cannot be fetched from anywhere.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,11 +25,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_clip import sha256_of  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "checkpoints" / "released"
 MANIFEST = "manifest.json"
 DRIVE_URL = "https://drive.google.com/uc?id={id}"
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,6 @@ def gdown_download(url: str, destination: Path) -> None:
         raise FetchError(f"cannot download {url}: {error}") from error
     if result is None:
         raise FetchError(f"cannot download {url} (gdown gave no file)")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: Path) -> dict[str, dict]:

@@ -34,7 +34,8 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """In order, `None` samples dropped (`collate_clips`), a private generator (the global RNG is left alone)."""
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
@@ -65,7 +66,7 @@ def encode_split(
     model.eval()
     videos: dict[str, list] = {"frames": [], "video_mask": [], "tubes": [], "video_ids": [], "rows": []}
     skipped = 0
-    for batch in tqdm(_loader(dataset.video_dataset(), batch_size, num_workers, device), desc="encoding videos",
+    for batch in tqdm(eval_loader(dataset.video_dataset(), batch_size, num_workers, device), desc="encoding videos",
                       disable=not show_progress, leave=False):
         skipped += batch["n_skipped"]
         if is_empty_batch(batch):
@@ -87,7 +88,7 @@ def encode_split(
     kept_captions = [i for i, video in enumerate(split.caption_video) if video in kept_row]
     texts: dict[str, list] = {"text": [], "text_tokens": [], "input_ids": [], "attention_mask": []}
     captions = Subset(dataset.caption_dataset(), kept_captions)
-    for batch in tqdm(_loader(captions, batch_size, num_workers, device), desc="encoding captions",
+    for batch in tqdm(eval_loader(captions, batch_size, num_workers, device), desc="encoding captions",
                       disable=not show_progress, leave=False):
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast_context(device, precision):

@@ -28,3 +28,35 @@ check_real_run_inputs() {
     exit 2
   fi
 }
+
+# demo_init_model STAGE: prepare the demo data (DEMO_DATA, default ./demo_data) and set INIT_MODEL (unless given) to
+# the newest demo checkpoint of STAGE, running that stage's demo launcher first when there is none.
+demo_init_model() {
+  local stage=$1 launcher
+  if [[ "$stage" == 1 ]]; then launcher=start_clip.sh; else launcher=start_fusion.sh; fi
+  DEMO_DATA=${DEMO_DATA:-./demo_data}
+  export DEMO_DATA
+  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA" > /dev/null
+  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m engine.demo latest --stage "$stage" || true)}
+  if [[ -z "$INIT_MODEL" ]]; then
+    echo "no demo stage-$stage checkpoint yet: running the stage-$stage demo first (bash $launcher)"
+    env -u OUTPUT_PATH PYTHON="$PYTHON" NPROC_PER_NODE="$NPROC_PER_NODE" bash "$launcher"
+    INIT_MODEL=$("$PYTHON" -m engine.demo latest --stage "$stage")
+  fi
+}
+
+# require_file SCRIPT PATH WHAT: exit 2 naming WHAT unless PATH is a file.
+require_file() {
+  if [[ ! -f "$2" ]]; then
+    echo "$1: '$2' is not a file: $3" >&2
+    exit 2
+  fi
+}
+
+# require_folder SCRIPT PATH WHAT: exit 2 naming WHAT unless PATH is a folder.
+require_folder() {
+  if [[ ! -d "$2" ]]; then
+    echo "$1: folder $2 not found: $3" >&2
+    exit 2
+  fi
+}

@@ -24,7 +24,7 @@ from modules.model import T2VLP, T2VLPConfig
 from modules.tokenization import ClipTokenizer
 from tests.model_helpers import TINY_FUSION_CLIP
 from tests.test_stage1_training import metrics
-from tests.torchrun import ROOT, run_torchrun
+from tests.torchrun import ROOT, original_task_folder, run_torchrun
 
 sys.path.insert(0, str(ROOT / "video_captioning"))
 import msrvtt_captioning  # noqa: E402
@@ -169,11 +169,8 @@ ORIGINAL_CAPTIONING = (
 
 def test_original_captioning_command_from_the_task_folder(small_demo_source, tiny_fusion_clip_checkpoint,
                                                           stage1_checkpoint, tmp_path):
-    work, data = tmp_path / "work", tmp_path / "data"
-    (work / "video_captioning").mkdir(parents=True)
-    (work / "CLIP-modules").mkdir()
-    shutil.copy(tiny_fusion_clip_checkpoint, work / "CLIP-modules" / "ViT-B-16.pt")
-    shutil.copytree(ROOT / "CLIP-modules" / "cross-base", work / "CLIP-modules" / "cross-base")
+    task_folder = original_task_folder(tmp_path, "video_captioning", tiny_fusion_clip_checkpoint)
+    data = tmp_path / "data"
     shutil.copytree(small_demo_source["msvd_dir"], data)
     (data / "MSVD_Videos").symlink_to(small_demo_source["videos_dir"])
     output = tmp_path / "output"
@@ -182,7 +179,7 @@ def test_original_captioning_command_from_the_task_folder(small_demo_source, tin
     arguments = shlex.split(command)
     # the tiny CLIP has 2 text blocks: the one flag added is --fusion_layers (the original's 6 needs ViT-B/16)
     run_torchrun(ROOT / "video_captioning" / arguments[0], *arguments[1:], "--fusion_layers=2", nproc=1,
-                 cwd=work / "video_captioning", timeout=900)
+                 cwd=task_folder, timeout=900)
     records = metrics(output)
     val_steps = [r["step"] for r in records if r["split"] == "val"]
     assert val_steps[0] == 0 and len(val_steps) == 11  # before training, then after each of the 10 epochs

@@ -17,7 +17,7 @@ from modules.checkpoint import original_format_state_dict, read_model_state_dict
 from modules.model import T2VLP, T2VLPConfig
 from modules.tokenization import ClipTokenizer
 from tests.test_stage1_training import metrics
-from tests.torchrun import ROOT, run_torchrun
+from tests.torchrun import ROOT, original_task_folder, run_torchrun
 
 sys.path.insert(0, str(ROOT / "video_qa"))
 import main_task_qa_msrvtt  # noqa: E402
@@ -175,11 +175,8 @@ ORIGINAL_QA = (
 
 def test_original_qa_command_from_the_task_folder(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint,
                                                   tmp_path):
-    work, data = tmp_path / "work", tmp_path / "data"
-    (work / "video_qa").mkdir(parents=True)
-    (work / "CLIP-modules").mkdir()
-    shutil.copy(tiny_fusion_clip_checkpoint, work / "CLIP-modules" / "ViT-B-16.pt")
-    shutil.copytree(ROOT / "CLIP-modules" / "cross-base", work / "CLIP-modules" / "cross-base")
+    task_folder = original_task_folder(tmp_path, "video_qa", tiny_fusion_clip_checkpoint)
+    data = tmp_path / "data"
     shutil.copytree(small_demo_source["msrvtt_qa_dir"], data)
     (data / "MSRVTT_Videos").symlink_to(small_demo_source["videos_dir"])
     output = tmp_path / "output"
@@ -187,7 +184,7 @@ def test_original_qa_command_from_the_task_folder(small_demo_source, tiny_fusion
                .replace("${INIT_MODEL}", str(stage1_checkpoint)))
     arguments = shlex.split(command)
     run_torchrun(ROOT / "video_qa" / arguments[0], *arguments[1:], "--fusion_layers=2", nproc=1,
-                 cwd=work / "video_qa", timeout=900)
+                 cwd=task_folder, timeout=900)
     records = metrics(output)
     assert [r["step"] for r in records][0] == 0 and len(records) == 6  # before training, then after each epoch
     log = (output / "log.txt").read_text()

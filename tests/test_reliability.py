@@ -299,3 +299,24 @@ def test_start_scripts_check_their_inputs_before_launching(tmp_path):
         result = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "missing.pt" in result.stderr and "fetch_clip.py" in result.stderr
         shutil.rmtree(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("script, dataset", [("start_retrieval.sh", "msvd"), ("start_caption.sh", "msvd"),
+                                             ("start_qa.sh", "msrvtt")])
+def test_task_launchers_check_their_inputs_before_launching(tmp_path, script, dataset):
+    clip = tmp_path / "clip.pt"
+    clip.write_bytes(b"x")
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, **CPU_ENV, "DATA_PATH": str(tmp_path / "data"), "CLIP_PATH": str(clip), "DATASET": dataset}
+
+    def launch(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / script)], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=60)
+
+    result = launch(INIT_MODEL=str(tmp_path / "missing.bin"))
+    assert result.returncode == 2 and "missing.bin' is not a file: set INIT_MODEL" in result.stderr
+    result = launch(INIT_MODEL=str(clip))
+    assert result.returncode == 2 and "not found: set VIDEO_PATH" in result.stderr
+    result = launch(INIT_MODEL=str(clip), DATASET="nope")
+    assert result.returncode == 2 and "DATASET must be" in result.stderr
+    assert "torch.distributed" not in result.stderr

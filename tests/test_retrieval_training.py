@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from modules.checkpoint import original_format_state_dict, read_model_state_dict
 from modules.model import T2VLP, T2VLPConfig
 from tests.test_stage1_training import metrics
-from tests.torchrun import ROOT, run_torchrun
+from tests.torchrun import ROOT, original_task_folder, run_torchrun
 
 sys.path.insert(0, str(ROOT / "video_text_retrieval"))
 import main_task_retrieval_msrvtt  # noqa: E402
@@ -115,11 +114,8 @@ ORIGINAL_RETRIEVAL = (
 def test_original_retrieval_command_from_the_task_folder(small_demo_source, tiny_fusion_clip_checkpoint,
                                                          stage1_checkpoint, tmp_path):
     # The original ran from video_text_retrieval/, CLIP at ../CLIP-modules/ViT-B-16.pt; DATA_PATH holds MSR-VTT.
-    work, data = tmp_path / "work", tmp_path / "data"
-    (work / "video_text_retrieval").mkdir(parents=True)
-    (work / "CLIP-modules").mkdir()
-    shutil.copy(tiny_fusion_clip_checkpoint, work / "CLIP-modules" / "ViT-B-16.pt")
-    shutil.copytree(ROOT / "CLIP-modules" / "cross-base", work / "CLIP-modules" / "cross-base")
+    task_folder = original_task_folder(tmp_path, "video_text_retrieval", tiny_fusion_clip_checkpoint)
+    data = tmp_path / "data"
     data.mkdir()
     for name, key in (("MSRVTT_train.9k.csv", "train_csv"), ("MSRVTT_JSFUSION_test.csv", "test_csv"),
                       ("MSRVTT_data.json", "data_json"), ("MSRVTT_Videos", "videos_dir")):
@@ -130,7 +126,7 @@ def test_original_retrieval_command_from_the_task_folder(small_demo_source, tiny
     arguments = shlex.split(command)
     # the tiny CLIP has 2 text blocks: the one flag added is --fusion_layers (the original's 6 needs ViT-B/16)
     run_torchrun(ROOT / "video_text_retrieval" / arguments[0], *arguments[1:], "--fusion_layers=2", nproc=1,
-                 cwd=work / "video_text_retrieval", timeout=900)
+                 cwd=task_folder, timeout=900)
 
     records = metrics(output)
     epoch_ends = sorted({r["step"] for r in records})

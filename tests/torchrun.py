@@ -27,3 +27,16 @@ def run_torchrun(script: Path, *arguments: str, nproc: int, cwd: Path = ROOT, ti
     result = subprocess.run(command, cwd=cwd, env={**os.environ, **CPU_ENV}, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def original_task_folder(tmp_path: Path, folder: str, clip: Path) -> Path:
+    """A working copy laid out like the original repository for running a task script from inside its folder:
+    `<work>/<folder>/` with CLIP at `../CLIP-modules/ViT-B-16.pt` (and cross-base beside it). Returns the folder."""
+    import shutil
+
+    work = tmp_path / "work"
+    (work / folder).mkdir(parents=True)
+    (work / "CLIP-modules").mkdir()
+    shutil.copy(clip, work / "CLIP-modules" / "ViT-B-16.pt")
+    shutil.copytree(ROOT / "CLIP-modules" / "cross-base", work / "CLIP-modules" / "cross-base")
+    return work / folder

@@ -15,10 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloaders.captioning import references_by_video
-from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.collate import is_empty_batch
 from dataloaders.video import normalize_video
 from engine.caption_metrics import METRIC_NAMES, shared_scorer
-from engine.evaluation import autocast_context
+from engine.evaluation import autocast_context, eval_loader
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
@@ -100,10 +100,7 @@ def decode_split(
     """Decode a caption for every video of `videos` (a dataset of {video, video_mask, video_id}, e.g. a split's
     `video_dataset()`): ({video_id: token ids without SOT/EOT}, number of videos that could not be decoded)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(
-        videos, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
-    )
+    loader = eval_loader(videos, batch_size, num_workers, device)
     tokens: dict[str, list[int]] = {}
     skipped = 0
     for batch in tqdm(loader, desc=f"captioning ({decode.label})", disable=not show_progress, leave=False):

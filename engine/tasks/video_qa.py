@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.collate import is_empty_batch
 from dataloaders.video import normalize_video
 from dataloaders.video_qa import IGNORE_LABEL, QADataset
 from engine import distributed
-from engine.evaluation import autocast_context
+from engine.evaluation import autocast_context, eval_loader
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
@@ -89,9 +89,7 @@ def predict_answers(model: nn.Module, dataset: QADataset, head: str, *, batch_si
     `indices` of the dataset (default: all)."""
     model.eval()
     subset = Subset(dataset, indices if indices is not None else range(len(dataset)))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_clips, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))
+    loader = eval_loader(subset, batch_size, num_workers, device)
     predictions: dict[int, tuple[int, float]] = {}
     skipped = 0
     for batch in tqdm(loader, desc="answering", disable=not show_progress, leave=False):
