@@ -9,12 +9,11 @@ cap). Videos are found anywhere under `features_path` by their full file name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from dataloaders.msvd import read_id_list
-from dataloaders.raw_video_text import AnnotationError, PairsDataset, keep_pairs_with_videos
+from dataloaders.raw_video_text import AnnotationError, PairsDataset, keep_pairs_with_videos, read_json_file
 from dataloaders.retrieval_split import index_video_files
 
 SPLITS = ("train", "val", "test")
@@ -24,10 +23,7 @@ WINDOW_SECONDS = (0, 31)
 def read_didemo_descriptions(path: str | Path) -> dict[str, list[str]]:
     """{video file name: [description, ...]} in file order from a `*_data.json` array."""
     path = Path(path)
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AnnotationError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    items = read_json_file(path)
     if not isinstance(items, list):
         raise AnnotationError(f"{path}: expected a JSON array of moment annotations")
     descriptions: dict[str, list[str]] = {}

@@ -6,7 +6,6 @@ Videos are `<features_path>/<video_id>.mp4`. Samples follow docs/CONTRACTS.md (s
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -14,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset, TextTokenizer  # noqa: F401 (re-exported)
+from dataloaders.raw_video_text import (  # noqa: F401 (AnnotationError, TextTokenizer re-exported)
+    AnnotationError,
+    RawVideoTextDataset,
+    TextTokenizer,
+    read_json_file,
+)
 from dataloaders.retrieval_split import RetrievalSplit
 
 logger = logging.getLogger("t2vlp.data")
@@ -44,11 +48,7 @@ def read_csv_columns(path: str | Path, columns: tuple[str, ...]) -> list[dict[st
 def read_msrvtt_sentences(json_path: str | Path) -> list[tuple[str, str]]:
     """`MSRVTT_data.json` -> its `sentences` as (video_id, caption) pairs in file order."""
     json_path = Path(json_path)
-    with json_path.open(encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise AnnotationError(f"{json_path}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    data = read_json_file(json_path)
     sentences = data.get("sentences") if isinstance(data, dict) else None
     if not isinstance(sentences, list):
         raise AnnotationError(f"{json_path}: expected an object with a 'sentences' list")
@@ -128,11 +128,7 @@ def read_msrvtt_video_splits(json_path: str | Path) -> dict[str, str]:
     """`MSRVTT_data.json` -> {video_id: split} in file order; split is "train", "validate" or "test" (the official
     video0-6512 / video6513-7009 / video7010-9999)."""
     json_path = Path(json_path)
-    with json_path.open(encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise AnnotationError(f"{json_path}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    data = read_json_file(json_path)
     videos = data.get("videos") if isinstance(data, dict) else None
     if not isinstance(videos, list):
         raise AnnotationError(f"{json_path}: expected an object with a 'videos' list (its splits are needed)")

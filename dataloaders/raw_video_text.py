@@ -9,6 +9,7 @@ through `collate_clips`' `n_skipped`).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,15 @@ class TextTokenizer(Protocol):
 
 class AnnotationError(InputError, ValueError):
     """An annotation file is malformed; the message names the file (and line or item)."""
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A JSON file's content; invalid JSON is an AnnotationError naming the file and line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AnnotationError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from error
 
 
 def default_tokenizer() -> TextTokenizer:

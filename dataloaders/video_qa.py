@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset
+from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset, read_json_file
 from dataloaders.retrieval_split import index_video_files
 from dataloaders.video import VideoDecodeError
 
@@ -67,10 +67,7 @@ def read_qa_jsonl(path: str | Path) -> list[QAItem]:
 def read_msvd_qa_json(path: str | Path, youtube_mapping: dict[str, str]) -> list[QAItem]:
     """MSVD-QA's original JSON array; `video_id` N becomes the clip id mapped to `vid<N>`."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AnnotationError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from error
+    records = read_json_file(path)
     if not isinstance(records, list):
         raise AnnotationError(f"{path}: expected a JSON array of questions, got {type(records).__name__}")
     items = []
@@ -117,10 +114,7 @@ def read_youtube_mapping(path: str | Path) -> dict[str, str]:
 def read_ans2label(path: str | Path) -> dict[str, int]:
     """`train_ans2label.json` -> {answer: index}; indices must be 0..n-1 (each once)."""
     path = Path(path)
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AnnotationError(f"{path}: not valid JSON ({error.msg})") from error
+    mapping = read_json_file(path)
     if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
         raise AnnotationError(f"{path}: expected an object {{answer: class index}}")
     if sorted(mapping.values()) != list(range(len(mapping))):

@@ -4,6 +4,7 @@ with the fusion encoder, rank, report."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,26 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
     )
 
 
+def encoded_video_batches(
+    model: torch.nn.Module, videos: Dataset, *, batch_size: int, device: torch.device, precision: str,
+    num_workers: int = 0, description: str = "encoding videos", show_progress: bool = True,
+) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor] | tuple[dict[str, Any], None, None, None]]:
+    """(batch, video_mask, frames, tubes) for each batch of an evaluation dataset of videos, encoded under autocast
+    (call under no_grad); a batch whose videos were all undecodable gives (batch, None, None, None). Every batch
+    carries `n_skipped`."""
+    model.eval()
+    for batch in tqdm(eval_loader(videos, batch_size, num_workers, device), desc=description,
+                      disable=not show_progress, leave=False):
+        if is_empty_batch(batch):
+            yield batch, None, None, None
+            continue
+        video = normalize_video(batch["video"].to(device, non_blocking=True))
+        video_mask = batch["video_mask"].to(device)
+        with autocast_context(device, precision):
+            frames, tubes = model.encode_video(video, video_mask)
+        yield batch, video_mask, frames, tubes
+
+
 @torch.no_grad()
 def encode_split(
     model: torch.nn.Module,
@@ -63,18 +84,14 @@ def encode_split(
     `keep_fusion_inputs` also the fusion encoder's inputs: "tubes" [N_v, K, D], "text_tokens" [N_t, L, D],
     "input_ids" and "attention_mask" [N_t, L]. All tensors on `device`.
     """
-    model.eval()
     videos: dict[str, list] = {"frames": [], "video_mask": [], "tubes": [], "video_ids": [], "rows": []}
     skipped = 0
-    for batch in tqdm(eval_loader(dataset.video_dataset(), batch_size, num_workers, device), desc="encoding videos",
-                      disable=not show_progress, leave=False):
+    for batch, video_mask, frames, tubes in encoded_video_batches(
+            model, dataset.video_dataset(), batch_size=batch_size, device=device, precision=precision,
+            num_workers=num_workers, show_progress=show_progress):
         skipped += batch["n_skipped"]
-        if is_empty_batch(batch):
+        if frames is None:
             continue
-        video = normalize_video(batch["video"].to(device, non_blocking=True))
-        video_mask = batch["video_mask"].to(device)
-        with autocast_context(device, precision):
-            frames, tubes = model.encode_video(video, video_mask)
         videos["frames"].append(frames.float())
         videos["video_mask"].append(video_mask)
         if keep_fusion_inputs:

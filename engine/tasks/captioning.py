@@ -12,13 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dataloaders.captioning import references_by_video
-from dataloaders.collate import is_empty_batch
-from dataloaders.video import normalize_video
 from engine.caption_metrics import METRIC_NAMES, shared_scorer
-from engine.evaluation import autocast_context, eval_loader
+from engine.evaluation import autocast_context, encoded_video_batches
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
@@ -99,18 +96,15 @@ def decode_split(
 ) -> tuple[dict[str, list[int]], int]:
     """Decode a caption for every video of `videos` (a dataset of {video, video_mask, video_id}, e.g. a split's
     `video_dataset()`): ({video_id: token ids without SOT/EOT}, number of videos that could not be decoded)."""
-    model.eval()
-    loader = eval_loader(videos, batch_size, num_workers, device)
     tokens: dict[str, list[int]] = {}
     skipped = 0
-    for batch in tqdm(loader, desc=f"captioning ({decode.label})", disable=not show_progress, leave=False):
+    for batch, video_mask, frames, tubes in encoded_video_batches(
+            model, videos, batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
+            description=f"captioning ({decode.label})", show_progress=show_progress):
         skipped += batch["n_skipped"]
-        if is_empty_batch(batch):
+        if frames is None:
             continue
-        video = normalize_video(batch["video"].to(device, non_blocking=True))
-        video_mask = batch["video_mask"].to(device)
         with autocast_context(device, precision):
-            frames, tubes = model.encode_video(video, video_mask)
             decoded = decode_captions(model, frames, video_mask, tubes, beam_size=decode.beam_size,
                                       max_steps=decode.max_steps, length_penalty=decode.length_penalty)
         tokens.update(zip(batch["video_id"], decoded.tokens))

@@ -18,13 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
-from dataloaders.collate import is_empty_batch
-from dataloaders.video import normalize_video
 from dataloaders.video_qa import IGNORE_LABEL, QADataset
 from engine import distributed
-from engine.evaluation import autocast_context, eval_loader
+from engine.evaluation import autocast_context, encoded_video_batches
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
@@ -87,20 +84,17 @@ def predict_answers(model: nn.Module, dataset: QADataset, head: str, *, batch_si
                     show_progress: bool = True) -> tuple[dict[int, tuple[int, float]], int]:
     """({question index: (predicted class or token id, its probability)}, videos that could not be decoded) for
     `indices` of the dataset (default: all)."""
-    model.eval()
     subset = Subset(dataset, indices if indices is not None else range(len(dataset)))
-    loader = eval_loader(subset, batch_size, num_workers, device)
     predictions: dict[int, tuple[int, float]] = {}
     skipped = 0
-    for batch in tqdm(loader, desc="answering", disable=not show_progress, leave=False):
+    for batch, video_mask, frames, tubes in encoded_video_batches(
+            model, subset, batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
+            description="answering", show_progress=show_progress):
         skipped += batch["n_skipped"]
-        if is_empty_batch(batch):
+        if frames is None:
             continue
         inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
-        video = normalize_video(batch["video"].to(device, non_blocking=True))
-        video_mask = batch["video_mask"].to(device)
         with autocast_context(device, precision):
-            frames, tubes = model.encode_video(video, video_mask)
             logits = answer_logits_of(model, inputs, head, video_mask, frames, tubes)
         probabilities = torch.softmax(logits.float(), dim=-1)
         best, choice = probabilities.max(dim=-1)
