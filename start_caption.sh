@@ -41,7 +41,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   echo "DATA_PATH is not set: fine-tuning $DATASET captioning on the demo data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
   # The demo model is tiny and far from converged, so it trains at much higher rates than the original recipe
   # (lr 5e-5, backbone 5e-8, new 1e-6), which only polish a pre-trained ViT-B/16.
-  "${launch[@]}" "$SCRIPT" --do_train --num_thread_reader=2 --epochs=4 --batch_size=32 --n_display=50 \
+  "${launch[@]}" "$SCRIPT" --do_train --num_thread_reader=2 --epochs=10 --batch_size=32 --n_display=50 \
     --data_path "$DEMO_ANNOTATIONS" --features_path "$DEMO_DATA/MSRVTT/videos/all" \
     --output_dir "$OUTPUT_PATH" --warmup_proportion 0.1 --lr 1e-4 --coef_lr 1 --new_params_lr 1e-3 \
     --max_words 16 --max_frames 4 --batch_size_val 32 --datatype "$DATASET" --expand_msrvtt_sentences \
