@@ -164,9 +164,9 @@ def qa_summary(output_dir: Path, records: list[dict], examples: int = EXAMPLES_S
     path = output_dir / f"predictions_{best['split']}_step{best['step']}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     lines.append("answers (question -> model | truth):")
-    step = max(1, len(rows) // examples)
-    lines += [f"  {row['video_id']}: {row['question']} -> {row['prediction']} | {row['answer']}"
-              for row in rows[::step][:examples]]
+    picks = sorted({round(i * (len(rows) - 1) / max(examples - 1, 1)) for i in range(examples)})  # spread out
+    lines += [f"  {rows[i]['video_id']}: {rows[i]['question']} -> {rows[i]['prediction']} | {rows[i]['answer']}"
+              for i in picks]
     lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
     return f"demo finished (video QA, {records[-1]['dataset']}):\n  " + "\n  ".join(lines)
 
