@@ -51,7 +51,7 @@ def run_qa(dataset: str, args: argparse.Namespace, dist_info: distributed.DistIn
     if dataset not in QA_DATASETS:
         raise ValueError(f"dataset must be one of {QA_DATASETS}, got {dataset!r}")
     precision = resolve_precision(args.precision, dist_info.device)
-    ans2label = read_ans2label(_required_file(args.qa_anslabel_json, "--msrvtt_qa_anslabel_json/--qa_anslabel_json"))
+    ans2label = read_ans2label(_required_file(args.qa_anslabel_json, f"--{dataset}_qa_anslabel_json"))
     classifier = args.qa_head == "classifier"
     model = build_model(args, num_answers=len(ans2label) if classifier else 0)
     if classifier and ANSWER_HEAD_KEY not in model.init_keys:
@@ -75,11 +75,7 @@ def run_qa(dataset: str, args: argparse.Namespace, dist_info: distributed.DistIn
             raise InputError(f"{path} has no questions")
         return data
 
-    train_path = _required_file(args.qa_train_json, flag.format("train"))
-    train_items = build_checked(lambda: qa_dataset(train_path, features, frame_order=args.train_frame_order,
-                                                   **options), str(train_path))
-    if len(train_items) == 0:
-        raise InputError(f"{train_path} has no questions")
+    train_items = split("train", args.train_frame_order)
     majority = majority_answer(train_items.items)
     evaluation = split(args.eval_split, args.eval_frame_order)
     _check_videos(evaluation, f"{flag.format(args.eval_split)} {getattr(args, f'qa_{args.eval_split}_json')}",
