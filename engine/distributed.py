@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,8 +45,16 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     if launched and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=collective_timeout())
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective may wait: the other ranks sit in a barrier while rank 0 evaluates (retrieval rerank,
+    caption decoding of a whole test split), which can take longer than torch's default (10 minutes for NCCL).
+    `T2VLP_DIST_TIMEOUT_MINUTES` overrides the default of 60."""
+    return timedelta(minutes=float(os.environ.get("T2VLP_DIST_TIMEOUT_MINUTES", "60")))
 
 
 def _active() -> bool:
