@@ -108,3 +108,14 @@ def test_single_process_on_cuda(monkeypatch):
     info = distributed.init_distributed()
     assert info.device == torch.device("cuda", 0)
     assert resolve_precision("auto", info.device) == "bf16"
+
+
+def test_collective_timeout_defaults_to_an_hour_and_follows_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from engine.distributed import collective_timeout
+
+    monkeypatch.delenv("T2VLP_DIST_TIMEOUT_MINUTES", raising=False)
+    assert collective_timeout() == timedelta(minutes=60)
+    monkeypatch.setenv("T2VLP_DIST_TIMEOUT_MINUTES", "5")
+    assert collective_timeout() == timedelta(minutes=5)
