@@ -208,3 +208,24 @@ def test_an_original_format_checkpoint_alone_is_enough(stage2_model, small_demo_
     theirs = run_predict("caption", video, "--init_model", str(released), "--fusion_layers", "2", "--max_frames",
                          "3", "--feature_framerate", "2", "--max_words", "16", "--match_norm", "group").stdout
     assert ours == theirs
+
+
+def test_a_checkpoint_without_clip_weights_needs_the_clip_file(stage2_model, tiny_fusion_clip_checkpoint,
+                                                               small_demo_source, tmp_path):
+    """Only then is --visual_pretrain_path needed; the CLIP weights come from it, the rest from the checkpoint."""
+    from modules.checkpoint import read_model_state_dict
+
+    state = read_model_state_dict(stage2_model)
+    clip_keys = ("clip.visual.", "clip.transformer.", "clip.token_embedding", "clip.positional_embedding",
+                 "clip.ln_final", "clip.text_projection", "clip.logit_scale")
+    without = {key: value for key, value in state.items() if not key.startswith(clip_keys)}
+    partial = tmp_path / "ckpt" / "pytorch_model.bin.2"  # beside the same run.json settings
+    partial.parent.mkdir()
+    shutil.copy(stage2_model.parent.parent / "run.json", tmp_path / "run.json")
+    torch.save({"global_step": 2, "model_state_dict": without}, partial)
+    video = str(small_demo_source["videos_dir"] / "video0.mp4")
+    result = run_predict("caption", video, "--init_model", str(partial), check=False)
+    assert result.returncode == 2 and "give --visual_pretrain_path" in result.stderr
+    with_clip = run_predict("caption", video, "--init_model", str(partial), "--visual_pretrain_path",
+                            str(tiny_fusion_clip_checkpoint)).stdout
+    assert with_clip.split("\t")[0] == video
