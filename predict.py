@@ -124,6 +124,7 @@ def run_caption(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def run_answer(args: argparse.Namespace) -> int:
     from dataloaders.video_qa import read_ans2label
+    from engine.tasks.video_qa import answer_logits_of
     from modules.tokenization import ClipTokenizer
 
     trained = _load(args)
@@ -142,12 +143,10 @@ def run_answer(args: argparse.Namespace) -> int:
         labels = {index: answer for answer, index in ans2label.items()}
     video, video_mask = _clip(trained, args.video, device)
     ids, mask = tokenizer.encode(args.question, trained.settings["max_words"])
-    input_ids, attention_mask = torch.tensor([ids], device=device), torch.tensor([mask], device=device)
+    question = {"input_ids": torch.tensor([ids], device=device), "attention_mask": torch.tensor([mask], device=device)}
     with autocast_context(device, _precision(device)):
         frames, tubes = model.encode_video(video, video_mask)
-        _, question = model.encode_text(input_ids, attention_mask)
-        states = model.fuse(frames, video_mask, tubes, question, attention_mask, answer_slot=True)
-        logits = model.answer_logits(states[:, -1], head)
+        logits = answer_logits_of(model, question, head, video_mask, frames, tubes)
     probability, choice = torch.softmax(logits.float(), dim=-1)[0].max(dim=-1)
     answer = labels[int(choice)] if labels is not None else tokenizer.decode([int(choice)])
     print(f"{answer}\t{float(probability):.4f}")

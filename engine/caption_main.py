@@ -46,28 +46,23 @@ def run_caption(dataset: str, args: argparse.Namespace, dist_info: distributed.D
     options = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
                    image_size=model.image_resolution, seed=args.seed, slice_framepos=args.slice_framepos)
 
-    def split(subset: str):
+    def split(subset: str, frame_order: int):
         data = build_checked(lambda: caption_dataset(dataset, args.data_path, args.features_path, subset,
-                                                frame_order=args.eval_frame_order, **options), "--data_path")
+                                                     frame_order=frame_order, **options), "--data_path")
         if len(data) == 0:
-            raise InputError(f"the {subset} split of --data_path {args.data_path} has no captions")
-        check_eval_videos(data, f"the {subset} split of --data_path {args.data_path}", args.features_path)
+            raise InputError(f"the {subset} split of --data_path {args.data_path} has no captions (check "
+                             f"--data_path / --features_path)")
+        if subset != "train":
+            check_eval_videos(data, f"the {subset} split of --data_path {args.data_path}", args.features_path)
         return data
 
     def evaluator(subset: str, best=None):
         return make_caption_evaluator(
-            split(subset), subset, run, args.output_dir, dist_info.device, precision,
+            split(subset, args.eval_frame_order), subset, run, args.output_dir, dist_info.device, precision,
             decode=DecodeSettings(args.beam_size, args.length_penalty, args.max_words - 1),
             protocol=args.caption_protocol, batch_size=args.batch_size_val, num_workers=args.num_thread_reader,
             best=best, extra={"dataset": dataset, **evaluated_checkpoint(args)},
         )
-
-    def train_dataset():
-        train = build_checked(lambda: caption_dataset(dataset, args.data_path, args.features_path, "train",
-                                                 frame_order=args.train_frame_order, **options), "--data_path")
-        if len(train) == 0:
-            raise InputError(f"no {dataset} training captions (check --data_path / --features_path)")
-        return train
 
     best = best_checkpoint_for(args.output_dir) if args.do_train and args.eval_split == "val" else None
     evaluate = evaluator(args.eval_split, best)
@@ -76,7 +71,8 @@ def run_caption(dataset: str, args: argparse.Namespace, dist_info: distributed.D
     task = caption_task(CaptionLossWeights(args.caption_weight, args.sim_weight, args.align_weight), evaluate)
     if args.do_train and args.eval_before_training:
         evaluate_before_training(args, dist_info, evaluate, model)
-    code = train_or_evaluate(args, dist_info, run, model, train_dataset, task, precision)
+    code = train_or_evaluate(args, dist_info, run, model, partial(split, "train", args.train_frame_order), task,
+                             precision)
     if code == EXIT_OK and test_evaluate is not None and dist_info.is_main:
         _test_selected_checkpoint(args.output_dir, model.to(dist_info.device), test_evaluate)
     return code
@@ -84,11 +80,10 @@ def run_caption(dataset: str, args: argparse.Namespace, dist_info: distributed.D
 
 def _test_selected_checkpoint(output_dir: str, model, test_evaluate) -> None:
     """Evaluate the test split with the checkpoint selected on val (once per selected step)."""
-    path = Path(output_dir) / BEST_CHECKPOINT_NAME
-    if not path.is_file():
+    best = best_checkpoint_for(output_dir).best
+    if best is None:
         logger.warning("no %s (no evaluation after step 0): the test split is not evaluated", BEST_CHECKPOINT_NAME)
         return
-    best = json.loads(path.read_text(encoding="utf-8"))
     if best["checkpoint"] is None or not Path(best["checkpoint"]).is_file():
         logger.warning("the best val step %d has no checkpoint on disk (see --save_steps / --keep_checkpoints): the "
                        "test split is not evaluated", best["step"])
