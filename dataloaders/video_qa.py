@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset, read_json_file
-from dataloaders.retrieval_split import index_video_files
+from dataloaders.retrieval_split import RetrievalSplit, SplitVideos, index_video_files
 from dataloaders.video import VideoDecodeError
 
 logger = logging.getLogger("t2vlp.data")
@@ -175,6 +175,11 @@ class QADataset(RawVideoTextDataset):
         if path is None:
             raise VideoDecodeError(f"no file for video {video_id} under {self.features_path}")
         return path, None
+
+    def video_dataset(self) -> SplitVideos:
+        """Each video of the questions once (decoded as for the questions), e.g. for the start-up check."""
+        split = RetrievalSplit.from_pairs([(item.video_id, item.question) for item in self.items])
+        return SplitVideos(split, self.load_video, self.seed)
 
     def label(self, answer: str) -> int:
         if self.head == "first_token":

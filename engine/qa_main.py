@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from dataloaders.video import VideoDecodeError
 from dataloaders.video_qa import (
     IGNORE_LABEL,
     MSRVTT_QA_EXCLUDED_VIDEOS,
@@ -23,7 +22,7 @@ from dataloaders.video_qa import (
 )
 from engine import distributed
 from engine.args import resolve_precision
-from engine.data import EVAL_ITEMS_CHECKED, build_checked
+from engine.data import build_checked, check_eval_videos
 from engine.entry import build_model, evaluate_before_training, run_main, train_or_evaluate
 from engine.evaluation import evaluated_checkpoint
 from engine.run_logging import RunLogger
@@ -78,8 +77,8 @@ def run_qa(dataset: str, args: argparse.Namespace, dist_info: distributed.DistIn
     train_items = split("train", args.train_frame_order)
     majority = majority_answer(train_items.items)
     evaluation = split(args.eval_split, args.eval_frame_order)
-    _check_videos(evaluation, f"{flag.format(args.eval_split)} {getattr(args, f'qa_{args.eval_split}_json')}",
-                  features)
+    check_eval_videos(evaluation, f"{flag.format(args.eval_split)} {getattr(args, f'qa_{args.eval_split}_json')}",
+                      features)
     if args.do_train:
         _report_unlabelled(train_items)
     best = BestCheckpoint(args.output_dir, f"{args.eval_split} accuracy") if args.do_train else None
@@ -92,19 +91,6 @@ def run_qa(dataset: str, args: argparse.Namespace, dist_info: distributed.DistIn
     if args.do_train and args.eval_before_training:
         evaluate_before_training(args, dist_info, evaluate, model, all_ranks=True)
     return train_or_evaluate(args, dist_info, run, model, lambda: train_items, task, precision)
-
-
-def _check_videos(dataset, source: str, features: str) -> None:
-    """One of the first videos of the evaluation split must decode, or the video folder is wrong (at start-up)."""
-    video_ids = list(dict.fromkeys(item.video_id for item in dataset.items))[:EVAL_ITEMS_CHECKED]
-    for video_id in video_ids:
-        try:
-            dataset.load_video(video_id)
-            return
-        except VideoDecodeError:
-            continue
-    raise InputError(f"none of the first {len(video_ids)} videos of {source} can be decoded from {features} "
-                     f"(wrong video folder? give --msrvtt_features_path / --qa_features_path)")
 
 
 def _report_unlabelled(train) -> None:
