@@ -402,25 +402,32 @@ def local_batch_sizes(batch_size: int, world_size: int, gradient_accumulation_st
     return per_process, per_process // gradient_accumulation_steps
 
 
+class ModelLimitError(InputError, ValueError):
+    """Flags asking for sizes the model cannot take (bad input: one line, exit 2)."""
+
+
 def check_model_limits(args: argparse.Namespace, *, context_length: int, num_frames: int | None = None,
                        fusion_extra_tokens: int | None = None) -> None:
-    """Raise ValueError naming the flag when the model cannot take these sizes.
+    """Raise ModelLimitError naming the flag when the model cannot take these sizes.
 
     `context_length`: rows of the text positional table (77 for CLIP). `num_frames`: frames per clip the joint
     attention is built for. `fusion_extra_tokens`: non-text positions of the fusion sequence (1 + frames +
     centers, +1 for QA), when the fusion encoder is used; it shares the same positional table length.
     """
     if args.max_words > context_length:
-        raise ValueError(f"--max_words {args.max_words} exceeds the text context length {context_length}")
+        raise ModelLimitError(f"--max_words {args.max_words} exceeds the text context length {context_length}")
     if num_frames is not None and args.max_frames != num_frames:
-        raise ValueError(
+        raise ModelLimitError(
             f"--max_frames {args.max_frames} must equal the model's frames per clip ({num_frames}): the joint "
             f"attention of the last ViT blocks is built for that many frames"
         )
     if fusion_extra_tokens is not None and args.max_words + fusion_extra_tokens > context_length:
-        raise ValueError(
+        room = context_length - fusion_extra_tokens
+        fix = (f"use --max_words <= {room}" if room >= 2 else
+               f"use fewer --max_frames (now {args.max_frames}; the original recipes use 12)")
+        raise ModelLimitError(
             f"the fusion sequence needs {fusion_extra_tokens} video positions + --max_words {args.max_words} "
-            f"> {context_length} positions; use --max_words <= {context_length - fusion_extra_tokens}"
+            f"> {context_length} positions; {fix}"
         )
 
 

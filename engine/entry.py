@@ -88,7 +88,8 @@ def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
         )
     config = replace(config, **config_overrides)
     model = T2VLP.from_pretrained(resolve_clip_path(args), init_model=args.init_model, config=config)
-    fusion_extra_tokens = 1 + args.max_frames + model.config.num_centers if config.with_fusion else None
+    answer_slot = 1 if args.task == "qa" else 0
+    fusion_extra_tokens = 1 + args.max_frames + model.config.num_centers + answer_slot if config.with_fusion else None
     check_model_limits(args, context_length=model.clip_config.context_length,
                        fusion_extra_tokens=fusion_extra_tokens)
     return model

@@ -11,6 +11,7 @@ from engine.args import (
     report_ignored_flags,
     resolve_precision,
 )
+from modules.errors import InputError
 
 # The stage-1 command line of the original start_clip.sh (launcher removed).
 ORIGINAL_STAGE1 = (
@@ -95,6 +96,8 @@ def test_model_limits():
     args.max_words = 64
     with pytest.raises(ValueError, match="max_words <= 56"):
         check_model_limits(args, context_length=77, num_frames=12, fusion_extra_tokens=21)
+    with pytest.raises(InputError, match=r"use fewer --max_frames \(now 12; the original recipes use 12\)"):
+        check_model_limits(args, context_length=77, num_frames=12, fusion_extra_tokens=1 + 100 + 8)
     args.max_words, args.max_frames = 32, 16
     with pytest.raises(ValueError, match="--max_frames 16"):
         check_model_limits(args, context_length=77, num_frames=12)
