@@ -161,41 +161,45 @@ def update_index(trained: TrainedModel, video_dir: str | Path, out: str | Path, 
     old_rows = {entry["path"]: (row, entry) for row, entry in enumerate(old_meta["videos"])} if old_meta else {}
     stats = {path: _stat(path) for path in files}
     reused = [path for path in files if str(path) in old_rows and old_rows[str(path)][1] == stats[path]]
-    to_encode = [path for path in files if path not in set(reused)]
+    reused_set = set(reused)
+    to_encode = [path for path in files if path not in reused_set]
     removed = sorted(set(old_rows) - {str(path) for path in files})
     new_arrays, encoded_rows, errors = (encode_videos(trained, to_encode, batch_size=batch_size,
                                                       num_workers=num_workers, device=device, precision=precision)
                                         if to_encode else ({}, [], {}))
-    entries, pieces = [], {name: [] for name in ARRAYS}
-    reused_set = set(reused)
     new_row = {to_encode[i]: row for row, i in enumerate(encoded_rows)}  # file -> row of new_arrays
-    for path in files:  # the index keeps the folder's sorted order; unreadable files are left out
-        if path in reused_set:
-            source, row = old_arrays, old_rows[str(path)][0]
-        elif path in new_row:
-            source, row = new_arrays, new_row[path]
-        else:
+    kept = [path for path in files if path in reused_set or path in new_row]  # sorted order; unreadable left out
+    entries = [stats[path] for path in kept]
+    from_old = [position for position, path in enumerate(kept) if path in reused_set]
+    from_new = [position for position, path in enumerate(kept) if path not in reused_set]
+    arrays = {}
+    for name in ARRAYS:  # one gather per source: rows of a memory-mapped old index are read in a single pass
+        parts = [(old_arrays.get(name), from_old, [old_rows[str(kept[p])][0] for p in from_old]),
+                 (new_arrays.get(name), from_new, [new_row[kept[p]] for p in from_new])]
+        parts = [(array, positions, rows) for array, positions, rows in parts if array is not None and rows]
+        if not parts:
             continue
-        for name, array in source.items():
-            pieces[name].append(np.asarray(array[row : row + 1]))
-        entries.append(stats[path])
+        template = parts[0][0]
+        arrays[name] = np.empty((len(kept), *template.shape[1:]), dtype=template.dtype)
+        for array, positions, rows in parts:
+            arrays[name][positions] = array[rows]
     failed = [{"path": str(to_encode[i]), "error": error} for i, error in sorted(errors.items())]
     update = {"encoded": [str(to_encode[i]) for i in encoded_rows], "reused": len(reused), "removed": removed,
               "failed": failed}
-    _write_index(out, settings, entries, pieces, update)
+    _write_index(out, settings, entries, arrays, update)
     return update
 
 
-def _write_index(out: Path, settings: dict[str, Any], entries: list[dict], pieces: dict[str, list],
+def _write_index(out: Path, settings: dict[str, Any], entries: list[dict], arrays: dict[str, np.ndarray],
                  update: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, parts in pieces.items():
-        if not parts:
+    for name in ARRAYS:
+        if name not in arrays:
             (out / f"{name}.npy").unlink(missing_ok=True)
             continue
         temporary = out / f".{name}.npy.tmp"
         with open(temporary, "wb") as handle:
-            np.save(handle, np.concatenate(parts))
+            np.save(handle, arrays[name])
         os.replace(temporary, out / f"{name}.npy")
     meta = {"format": INDEX_FORMAT, "settings": settings, "videos": entries, "last_update": update}
     temporary = out / ".index.json.tmp"
