@@ -26,7 +26,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage1_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: running the stage-1 demo on synthetic data in $DEMO_DATA -> $OUTPUT_PATH"
   "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA"
-  "${launch[@]}" main_task_clip.py --do_train --num_thread_reader=2 --epochs=30 --batch_size=32 --n_display=50 \
+  "${launch[@]}" main_task_clip.py --do_train --num_thread_reader=2 --epochs=6 --batch_size=32 --n_display=50 \
     --train_csv "$DEMO_DATA/MSRVTT/MSRVTT_train.9k.csv" --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
     --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" \

@@ -28,7 +28,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   demo_init_model 1
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage2_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: running the stage-2 demo on synthetic data in $DEMO_DATA from $INIT_MODEL -> $OUTPUT_PATH"
-  "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=30 --batch_size=16 --n_display=50 \
+  "${launch[@]}" main_task_fusion.py --do_train --num_thread_reader=2 --epochs=6 --batch_size=16 --n_display=50 \
     --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
     --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" --warmup_proportion 0.1 \

@@ -4,6 +4,10 @@ Every video shows one large coloured shape moving in one direction on a plain da
 trail of dots behind it; its captions say which ("a red circle moves to the left"). Colour and shape are clear enough at 64 px for a tiny CLIP
 trained from scratch on a CPU to learn them.
 
+The WebVid-style pre-training set holds the MSR-VTT training videos plus `n_webvid_only` videos of its own (as real
+pre-training data is larger than, and separate from, the downstream sets): a tiny CLIP pre-trained on 400 clips
+learns little beyond colour, on 2000 it also tells shapes and directions apart.
+
     python -m dataloaders.demo_data --out demo_data
 """
 
@@ -48,8 +52,9 @@ CAPTION_TEMPLATES = (
     "video of {a_colour} {shape} going {direction}",
 )
 MARKER_NAME = ".demo_data_complete.json"
-LAYOUT_VERSION = 3  # 2: validation videos and the MSVD layout; 3: MSRVTT-QA and MSVD-QA questions
+LAYOUT_VERSION = 4  # 2: validation videos and the MSVD layout; 3: MSRVTT-QA and MSVD-QA questions; 4: WebVid-only videos
 WEBVID_FIRST_ID = 10_000_000
+DEMO_WEBVID_ONLY = 1600  # what `engine.demo prepare` and this module's command line make: 2000 pre-training clips
 
 
 def make_demo_dataset(
@@ -61,15 +66,18 @@ def make_demo_dataset(
     fps: int = 8,
     seconds: int = 3,
     n_val: int = 20,
+    n_webvid_only: int = 0,
 ) -> dict[str, Path]:
     """Write the demo dataset under `out_dir` (skipped when a complete one with these settings is there).
 
     Train videos are `video0 .. video<n_train-1>`, test videos follow, then the validation videos (MSR-VTT's
-    "validate" split, MSVD's val list). Returns the paths the loaders need.
+    "validate" split, MSVD's val list). WebVid holds the train videos plus `n_webvid_only` videos found only there
+    (drawn from their own random stream, so the other videos do not depend on it). Returns the paths the loaders
+    need.
     """
     out_dir = Path(out_dir)
     settings = dict(n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds, n_val=n_val,
-                    layout=LAYOUT_VERSION)
+                    n_webvid_only=n_webvid_only, layout=LAYOUT_VERSION)
     paths = demo_paths(out_dir)
     marker = out_dir / MARKER_NAME
     if marker.is_file():
@@ -91,7 +99,8 @@ def make_demo_dataset(
         _write_video(video_path, video, rng, size, fps, seconds)
         _check_decodes(video_path, fps * seconds)
     _write_msrvtt_annotations(paths, videos, rng, seconds)
-    _write_webvid(paths, videos[:n_train], seconds)
+    webvid_only = _write_webvid_only_videos(paths, n_webvid_only, np.random.default_rng([seed, 2]), size, fps, seconds)
+    _write_webvid(paths, videos[:n_train] + webvid_only, seconds)
     _write_msvd_annotations(paths, videos)
     _write_qa_annotations(paths, videos)
     marker.write_text(json.dumps(settings))
@@ -136,6 +145,29 @@ def _plan_videos(rng: np.random.Generator, n_train: int, n_test: int) -> list[di
             "video_id": f"video{number}", "colour": colour, "shape": shape, "direction": direction,
             "captions": captions, "split": "train" if number < n_train else "test",
         })
+    return videos
+
+
+def _write_webvid_only_videos(paths: dict[str, Path], count: int, rng: np.random.Generator, size: int, fps: int,
+                              seconds: int) -> list[dict]:
+    """`count` more pre-training videos (cycling through every attribute combination), written to a staging folder
+    under webvid/ from which `_write_webvid` moves them into WebVid's page folders."""
+    combinations = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    rounds = -(-count // len(combinations))
+    order = np.concatenate([rng.permutation(len(combinations)) for _ in range(rounds)]) if count else []
+    staging = paths["webvid_dir"] / "only"
+    staging.mkdir(parents=True, exist_ok=True)
+    videos = []
+    for number, choice in enumerate(order[:count]):
+        colour, shape, direction = combinations[choice]
+        words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
+                     a_colour=_with_article(colour), a_shape=_with_article(shape))
+        video = {"video_id": f"webvid_only{number}", "colour": colour, "shape": shape, "direction": direction,
+                 "captions": [template.format(**words) for template in CAPTION_TEMPLATES], "split": "webvid",
+                 "path": staging / f"webvid_only{number}.mp4"}
+        _write_video(video["path"], video, rng, size, fps, seconds)
+        _check_decodes(video["path"], fps * seconds)
+        videos.append(video)
     return videos
 
 
@@ -316,7 +348,8 @@ def _shuffled_sentences(videos: list[dict], rng: np.random.Generator) -> list[di
 
 
 def _write_webvid(paths: dict[str, Path], train_videos: list[dict], seconds: int) -> None:
-    """WebVid's `results_2M_train.csv` (one caption per video) and `videos/<page_dir>/<videoid>.mp4`."""
+    """WebVid's `results_2M_train.csv` (one caption per video) and `videos/<page_dir>/<videoid>.mp4`: MSR-VTT
+    training videos are linked from the MSR-VTT folder, WebVid-only ones moved from their staging folder."""
     paths["webvid_dir"].mkdir(parents=True, exist_ok=True)
     with paths["webvid_csv"].open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -333,7 +366,12 @@ def _write_webvid(paths: dict[str, Path], train_videos: list[dict], seconds: int
             url = f"https://ak.picdn.net/shutterstock/videos/{videoid}/preview/stock-footage-{slug}.mp4"
             writer.writerow([videoid, name, page_idx, page_dir, f"PT00H00M{seconds:02d}S", url])
             target = paths["webvid_videos_dir"] / page_dir / f"{videoid}.mp4"
-            _link_or_copy(paths["videos_dir"] / f"{video['video_id']}.mp4", target)
+            if "path" in video:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(video["path"], target)
+            else:
+                _link_or_copy(paths["videos_dir"] / f"{video['video_id']}.mp4", target)
+    shutil.rmtree(paths["webvid_dir"] / "only", ignore_errors=True)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -355,9 +393,11 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--n_val", type=int, default=20)
+    parser.add_argument("--n_webvid_only", type=int, default=DEMO_WEBVID_ONLY,
+                        help="pre-training videos found only in the WebVid-style set")
     args = parser.parse_args()
     paths = make_demo_dataset(args.out, args.n_train, args.n_test, args.seed, args.size, args.fps, args.seconds,
-                              args.n_val)
+                              args.n_val, args.n_webvid_only)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

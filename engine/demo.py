@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from dataloaders.demo_data import make_demo_dataset
+from dataloaders.demo_data import DEMO_WEBVID_ONLY, MARKER_NAME, make_demo_dataset
 from modules.checkpoint import (
     CheckpointError,
     read_clip_state_dict,
@@ -40,21 +41,26 @@ DEMO_CLIP = CLIPConfig(
 )
 CHECKPOINT_NAME = "ViT-demo.pt"
 TFRECORD_DIR = "WebVid_TFRecord"
+TFRECORD_SOURCE = ".converted_from.json"  # the demo data marker the TFRecords were converted from
 
 
 def prepare(out_dir: Path) -> dict[str, Path]:
     """Create (or reuse) the demo data, its WebVid TFRecords and the tiny CLIP checkpoint."""
-    paths = make_demo_dataset(out_dir)
+    paths = make_demo_dataset(out_dir, n_webvid_only=DEMO_WEBVID_ONLY)
     checkpoint = out_dir / CHECKPOINT_NAME
     if not checkpoint.is_file() or CLIPConfig.from_state_dict(read_clip_state_dict(checkpoint)) != DEMO_CLIP:
         write_random_clip_checkpoint(checkpoint, DEMO_CLIP, seed=0)  # new, or left by an older demo
     tfrecords = out_dir / TFRECORD_DIR
-    if not (tfrecords / "frozen_train_labels.json").is_file():
+    source = (out_dir / MARKER_NAME).read_text()
+    stamp = tfrecords / TFRECORD_SOURCE
+    if not stamp.is_file() or stamp.read_text() != source:  # none yet, or converted from an older demo dataset
+        shutil.rmtree(tfrecords, ignore_errors=True)
         command = [
             sys.executable, str(ROOT / "frozen_tfrecord.py"), "--video_dir", str(paths["webvid_videos_dir"]),
             "--csv", str(paths["webvid_csv"]), "--output_dir", str(tfrecords), "--workers", "0",
         ]
         subprocess.run(command, check=True, cwd=ROOT)
+        stamp.write_text(source)
     return {**paths, "checkpoint": checkpoint, "tfrecord_dir": tfrecords,
             "webvid_labels": tfrecords / "frozen_train_labels.json"}
 

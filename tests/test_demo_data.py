@@ -133,3 +133,24 @@ def test_msvd_layout_over_the_same_videos(demo):
         captions.setdefault(sentence["video_id"], []).append(sentence["caption"])
     for video_id, caption in msvd_pairs(folder, "val"):
         assert caption in captions[video_id]
+
+
+def test_webvid_only_videos_extend_pretraining_without_changing_the_rest(demo, tmp_path):
+    paths = make_demo_dataset(tmp_path / "with_webvid", **SETTINGS, n_webvid_only=7)
+    with paths["webvid_csv"].open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 + 7
+    webvid_files = sorted(paths["webvid_videos_dir"].rglob("*.mp4"))
+    assert len(webvid_files) == 19 and not (paths["webvid_dir"] / "only").exists()
+    assert len(list(paths["videos_dir"].iterdir())) == 21  # the MSR-VTT folder holds none of them
+    # The downstream videos and annotations are those of the dataset without WebVid-only videos.
+    for key in ("data_json", "train_csv", "test_csv"):
+        assert paths[key].read_bytes() == demo[key].read_bytes()
+    assert (paths["videos_dir"] / "video17.mp4").read_bytes() == (demo["videos_dir"] / "video17.mp4").read_bytes()
+    # Each WebVid-only clip decodes and shows the colour its caption names.
+    for row in rows[12:15]:
+        video = next(f for f in webvid_files if f.stem == row["videoid"])
+        colour = next(name for name in COLOURS if name in row["name"].lower().split())
+        pixels = read_frames(video, feature_framerate=0)[0].reshape(-1, 3).astype(int)
+        shape_pixels = pixels[np.abs(pixels - pixels[0]).sum(axis=1) > 90]
+        assert np.abs(np.median(shape_pixels, axis=0) - np.array(COLOURS[colour])).max() < 40, row["name"]
