@@ -221,6 +221,12 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--allow_changed_settings", action="store_true",
         help="Resume even though settings that restore.bin fixes (learning rates, batch, model and data shape) "
              "differ: the new values take effect from the resume on, and run.json records them.")
+    add("--grad_checkpointing", action="store_true",
+        help="Recompute each transformer block's activations in the backward pass: the same gradients with far "
+             "less activation memory, for about a third more compute.")
+    add("--compile", action="store_true",
+        help="torch.compile every transformer block (regional compilation; checkpoint keys unchanged). The first "
+             "steps are slow while it compiles.")
     add("--no_verify_crc", dest="verify_crc", action="store_false",
         help="Do not check the CRCs of WebVid TFRecords when training reads them (checked by default: a damaged "
              "record is skipped and counted like an undecodable video).")

@@ -25,6 +25,7 @@ from engine.args import (
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.trainer import Trainer, TrainSettings
+from modules.clip import compile_blocks, set_grad_checkpointing
 from modules.errors import InputError
 from modules.model import T2VLP, T2VLPConfig
 
@@ -92,6 +93,10 @@ def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
     fusion_extra_tokens = 1 + args.max_frames + model.config.num_centers + answer_slot if config.with_fusion else None
     check_model_limits(args, context_length=model.clip_config.context_length,
                        fusion_extra_tokens=fusion_extra_tokens)
+    if args.grad_checkpointing:
+        logger.info("gradient checkpointing on %d transformer blocks", set_grad_checkpointing(model))
+    if args.compile:
+        logger.info("torch.compile on %d transformer blocks", compile_blocks(model))
     return model
 
 

@@ -1,0 +1,187 @@
+"""Training-step throughput of stage 1 and stage 2 in several configurations side by side (random weights).
+
+    python bench/train_step.py                                  # GPU, ViT-B/16 sizes, B = 32, 12 frames
+    python bench/train_step.py --batch 32 64 --configs bf16 bf16+compile bf16+compile+ckpt
+    python bench/train_step.py --tiny                           # CPU smoke run in seconds (tiny model)
+
+A step is what the trainer does: forward of the stage's objective under autocast (or fp32), backward, gradient
+clipping, AdamW step. Configurations: `fp32`, `bf16` (autocast over fp32 weights), `+compile` (`--compile`:
+each transformer block compiled), `+ckpt` (`--grad_checkpointing`). Prints, per stage, configuration and batch:
+clips/s (median over repeats, warm-up excluded, timed with synchronisation), its ratio to the first
+configuration, TFLOP per clip (counted with torch.utils.flop_counter on one fp32 step), the share of a dense
+matmul peak measured in the same run (bf16 on GPU, fp32 on CPU) and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.evaluation import autocast_context  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.tasks.base import StepContext  # noqa: E402
+from engine.tasks.clip_pretraining import contrastive_objective  # noqa: E402
+from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_objective  # noqa: E402
+from modules.clip import CLIPConfig, compile_blocks, set_grad_checkpointing  # noqa: E402
+from modules.model import T2VLP, T2VLPConfig  # noqa: E402
+
+VIT_B16 = CLIPConfig(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                     context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12)
+TINY = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
+                  context_length=77, vocab_size=49408, transformer_width=32, transformer_layers=2)
+CONTEXT = StepContext(seed=0, step=0, micro=0, epoch=0)
+
+
+def build_model(clip: CLIPConfig, stage: str, config_name: str, device: torch.device) -> T2VLP:
+    torch.manual_seed(0)
+    config = T2VLPConfig() if stage == "stage1" else T2VLPConfig(with_fusion=True, detach_tube_input=True,
+                                                                  fusion_layers=min(6, clip.transformer_layers))
+    model = T2VLP(clip, config).to(device)
+    if "+ckpt" in config_name:
+        set_grad_checkpointing(model)
+    if "+compile" in config_name:
+        compile_blocks(model)
+    return model
+
+
+def make_batch(batch: int, frames: int, words: int, resolution: int, device: torch.device) -> dict:
+    ids = torch.randint(1, 49000, (batch, words), device=device)
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:3] = ids[:, 1:3]  # two masked words per caption for the MLM term
+    return {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "mlm_input_ids": ids.masked_fill(labels >= 0, 0), "mlm_labels": labels,
+        "plm_start": torch.zeros(batch, dtype=torch.long, device=device),
+        "video": torch.randn(batch, frames, 3, resolution, resolution, device=device),
+        "video_mask": torch.ones(batch, frames, dtype=torch.long, device=device),
+    }
+
+
+def objective_for(stage: str):
+    return contrastive_objective if stage == "stage1" else fusion_pretraining_objective(FusionLossWeights())
+
+
+def make_step(model: T2VLP, stage: str, batch: dict, precision: str, device: torch.device):
+    optimizer = build_optimizer(model, 1e-5, 1.0, 1e-5, 0.2)
+    objective = objective_for(stage)
+
+    def step() -> None:
+        with autocast_context(device, precision):
+            loss = objective(model, batch, CONTEXT)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(call, device: torch.device, steps: int, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            call()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def step_flops(model: T2VLP, stage: str, batch: dict) -> int:
+    """FLOPs of one fp32 forward + backward (no optimizer), counted by torch's FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        objective_for(stage)(model, batch, CONTEXT)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, tiny: bool) -> float:
+    """Dense matmul FLOP/s measured here: bf16 on GPU (the tensor-core peak a training step can approach), fp32 on
+    CPU."""
+    size = 512 if tiny else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, steps=5 if tiny else 20, warmup=2, repeats=3)
+    return 2 * size**3 / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
+    parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default 32; --tiny: 2)")
+    parser.add_argument("--configs", nargs="+",
+                        help="among fp32, bf16, bf16+compile, bf16+ckpt, bf16+compile+ckpt (any precision prefix "
+                             "fp32/bf16/fp16). Default: all four of fp32, bf16, bf16+compile, bf16+compile+ckpt; "
+                             "--tiny: fp32, bf16, fp32+ckpt (compiling on a CPU takes minutes, ask for it)")
+    parser.add_argument("--frames", type=int, help="frames per clip (default 12; --tiny: 3)")
+    parser.add_argument("--words", type=int, default=32)
+    parser.add_argument("--steps", type=int, help="steps per repeat (default 5; --tiny: 1)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 3, covers compilation; --tiny: 1)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    clip = TINY if args.tiny else VIT_B16
+    batches = args.batch or [2 if args.tiny else 32]
+    configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
+                               ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
+    frames = args.frames or (3 if args.tiny else 12)
+    steps, warmup = args.steps or (1 if args.tiny else 5), args.warmup or (1 if args.tiny else 3)
+
+    peak = matmul_peak(device, args.tiny)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}; dense matmul peak measured: {peak / 1e12:.3g} TFLOP/s "
+          f"({'bf16' if device.type == 'cuda' else 'fp32'}); {frames} frames x {clip.image_resolution}px, "
+          f"{args.words} words")
+    print(f"{'stage':7} {'config':20} {'B':>4} {'clips/s':>9} {'ratio':>6} {'TFLOP/clip':>10} {'of peak':>8} "
+          f"{'peak GiB':>9}")
+    for stage in args.stages:
+        for batch_size in batches:
+            batch = make_batch(batch_size, frames, args.words, clip.image_resolution, device)
+            flops = step_flops(build_model(clip, stage, "fp32", device), stage, batch)
+            first = None
+            for config_name in configs:
+                model = build_model(clip, stage, config_name, device)
+                precision = config_name.split("+")[0]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    seconds = median_seconds(make_step(model, stage, copy.copy(batch), precision, device), device,
+                                             steps, warmup, args.repeats)
+                except torch.OutOfMemoryError:
+                    print(f"{stage:7} {config_name:20} {batch_size:>4} {'out of memory':>9}")
+                    continue
+                clips_per_second = batch_size / seconds
+                first = first or clips_per_second
+                memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda"
+                          else f"{'-':>9}")
+                print(f"{stage:7} {config_name:20} {batch_size:>4} {clips_per_second:9.1f} "
+                      f"{clips_per_second / first:6.2f} {flops / batch_size / 1e12:10.4g} "
+                      f"{flops / seconds / peak:8.2f} {memory}", flush=True)
+                del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
