@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -201,6 +202,15 @@ def all_reduce_sum(value: float | torch.Tensor) -> float:
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).to(_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.item()
+
+
+def all_reduce_sums(values: Sequence[float]) -> list[float]:
+    """Sums of several scalars over ranks in one collective, as Python floats."""
+    if not _active():
+        return [float(value) for value in values]
+    tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -388,8 +388,9 @@ class Trainer:
         window_finite = True
         for batch in self._loader():
             progress.samples_in_epoch += self.settings.micro_batch_size * self.dist.world_size
-            progress.skipped_videos += int(distributed.all_reduce_sum(batch["n_skipped"]))  # all ranks
-            if distributed.all_reduce_sum(float(is_empty_batch(batch))) > 0:
+            skipped, empty_ranks = distributed.all_reduce_sums([batch["n_skipped"], is_empty_batch(batch)])
+            progress.skipped_videos += int(skipped)  # all ranks
+            if empty_ranks > 0:
                 logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
                 continue
             window_finite &= self._accumulate(batch, len(pending) + 1 == settings.accumulation_steps, pending)
