@@ -44,6 +44,7 @@ DIRECTIONS = {  # unit motion (dx, dy) in image coordinates and the caption word
     "up": ((0, -1), "upwards"),
     "down": ((0, 1), "downwards"),
 }
+COMBINATIONS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # (colour, shape, direction) of a video
 CAPTION_TEMPLATES = (
     "{a_colour} {shape} moves {direction}",
     "{a_colour} {shape} is moving {direction}",
@@ -99,7 +100,8 @@ def make_demo_dataset(
         _write_video(video_path, video, rng, size, fps, seconds)
         _check_decodes(video_path, fps * seconds)
     _write_msrvtt_annotations(paths, videos, rng, seconds)
-    webvid_only = _write_webvid_only_videos(paths, n_webvid_only, np.random.default_rng([seed, 2]), size, fps, seconds)
+    webvid_only = _write_webvid_only_videos(paths, n_train, n_webvid_only, np.random.default_rng([seed, 2]), size,
+                                            fps, seconds)
     _write_webvid(paths, videos[:n_train] + webvid_only, seconds)
     _write_msvd_annotations(paths, videos)
     _write_qa_annotations(paths, videos)
@@ -128,43 +130,40 @@ def demo_paths(out_dir: str | Path) -> dict[str, Path]:
     }
 
 
+def _video_record(video_id: str, combination: tuple[str, str, str], split: str) -> dict:
+    """A planned video: its attributes and one caption per template."""
+    colour, shape, direction = combination
+    words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
+                 a_colour=_with_article(colour), a_shape=_with_article(shape))
+    return {"video_id": video_id, "colour": colour, "shape": shape, "direction": direction,
+            "captions": [template.format(**words) for template in CAPTION_TEMPLATES], "split": split}
+
+
+def _cycled_combinations(rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
+    """`count` attribute combinations going through all of them in a fresh random order each round."""
+    rounds = -(-count // len(COMBINATIONS))
+    return [COMBINATIONS[i] for _ in range(rounds) for i in rng.permutation(len(COMBINATIONS))][:count]
+
+
 def _plan_videos(rng: np.random.Generator, n_train: int, n_test: int) -> list[dict]:
     """Attributes and captions of every video: train cycles through all combinations, test ones are distinct."""
-    combinations = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
-    if n_test > len(combinations):
-        raise ValueError(f"n_test must be at most {len(combinations)} so that test captions are distinct")
-    train_order = np.concatenate([rng.permutation(len(combinations)) for _ in range(-(-n_train // len(combinations)))])
-    test_order = rng.permutation(len(combinations))[:n_test]
-    chosen = [combinations[i] for i in train_order[:n_train]] + [combinations[i] for i in test_order]
-    videos = []
-    for number, (colour, shape, direction) in enumerate(chosen):
-        words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
-                     a_colour=_with_article(colour), a_shape=_with_article(shape))
-        captions = [template.format(**words) for template in CAPTION_TEMPLATES]
-        videos.append({
-            "video_id": f"video{number}", "colour": colour, "shape": shape, "direction": direction,
-            "captions": captions, "split": "train" if number < n_train else "test",
-        })
-    return videos
+    if n_test > len(COMBINATIONS):
+        raise ValueError(f"n_test must be at most {len(COMBINATIONS)} so that test captions are distinct")
+    train = _cycled_combinations(rng, n_train)
+    test = [COMBINATIONS[i] for i in rng.permutation(len(COMBINATIONS))[:n_test]]
+    return [_video_record(f"video{number}", combination, "train" if number < n_train else "test")
+            for number, combination in enumerate(train + test)]
 
 
-def _write_webvid_only_videos(paths: dict[str, Path], count: int, rng: np.random.Generator, size: int, fps: int,
-                              seconds: int) -> list[dict]:
-    """`count` more pre-training videos (cycling through every attribute combination), written to a staging folder
-    under webvid/ from which `_write_webvid` moves them into WebVid's page folders."""
-    combinations = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
-    rounds = -(-count // len(combinations))
-    order = np.concatenate([rng.permutation(len(combinations)) for _ in range(rounds)]) if count else []
-    staging = paths["webvid_dir"] / "only"
-    staging.mkdir(parents=True, exist_ok=True)
+def _write_webvid_only_videos(paths: dict[str, Path], first_number: int, count: int, rng: np.random.Generator,
+                              size: int, fps: int, seconds: int) -> list[dict]:
+    """`count` more pre-training videos (cycling through every attribute combination), written straight to their
+    place in WebVid's layout as rows `first_number`, `first_number + 1`, ... of its csv."""
     videos = []
-    for number, choice in enumerate(order[:count]):
-        colour, shape, direction = combinations[choice]
-        words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
-                     a_colour=_with_article(colour), a_shape=_with_article(shape))
-        video = {"video_id": f"webvid_only{number}", "colour": colour, "shape": shape, "direction": direction,
-                 "captions": [template.format(**words) for template in CAPTION_TEMPLATES], "split": "webvid",
-                 "path": staging / f"webvid_only{number}.mp4"}
+    for offset, combination in enumerate(_cycled_combinations(rng, count)):
+        video = _video_record(f"webvid_only{offset}", combination, "webvid")
+        video["path"] = _webvid_file(paths, first_number + offset)
+        video["path"].parent.mkdir(parents=True, exist_ok=True)
         _write_video(video["path"], video, rng, size, fps, seconds)
         _check_decodes(video["path"], fps * seconds)
         videos.append(video)
@@ -173,17 +172,9 @@ def _write_webvid_only_videos(paths: dict[str, Path], count: int, rng: np.random
 
 def _plan_validation_videos(rng: np.random.Generator, first_number: int, n_val: int) -> list[dict]:
     """Validation videos (model selection for captioning): random attribute combinations, numbered after the rest."""
-    combinations = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
-    videos = []
-    for offset, choice in enumerate(rng.choice(len(combinations), size=n_val, replace=n_val > len(combinations))):
-        colour, shape, direction = combinations[choice]
-        words = dict(colour=colour, shape=shape, direction=DIRECTIONS[direction][1],
-                     a_colour=_with_article(colour), a_shape=_with_article(shape))
-        videos.append({
-            "video_id": f"video{first_number + offset}", "colour": colour, "shape": shape, "direction": direction,
-            "captions": [template.format(**words) for template in CAPTION_TEMPLATES], "split": "validate",
-        })
-    return videos
+    choices = rng.choice(len(COMBINATIONS), size=n_val, replace=n_val > len(COMBINATIONS))
+    return [_video_record(f"video{first_number + offset}", COMBINATIONS[choice], "validate")
+            for offset, choice in enumerate(choices)]
 
 
 def _write_msvd_annotations(paths: dict[str, Path], videos: list[dict]) -> None:
@@ -347,31 +338,35 @@ def _shuffled_sentences(videos: list[dict], rng: np.random.Generator) -> list[di
     return [{"caption": pairs[i][1], "video_id": pairs[i][0], "sen_id": sen_id} for sen_id, i in enumerate(order)]
 
 
+def _webvid_location(number: int) -> tuple[str, int, str]:
+    """(videoid, page_idx, page_dir) of the `number`-th row of the demo's WebVid csv."""
+    page_idx = number // 2 + 1
+    first_page = (page_idx - 1) // 50 * 50 + 1
+    return str(WEBVID_FIRST_ID + number), page_idx, f"{first_page:06d}_{first_page + 49:06d}"
+
+
+def _webvid_file(paths: dict[str, Path], number: int) -> Path:
+    videoid, _, page_dir = _webvid_location(number)
+    return paths["webvid_videos_dir"] / page_dir / f"{videoid}.mp4"
+
+
 def _write_webvid(paths: dict[str, Path], train_videos: list[dict], seconds: int) -> None:
     """WebVid's `results_2M_train.csv` (one caption per video) and `videos/<page_dir>/<videoid>.mp4`: MSR-VTT
-    training videos are linked from the MSR-VTT folder, WebVid-only ones moved from their staging folder."""
+    training videos are linked from the MSR-VTT folder; WebVid-only ones are already in place."""
     paths["webvid_dir"].mkdir(parents=True, exist_ok=True)
     with paths["webvid_csv"].open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"])
         for number, video in enumerate(train_videos):
-            videoid = str(WEBVID_FIRST_ID + number)
-            page_idx = number // 2 + 1
-            first_page = (page_idx - 1) // 50 * 50 + 1
-            page_dir = f"{first_page:06d}_{first_page + 49:06d}"
+            videoid, page_idx, page_dir = _webvid_location(number)
             # One of the video's captions in WebVid's sentence case; a comma forces csv quoting.
             caption = video["captions"][number % len(video["captions"])]
             name = f"{caption[0].upper()}{caption[1:]}, in a video clip."
             slug = name.lower().replace(",", "").replace(".", "").replace(" ", "-")
             url = f"https://ak.picdn.net/shutterstock/videos/{videoid}/preview/stock-footage-{slug}.mp4"
             writer.writerow([videoid, name, page_idx, page_dir, f"PT00H00M{seconds:02d}S", url])
-            target = paths["webvid_videos_dir"] / page_dir / f"{videoid}.mp4"
-            if "path" in video:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(video["path"], target)
-            else:
-                _link_or_copy(paths["videos_dir"] / f"{video['video_id']}.mp4", target)
-    shutil.rmtree(paths["webvid_dir"] / "only", ignore_errors=True)
+            if "path" not in video:
+                _link_or_copy(paths["videos_dir"] / f"{video['video_id']}.mp4", _webvid_file(paths, number))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
