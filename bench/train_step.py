@@ -15,7 +15,6 @@ matmul peak measured in the same run (bf16 on GPU, fp32 on CPU) and the peak mem
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_stage1 import synchronize  # noqa: E402
 from engine.evaluation import autocast_context  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.tasks.base import StepContext  # noqa: E402
@@ -34,14 +34,12 @@ from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretrainin
 from modules.clip import CLIPConfig, compile_blocks, set_grad_checkpointing  # noqa: E402
 from modules.model import T2VLP, T2VLPConfig  # noqa: E402
 
-VIT_B16 = CLIPConfig(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-                     context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12)
 TINY = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
                   context_length=77, vocab_size=49408, transformer_width=32, transformer_layers=2)
 CONTEXT = StepContext(seed=0, step=0, micro=0, epoch=0)
 
 
-def build_model(clip: CLIPConfig, stage: str, config_name: str, device: torch.device) -> T2VLP:
+def bench_model(clip: CLIPConfig, stage: str, config_name: str, device: torch.device) -> T2VLP:
     torch.manual_seed(0)
     config = T2VLPConfig() if stage == "stage1" else T2VLPConfig(with_fusion=True, detach_tube_input=True,
                                                                   fusion_layers=min(6, clip.transformer_layers))
@@ -84,11 +82,6 @@ def make_step(model: T2VLP, stage: str, batch: dict, precision: str, device: tor
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(call, device: torch.device, steps: int, warmup: int, repeats: int) -> float:
@@ -141,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    clip = TINY if args.tiny else VIT_B16
+    clip = TINY if args.tiny else CLIPConfig()  # the defaults are ViT-B/16's sizes
     batches = args.batch or [2 if args.tiny else 32]
     configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
                                ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
@@ -158,16 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stages:
         for batch_size in batches:
             batch = make_batch(batch_size, frames, args.words, clip.image_resolution, device)
-            flops = step_flops(build_model(clip, stage, "fp32", device), stage, batch)
+            flops = step_flops(bench_model(clip, stage, "fp32", device), stage, batch)
             first = None
             for config_name in configs:
-                model = build_model(clip, stage, config_name, device)
+                model = bench_model(clip, stage, config_name, device)
                 precision = config_name.split("+")[0]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    seconds = median_seconds(make_step(model, stage, copy.copy(batch), precision, device), device,
+                    seconds = median_seconds(make_step(model, stage, batch, precision, device), device,
                                              steps, warmup, args.repeats)
                 except torch.OutOfMemoryError:
                     print(f"{stage:7} {config_name:20} {batch_size:>4} {'out of memory':>9}")

@@ -197,14 +197,10 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
 
 def all_reduce_sum(value: float | torch.Tensor) -> float:
     """Sum of a scalar over ranks, as a Python float (e.g. counts of skipped samples)."""
-    if not _active():
-        return float(value)
-    tensor = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).to(_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.item()
+    return all_reduce_sums([value])[0]
 
 
-def all_reduce_sums(values: Sequence[float]) -> list[float]:
+def all_reduce_sums(values: Sequence[float | torch.Tensor]) -> list[float]:
     """Sums of several scalars over ranks in one collective, as Python floats."""
     if not _active():
         return [float(value) for value in values]

@@ -159,11 +159,16 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def transformer_blocks(model: nn.Module) -> list[ResidualAttentionBlock]:
+    """Every transformer block of `model` (ViT, text tower, tube encoder, fusion encoder)."""
+    return [module for module in model.modules() if isinstance(module, ResidualAttentionBlock)]
+
+
 def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
     """Recompute every transformer block's activations in the backward pass (ViT, text tower, tube encoder,
     fusion encoder): the same gradients for about a third more compute and far less activation memory.
     Returns the number of blocks switched."""
-    blocks = [module for module in model.modules() if isinstance(module, ResidualAttentionBlock)]
+    blocks = transformer_blocks(model)
     for block in blocks:
         block.checkpointed = enabled
     return len(blocks)
@@ -172,7 +177,7 @@ def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
 def compile_blocks(model: nn.Module, **compile_options: object) -> int:
     """`torch.compile` each transformer block in place (regional compilation: every block of a tower has the same
     code, so one compilation serves them all, and the state-dict keys do not change). Returns the number of blocks."""
-    blocks = [module for module in model.modules() if isinstance(module, ResidualAttentionBlock)]
+    blocks = transformer_blocks(model)
     for block in blocks:
         block.compile(**compile_options)
     return len(blocks)
