@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch or [2 if args.tiny else 32]
     configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
                                ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
+    for name in configs:
+        precision, *options = name.split("+")
+        if precision not in ("fp32", "bf16", "fp16") or not set(options) <= {"compile", "ckpt"}:
+            parser.error(f"unknown configuration {name!r}: a precision (fp32, bf16, fp16) followed by any of "
+                         f"+compile, +ckpt")
     frames = args.frames or (3 if args.tiny else 12)
     steps, warmup = args.steps or (1 if args.tiny else 5), args.warmup or (1 if args.tiny else 3)
 

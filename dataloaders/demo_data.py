@@ -391,6 +391,8 @@ def main() -> None:
     parser.add_argument("--n_webvid_only", type=int, default=DEMO_WEBVID_ONLY,
                         help="pre-training videos found only in the WebVid-style set")
     args = parser.parse_args()
+    if min(args.n_train, args.n_test, args.n_val, args.n_webvid_only) < 0:
+        parser.error("video counts cannot be negative")
     paths = make_demo_dataset(args.out, args.n_train, args.n_test, args.seed, args.size, args.fps, args.seconds,
                               args.n_val, args.n_webvid_only)
     for name, path in paths.items():
