@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                           else f"{'-':>9}")
                 print(f"{stage:7} {config_name:20} {batch_size:>4} {clips_per_second:9.1f} "
                       f"{clips_per_second / first:6.2f} {flops / batch_size / 1e12:10.4g} "
-                      f"{flops / seconds / peak:8.2f} {memory}", flush=True)
+                      f"{flops / seconds / peak:8.3g} {memory}", flush=True)
                 del model
     return 0
 
