@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 first = first or clips_per_second
                 memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda"
                           else f"{'-':>9}")
-                print(f"{stage:7} {config_name:20} {batch_size:>4} {clips_per_second:9.1f} "
+                print(f"{stage:7} {config_name:20} {batch_size:>4} {clips_per_second:9.4g} "
                       f"{clips_per_second / first:6.2f} {flops / batch_size / 1e12:10.4g} "
                       f"{flops / seconds / peak:8.3g} {memory}", flush=True)
                 del model
