@@ -25,8 +25,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from dataloaders.frame_store import FrameStoreManifest, manifest_path
 from dataloaders.tfrecord_io import write_record
-from dataloaders.webvid import RAW_SIDE, encode_jpeg_clip_record, encode_raw_clip_record
+from dataloaders.video import VideoDecodeError, read_sampled_frames, resize_center_crop
+from dataloaders.webvid import RAW_SIDE, encode_image_clip_record, encode_raw_clip_record
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -58,6 +60,15 @@ Default layout: each frame JPEG-encoded (--jpeg_quality) with its shorter side s
 frames (see dataloaders/webvid.py). --raw writes the original's layout instead: one `image` feature with the raw
 N x 256 x 256 x 3 BGR bytes (bilinear resize, aspect not kept; about 2.4 MB per 12-frame clip).
 
+FRAME STORE (--feature_framerate N): a decode-once store for fine-tuning (MSR-VTT, MSVD, LSMDC, DiDeMo,
+captioning, QA; pass it as --frame_store). Every video under --video_dir is decoded once with the fine-tuning
+loaders' own sampler (N frames per second, 0 = every frame), each frame resized and center-cropped to
+--image_size as they do, and stored as PNG (lossless; --frame_format jpeg for a smaller, slightly different
+store) with its frame number and the video's fps. The loaders then read these frames instead of the video and
+apply their usual selection, order, time window and padding: the same clips as decoding the videos. The store
+also gets <name>.frame_store.json with the sampling; a run whose --feature_framerate or input size differs
+refuses the store. Records are keyed by file name without extension; --csv, if given, limits the store to its ids.
+
 Outputs in --output_dir (default ./WebVid_TFRecord, the training scripts' default --dir_path):
   <name>-00000.tfrecord ...     --shard_size (1000) videos per shard; standard TFRecord framing, masked CRC32C
   <name>.index                  video_id<TAB>shard file (relative to the index's folder)<TAB>byte offset
@@ -80,6 +91,7 @@ Examples:
   python frozen_tfrecord.py --video_dir webvid/videos --csv webvid/results_2M_train.csv --workers 16
   python frozen_tfrecord.py --frames_dir webvid_frames --csv results_2M_train.csv --csv results_2M_val.csv --raw
   python main_task_clip.py --data_path WebVid_TFRecord/frozen_train_labels.json --dir_path WebVid_TFRecord ...
+  python frozen_tfrecord.py --video_dir MSRVTT/videos/all --feature_framerate 1 --output_dir MSRVTT/frame_store
 """
 
 
@@ -194,6 +206,21 @@ class EncodeOptions:
     short_side: int = 256
     jpeg_quality: int = 90
     raw: bool = False
+    frame_format: str = "jpeg"
+    feature_framerate: int | None = None  # set: a downstream frame store (dataloaders/frame_store.py)
+    image_size: int = 224  # frame store: the loader's resize + center crop
+
+    @property
+    def is_frame_store(self) -> bool:
+        return self.feature_framerate is not None
+
+    def recorded(self) -> dict:
+        """The options a shard's sidecar records; WebVid sidecars keep the form they had before frame stores."""
+        options = asdict(self)
+        if not self.is_frame_store:
+            for key in ("feature_framerate", "image_size") + (("frame_format",) if self.frame_format == "jpeg" else ()):
+                options.pop(key)
+        return options
 
 
 class VideoReadError(RuntimeError):
@@ -278,15 +305,36 @@ def encode_clip(video_id: str, frames_bgr: list[np.ndarray], positions: list[int
         resized = [cv2.resize(frame, (RAW_SIDE, RAW_SIDE)) for frame in frames_bgr]  # bilinear, as the original
         return encode_raw_clip_record(np.stack(resized))
     height, width = _scaled_size(frames_bgr[0].shape[:2], options.short_side)
-    jpegs = []
+    images = []
     for frame in frames_bgr:
         if frame.shape[:2] != (height, width):
             frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
-        ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality])
-        if not ok:
-            raise VideoReadError("JPEG encoding failed")
-        jpegs.append(encoded.tobytes())
-    return encode_jpeg_clip_record(video_id, jpegs, height, width, positions)
+        images.append(encode_image(frame, options))
+    return encode_image_clip_record(video_id, images, height, width, positions, options.frame_format.encode())
+
+
+def encode_frame_store_clip(video_id: str, path: str, options: EncodeOptions) -> tuple[bytes, int]:
+    """A frame-store record: the frames the raw-video loader samples at `--feature_framerate`, resized and
+    center-cropped exactly as it does (so reading them back gives its clips), with their positions and fps."""
+    try:
+        sampled = read_sampled_frames(path, options.feature_framerate)
+    except VideoDecodeError as error:
+        raise VideoReadError(str(error)) from error
+    clip = resize_center_crop(sampled.frames, options.image_size).permute(0, 2, 3, 1).numpy()
+    images = [encode_image(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), options) for frame in clip]
+    payload = encode_image_clip_record(video_id, images, options.image_size, options.image_size,
+                                       sampled.positions.tolist(), options.frame_format.encode(), fps=sampled.fps)
+    return payload, len(images)
+
+
+def encode_image(frame_bgr: np.ndarray, options: EncodeOptions) -> bytes:
+    if options.frame_format == "png":
+        ok, encoded = cv2.imencode(".png", frame_bgr)
+    else:
+        ok, encoded = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality])
+    if not ok:
+        raise VideoReadError(f"{options.frame_format.upper()} encoding failed")
+    return encoded.tobytes()
 
 
 def _scaled_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
@@ -315,6 +363,9 @@ class VideoResult:
 def convert_video(task: VideoTask, options: EncodeOptions) -> VideoResult:
     """Worker entry point: read, sample and encode one video; failures come back as `error`, never raised."""
     try:
+        if options.is_frame_store:
+            payload, n_frames = encode_frame_store_clip(task.video_id, task.source, options)
+            return VideoResult(task.video_id, payload, None, n_frames)
         read = read_folder_frames if task.is_frame_folder else read_video_frames
         frames, positions = read(task.source, options.num_frames)
         return VideoResult(task.video_id, encode_clip(task.video_id, frames, positions, options), None, len(frames))
@@ -390,7 +441,7 @@ def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOp
         state = ShardState(**json.loads(sidecar.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-    if state.video_ids != plan.video_ids or state.options != asdict(options):
+    if state.video_ids != plan.video_ids or state.options != options.recorded():
         return None
     if not shard.is_file() or shard.stat().st_size != state.size:
         return None
@@ -432,7 +483,7 @@ def write_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[VideoRe
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, shard)
-    state = ShardState(shard.name, plan.video_ids, asdict(options), offset, records, labels,
+    state = ShardState(shard.name, plan.video_ids, options.recorded(), offset, records, labels,
                        [list(asdict(f).values()) for f in failures], file_sha256(shard))
     _write_atomically(layout.sidecar(plan.number), json.dumps(asdict(state), ensure_ascii=False))
     return state
@@ -554,6 +605,10 @@ def _assemble(layout: OutputLayout, states: list[ShardState], config: Conversion
     index_lines = [f"{video_id}\t{state.file_name}\t{offset}\n" for state in states
                    for video_id, offset in state.records]
     _write_atomically(layout.index, "".join(index_lines))
+    options = config.options
+    if options.is_frame_store:
+        manifest = FrameStoreManifest(options.feature_framerate, options.image_size, options.frame_format)
+        _write_atomically(manifest_path(layout.index), manifest.to_json())
     if config.csv_paths:
         labels = [label for state in states for label in state.labels]
         lines = ",\n".join(json.dumps(label, ensure_ascii=False) for label in labels)
@@ -585,19 +640,44 @@ def parse_args(argv: list[str] | None = None) -> ConversionConfig:
     parser.add_argument("--labels_name", default="frozen_train_labels.json",
                         help="labels file name (default frozen_train_labels.json)")
     parser.add_argument("--shard_size", type=int, default=1000, help="videos per shard (default 1000)")
-    parser.add_argument("--num_frames", type=int, default=12, help="frames sampled per video; 0 keeps all (12)")
-    parser.add_argument("--short_side", type=int, default=256, help="JPEG frames: shorter side, never upscaled (256)")
+    parser.add_argument("--num_frames", type=int, help="frames sampled per video; 0 keeps all (12)")
+    parser.add_argument("--short_side", type=int, help="frames: shorter side, never upscaled (256)")
     parser.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    parser.add_argument("--frame_format", choices=("jpeg", "png"),
+                        help="image format of the frames: jpeg (default for WebVid) or png (lossless; default for "
+                             "a frame store)")
     parser.add_argument("--raw", action="store_true", help="write the original's raw 256x256 BGR `image` layout")
+    store = parser.add_argument_group("downstream frame store (see FRAME STORE above)")
+    store.add_argument("--feature_framerate", type=int,
+                       help="write a frame store: frames sampled per second exactly as the fine-tuning loaders' "
+                            "flag of the same name (0: every frame)")
+    store.add_argument("--image_size", type=int, default=224,
+                       help="frame store: frames resized and center-cropped to this size, the model's (224)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="decoding processes; 0 decodes in this process (default: CPU count)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.shard_size < 1 or args.num_frames < 0 or args.short_side < 1 or not 1 <= args.jpeg_quality <= 100:
+    options = _encode_options(parser, args)
+    if args.shard_size < 1 or options.num_frames < 0 or options.short_side < 1 or not 1 <= args.jpeg_quality <= 100:
         parser.error("need --shard_size >= 1, --num_frames >= 0, --short_side >= 1, 1 <= --jpeg_quality <= 100")
-    options = EncodeOptions(args.num_frames, args.short_side, args.jpeg_quality, args.raw)
     return ConversionConfig(args.output_dir, args.video_dir, args.frames_dir, args.csv_paths, args.output_name,
                             args.labels_name, args.shard_size, args.workers, not args.no_progress, options)
+
+
+def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EncodeOptions:
+    if args.feature_framerate is None:
+        return EncodeOptions(12 if args.num_frames is None else args.num_frames,
+                             256 if args.short_side is None else args.short_side, args.jpeg_quality, args.raw,
+                             args.frame_format or "jpeg")
+    given = [flag for flag, value in (("--num_frames", args.num_frames), ("--short_side", args.short_side),
+                                      ("--raw", args.raw or None), ("--frames_dir", args.frames_dir)) if value is not None]
+    if given:
+        parser.error(f"a frame store (--feature_framerate) keeps every sampled frame at --image_size from "
+                     f"--video_dir: {', '.join(given)} does not apply")
+    if args.feature_framerate < 0 or args.image_size < 1:
+        parser.error("need --feature_framerate >= 0 and --image_size >= 1")
+    return EncodeOptions(0, 256, args.jpeg_quality, False, args.frame_format or "png", args.feature_framerate,
+                         args.image_size)
 
 
 def main(argv: list[str] | None = None) -> int:

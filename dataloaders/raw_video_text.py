@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataloaders.collate import clip_sample
+from dataloaders.frame_store import FrameStore
 from dataloaders.retrieval_split import RetrievalSplit, SplitCaptions, SplitVideos
 from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
 from modules.errors import InputError
@@ -61,6 +62,10 @@ class RawVideoTextDataset(Dataset):
     `pad_mode` says what happens to a video with fewer frames than `max_frames` (METHOD §9.8): "zero" keeps the
     n real frames and zero-pads (root and CLIP4Clip loaders), "repeat" up-samples with linspace so every entry is
     a real frame (the task-specific downstream loaders).
+
+    With `frame_store` (a store of `frozen_tfrecord.py --feature_framerate`, dataloaders/frame_store.py) clips
+    are read from the stored frames, found by the video file's name without extension, and equal the decoded
+    ones; a video not in the store is decoded from its file (logged once).
     """
 
     split: RetrievalSplit | None = None
@@ -79,8 +84,11 @@ class RawVideoTextDataset(Dataset):
         pad_mode: str = "zero",
         seed: int = 42,
         video_extension: str = ".mp4",
+        frame_store: str | Path | None = None,
     ) -> None:
         self.features_path = Path(features_path)
+        self.frame_store = None if frame_store is None else FrameStore(
+            frame_store, feature_framerate=feature_framerate, image_size=image_size)
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
         self.max_words = max_words
         self.clip_options = dict(
@@ -91,7 +99,7 @@ class RawVideoTextDataset(Dataset):
         self.epoch = 0
         self.video_extension = video_extension
         self.n_skipped = 0
-        self._warned_video_ids: set[str] = set()
+        self._warned_video_ids: set[tuple[str, str]] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,6 +115,12 @@ class RawVideoTextDataset(Dataset):
         """uint8 video [T, 3, S, S] and video_mask [T]; raises VideoDecodeError."""
         path, window = self.locate(video_id)
         start, end = window if window is not None else (None, None)
+        if self.frame_store is not None:
+            if path.stem in self.frame_store:
+                return self.frame_store.load_clip(path.stem, rng=rng, start_time=start, end_time=end,
+                                                  **self.clip_options)
+            self._warn_once(video_id, "not stored",
+                            f"video {video_id} is not in --frame_store {self.frame_store.path}: decoding {path}")
         return load_video_clip(path, rng=rng, start_time=start, end_time=end, **self.clip_options)
 
     def sample_rng(self, index: int) -> np.random.Generator:
@@ -128,9 +142,12 @@ class RawVideoTextDataset(Dataset):
 
     def _record_skip(self, video_id: str, error: VideoDecodeError) -> None:
         self.n_skipped += 1
-        if video_id not in self._warned_video_ids:
-            self._warned_video_ids.add(video_id)
-            logger.warning("skipping video %s: %s", video_id, error)
+        self._warn_once(video_id, "skip", f"skipping video {video_id}: {error}")
+
+    def _warn_once(self, video_id: str, kind: str, message: str) -> None:
+        if (video_id, kind) not in self._warned_video_ids:
+            self._warned_video_ids.add((video_id, kind))
+            logger.warning("%s", message)
 
     # ------------------------------------------------------------------ evaluation view
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -39,6 +40,26 @@ def read_frames(
     `start_time` (default 0) to `end_time` (default: the duration, ceil(frame_count / fps)) inclusive, and
     reading stops at the first failed read.
     """
+    return read_sampled_frames(path, feature_framerate, start_time, end_time).frames
+
+
+class SampledFrames(NamedTuple):
+    frames: np.ndarray  # RGB uint8 [n, H, W, 3]
+    positions: np.ndarray  # int64 [n]: frame number of each in the video
+    fps: int  # the video's frame rate as the sampler read it (an int, as the original's extractor)
+
+    @property
+    def seconds(self) -> np.ndarray:
+        return self.positions // self.fps
+
+
+def read_sampled_frames(
+    path: str | Path,
+    feature_framerate: int = 1,
+    start_time: int | None = None,
+    end_time: int | None = None,
+) -> SampledFrames:
+    """`read_frames` with the frame number of each frame and the frame rate."""
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(f"video file not found: {path}")
@@ -52,20 +73,25 @@ def read_frames(
         frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         first_second, last_second = _second_window(math.ceil(frame_count / fps), start_time, end_time)
         offsets = _offsets_within_second(fps, feature_framerate)
-        frames = _read_seconds(capture, fps, offsets, first_second, last_second)
+        frames, positions = _read_seconds(capture, fps, offsets, first_second, last_second)
     finally:
         capture.release()
     if not frames:
         raise VideoDecodeError(f"no frame could be decoded from video: {path}")
-    return np.stack(frames)
+    return SampledFrames(np.stack(frames), np.asarray(positions, dtype=np.int64), fps)
 
 
 def _second_window(duration: int, start_time: int | None, end_time: int | None) -> tuple[int, int]:
     if start_time is None and end_time is None:
         return 0, duration
-    if start_time is None or end_time is None or not 0 <= start_time < end_time:
-        raise ValueError(f"need 0 <= start_time < end_time (both given), got {start_time}, {end_time}")
+    check_window(start_time, end_time)
     return start_time, min(end_time, duration)
+
+
+def check_window(start_time: int | None, end_time: int | None) -> None:
+    """A clip window is both bounds or neither, with 0 <= start_time < end_time (seconds)."""
+    if (start_time is None) != (end_time is None) or (start_time is not None and not 0 <= start_time < end_time):
+        raise ValueError(f"need 0 <= start_time < end_time (both given), got {start_time}, {end_time}")
 
 
 def _offsets_within_second(fps: int, feature_framerate: int) -> list[int]:
@@ -78,16 +104,18 @@ def _offsets_within_second(fps: int, feature_framerate: int) -> list[int]:
 
 def _read_seconds(
     capture: cv2.VideoCapture, fps: int, offsets: list[int], first_second: int, last_second: int
-) -> list[np.ndarray]:
-    frames = []
+) -> tuple[list[np.ndarray], list[int]]:
+    frames, positions = [], []
     for second in range(first_second, last_second + 1):
         for offset in offsets:
-            capture.set(cv2.CAP_PROP_POS_FRAMES, second * fps + offset)
+            position = second * fps + offset
+            capture.set(cv2.CAP_PROP_POS_FRAMES, position)
             ok, frame = capture.read()
             if not ok or frame is None:
-                return frames
+                return frames, positions
             frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    return frames
+            positions.append(position)
+    return frames, positions
 
 
 def resize_center_crop(frames: np.ndarray | torch.Tensor, image_size: int = 224) -> torch.Tensor:
@@ -152,10 +180,21 @@ def load_video_clip(
     entry is a real frame. Raises `VideoDecodeError` when the file gives no frame.
     """
     frames = read_frames(path, feature_framerate, start_time, end_time)
-    indices = select_frame_indices(len(frames), max_frames, slice_framepos, pad_mode)
-    indices = order_frames(indices, frame_order, rng)
-    clip = resize_center_crop(frames[indices], image_size)
-    video = torch.zeros(max_frames, 3, image_size, image_size, dtype=torch.uint8)
+    indices = clip_frame_indices(len(frames), max_frames, slice_framepos, frame_order, pad_mode, rng)
+    return pad_clip(resize_center_crop(frames[indices], image_size), max_frames)
+
+
+def clip_frame_indices(
+    n_frames: int, max_frames: int, slice_framepos: int, frame_order: int, pad_mode: str,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
+    """Which of `n_frames` decoded frames make the clip, in clip order (`select_frame_indices`, `order_frames`)."""
+    return order_frames(select_frame_indices(n_frames, max_frames, slice_framepos, pad_mode), frame_order, rng)
+
+
+def pad_clip(clip: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [n, 3, S, S] with n <= max_frames -> (video [max_frames, 3, S, S] zero-padded, video_mask [max_frames])."""
+    video = torch.zeros(max_frames, *clip.shape[1:], dtype=torch.uint8)
     video[: len(clip)] = clip
     video_mask = torch.zeros(max_frames, dtype=torch.long)
     video_mask[: len(clip)] = 1

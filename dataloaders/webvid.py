@@ -4,9 +4,10 @@ Two record layouts are read:
 
 * ours (written by `frozen_tfrecord.py`), a `tf.train.Example` with
   `video_id` bytes[1] (UTF-8), `num_frames` int64[1], `height` int64[1], `width` int64[1],
-  `frame_format` bytes[1] (b"jpeg"), `frame_indices` int64[num_frames] (position of each stored frame in the
-  source video or frame folder), `frames` bytes[num_frames] (one JPEG per frame, RGB content, all frames of a
-  record the same size, shorter side `--short_side`);
+  `frame_format` bytes[1] (b"jpeg" or b"png"), `frame_indices` int64[num_frames] (position of each stored frame
+  in the source video or frame folder), `frames` bytes[num_frames] (one image per frame, RGB content, all frames
+  of a record the same size: shorter side `--short_side` for WebVid; for a downstream frame store
+  (dataloaders/frame_store.py) the loader's resized and center-cropped frames, with `fps` int64[1] added);
 * the original's (`frozen_tfrecord.py --raw`), whose only feature is `image` bytes[1]: N x 256 x 256 x 3 raw BGR
   uint8 pixels, C order, N = len / 196608.
 
@@ -42,13 +43,7 @@ from dataloaders.tfrecord_io import (
     read_text,
     split_s3_url,
 )
-from dataloaders.video import (
-    ORDER_KEEP,
-    SLICE_UNIFORM,
-    order_frames,
-    resize_center_crop,
-    select_frame_indices,
-)
+from dataloaders.video import ORDER_KEEP, SLICE_UNIFORM, clip_frame_indices, pad_clip, resize_center_crop
 
 logger = logging.getLogger("t2vlp.data")
 
@@ -56,6 +51,8 @@ INDEX_FILE_NAME = "path.index"
 RAW_SIDE = 256
 RAW_FRAME_BYTES = RAW_SIDE * RAW_SIDE * 3
 JPEG_FORMAT = b"jpeg"
+PNG_FORMAT = b"png"
+IMAGE_FORMATS = (JPEG_FORMAT, PNG_FORMAT)
 
 
 class ClipRecordError(ValueError):
@@ -65,23 +62,28 @@ class ClipRecordError(ValueError):
 # ----------------------------------------------------------------------------------------------- record schema
 
 
-def encode_jpeg_clip_record(
-    video_id: str, jpeg_frames: list[bytes], height: int, width: int, frame_indices: list[int]
+def encode_image_clip_record(
+    video_id: str, encoded_frames: list[bytes], height: int, width: int, frame_indices: list[int],
+    frame_format: bytes = JPEG_FORMAT, fps: int | None = None,
 ) -> bytes:
-    """Our record: JPEG frames plus the id, count, size and source positions (see the module docstring)."""
-    if len(jpeg_frames) != len(frame_indices):
+    """Our record: encoded frames (JPEG or PNG) plus the id, count, size and source positions (see the module
+    docstring); `fps` (the source's integer frame rate) is stored when given, so positions map to seconds."""
+    if len(encoded_frames) != len(frame_indices):
         raise ValueError("one source position per frame is needed")
-    return encode_example(
-        {
-            "video_id": video_id,
-            "num_frames": len(jpeg_frames),
-            "height": height,
-            "width": width,
-            "frame_format": JPEG_FORMAT,
-            "frame_indices": list(frame_indices),
-            "frames": list(jpeg_frames),
-        }
-    )
+    if frame_format not in IMAGE_FORMATS:
+        raise ValueError(f"frame_format must be one of {IMAGE_FORMATS}, got {frame_format!r}")
+    features = {
+        "video_id": video_id,
+        "num_frames": len(encoded_frames),
+        "height": height,
+        "width": width,
+        "frame_format": frame_format,
+        "frame_indices": list(frame_indices),
+        "frames": list(encoded_frames),
+    }
+    if fps is not None:
+        features["fps"] = fps
+    return encode_example(features)
 
 
 def encode_raw_clip_record(frames_bgr: np.ndarray) -> bytes:
@@ -97,8 +99,10 @@ class ClipRecord:
 
     video_id: str | None
     num_frames: int
-    jpeg_frames: list[bytes] | None = None
+    encoded_frames: list[bytes] | None = None  # JPEG or PNG, one per frame
     raw_bgr: np.ndarray | None = None  # [N, H, W, 3] view on the payload
+    frame_indices: np.ndarray | None = None  # int64 [N], position of each frame in its source, when recorded
+    fps: int | None = None  # the source's integer frame rate, when recorded (downstream frame stores)
 
     def frames(self, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
         """RGB uint8 [n, H, W, 3] of the frames at `indices` (all by default), in that order."""
@@ -106,7 +110,7 @@ class ClipRecord:
             indices = range(self.num_frames)
         if self.raw_bgr is not None:
             return np.ascontiguousarray(self.raw_bgr[np.asarray(indices, dtype=np.int64), :, :, ::-1])
-        decoded = [_decode_jpeg(self.jpeg_frames[i]) for i in indices]
+        decoded = [_decode_image(self.encoded_frames[i]) for i in indices]
         if len({frame.shape for frame in decoded}) > 1:
             raise ClipRecordError(f"frames of different sizes in the record of video {self.video_id}")
         return np.stack(decoded) if decoded else np.zeros((0, 0, 0, 3), np.uint8)
@@ -120,10 +124,16 @@ def parse_clip_record(payload: bytes) -> ClipRecord:
         raise ClipRecordError(f"not a tf.train.Example: {error}") from error
     video_id = features["video_id"][0].decode("utf-8") if features.get("video_id") else None
     if "frames" in features:
-        jpegs = features["frames"]
-        if not jpegs:
+        encoded = features["frames"]
+        if not encoded:
             raise ClipRecordError(f"record of video {video_id} holds no frame")
-        return ClipRecord(video_id, len(jpegs), jpeg_frames=jpegs)
+        positions = features.get("frame_indices")
+        if positions is not None and len(positions) != len(encoded):
+            raise ClipRecordError(f"record of video {video_id}: {len(positions)} frame_indices for {len(encoded)} "
+                                  f"frames")
+        fps = features["fps"][0] if features.get("fps") else None
+        return ClipRecord(video_id, len(encoded), encoded_frames=encoded,
+                          frame_indices=None if positions is None else np.asarray(positions, dtype=np.int64), fps=fps)
     if "image" in features:
         return ClipRecord(video_id, *_raw_frames(features))
     raise ClipRecordError(f"record has neither 'frames' nor 'image' (keys: {sorted(features)})")
@@ -140,10 +150,10 @@ def _raw_frames(features: dict[str, list]) -> tuple[int, None, np.ndarray]:
     return len(frames), None, frames
 
 
-def _decode_jpeg(data: bytes) -> np.ndarray:
+def _decode_image(data: bytes) -> np.ndarray:
     frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
     if frame is None:
-        raise ClipRecordError("undecodable JPEG frame")
+        raise ClipRecordError("undecodable frame image")
     return frame
 
 
@@ -396,17 +406,13 @@ class WebVidDataset(Dataset):
         path, offset = self.shard_paths[shard], int(self._offsets[index])
         try:
             record = parse_clip_record(self._reader.read(path, offset))
-            indices = select_frame_indices(record.num_frames, self.max_frames, self.slice_framepos, "zero")
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            frames = record.frames(order_frames(indices, self.frame_order, rng))
+            indices = clip_frame_indices(record.num_frames, self.max_frames, self.slice_framepos, self.frame_order,
+                                         "zero", rng)
+            frames = record.frames(indices)
         except (OSError, ValueError) as error:  # RecordCorruptError and ClipRecordError are ValueErrors
             return self._skip(video_id, f"{path} @ {offset}: {error}")
-        clip = resize_center_crop(frames, self.image_size)
-        video = torch.zeros(self.max_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        video[: len(clip)] = clip
-        video_mask = torch.zeros(self.max_frames, dtype=torch.long)
-        video_mask[: len(clip)] = 1
-        return video, video_mask
+        return pad_clip(resize_center_crop(frames, self.image_size), self.max_frames)
 
     def _skip(self, video_id: str, reason: str) -> None:
         self.n_skipped += 1

@@ -227,6 +227,11 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true",
         help="torch.compile every transformer block (regional compilation; checkpoint keys unchanged). The first "
              "steps are slow while it compiles.")
+    add("--frame_store", type=str, default=None,
+        help="Read the raw-video datasets' frames from this decode-once store (a folder written by "
+             "`frozen_tfrecord.py --video_dir <videos> --feature_framerate N`, at this run's --feature_framerate and "
+             "input size) instead of decoding the videos every epoch: the same clips, far less CPU. Videos it "
+             "lacks are decoded from --features_path.")
     add("--no_verify_crc", dest="verify_crc", action="store_false",
         help="Do not check the CRCs of WebVid TFRecords when training reads them (checked by default: a damaged "
              "record is skipped and counted like an undecodable video).")

@@ -44,7 +44,8 @@ def run_caption(dataset: str, args: argparse.Namespace, dist_info: distributed.D
     precision = resolve_precision(args.precision, dist_info.device)
     model = build_model(args)
     options = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
-                   image_size=model.image_resolution, seed=args.seed, slice_framepos=args.slice_framepos)
+                   image_size=model.image_resolution, seed=args.seed, slice_framepos=args.slice_framepos,
+                   frame_store=args.frame_store)
 
     def split(subset: str, frame_order: int):
         data = build_checked(lambda: caption_dataset(dataset, args.data_path, args.features_path, subset,

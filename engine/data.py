@@ -59,7 +59,7 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
             args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
             max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
             image_size=image_size, frame_order=args.train_frame_order, slice_framepos=args.slice_framepos,
-            pad_mode="zero", seed=args.seed,
+            pad_mode="zero", seed=args.seed, frame_store=args.frame_store,
         ), "--train_csv / --data_path")
     if len(dataset) == 0:
         raise InputError(f"no training samples in --data_path {args.data_path}"
@@ -96,7 +96,7 @@ def build_eval_dataset(args: argparse.Namespace, image_size: int) -> Dataset | N
     dataset = MSRVTTTestDataset(
         args.val_csv, args.features_path, max_words=args.max_words, feature_framerate=args.feature_framerate,
         max_frames=args.max_frames, image_size=image_size, frame_order=args.eval_frame_order,
-        slice_framepos=args.slice_framepos, pad_mode="zero", seed=args.seed,
+        slice_framepos=args.slice_framepos, pad_mode="zero", seed=args.seed, frame_store=args.frame_store,
     )
     if len(dataset) == 0:
         raise InputError(f"--val_csv {args.val_csv} has no rows")
@@ -141,7 +141,7 @@ def build_retrieval_datasets(
     if dataset not in RETRIEVAL_DATASETS:
         raise ValueError(f"dataset must be one of {RETRIEVAL_DATASETS}, got {dataset!r}")
     common = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
-                  image_size=image_size, seed=args.seed)
+                  image_size=image_size, seed=args.seed, frame_store=args.frame_store)
     train_options = {**common, "frame_order": args.train_frame_order}
     eval_options = {**common, "frame_order": args.eval_frame_order}
     if dataset == "msrvtt":

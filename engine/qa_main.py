@@ -64,7 +64,7 @@ def run_qa(dataset: str, args: argparse.Namespace, dist_info: distributed.DistIn
     options = dict(ans2label=ans2label, head=args.qa_head, youtube_mapping=mapping, excluded=excluded,
                    max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
                    image_size=model.image_resolution, seed=args.seed, slice_framepos=args.slice_framepos,
-                   pad_mode="repeat")
+                   pad_mode="repeat", frame_store=args.frame_store)
     flag = f"--{dataset}_qa_{{}}_json"
 
     def split(name: str, frame_order: int):

@@ -136,3 +136,27 @@ def test_original_retrieval_command_from_the_task_folder(small_demo_source, tiny
     log = (output / "log.txt").read_text()
     assert "../CLIP-modules/ViT-B-16.pt" in log and "LR group new_decay         lr 5e-06" in log
     assert json.loads((output / "best_checkpoint.json").read_text())["metric"] == "rerank t2v R1"
+
+
+def test_fine_tuning_from_a_frame_store_equals_fine_tuning_from_the_videos(
+        retrieval_run, small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, tmp_path):
+    """--frame_store (frozen_tfrecord.py --feature_framerate 2) gives the same training and evaluation numbers."""
+    import frozen_tfrecord
+
+    store = tmp_path / "store"
+    config = frozen_tfrecord.parse_args(["--video_dir", str(small_demo_source["videos_dir"]), "--feature_framerate",
+                                         "2", "--image_size", "32", "--output_dir", str(store), "--workers", "0",
+                                         "--no_progress"])
+    assert frozen_tfrecord.convert(config).n_written > 0
+    out = tmp_path / "from_store"
+    argv = retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, out, "--dsl",
+                          f"--frame_store={store}")
+    assert main_task_retrieval_msrvtt.main(argv) == 0
+    assert metrics(out) == metrics(retrieval_run)
+    losses = [line.split("loss", 1)[1] for line in (out / "log.txt").read_text().splitlines() if "sim_loss" in line]
+    expected = [line.split("loss", 1)[1] for line in (retrieval_run / "log.txt").read_text().splitlines()
+                if "sim_loss" in line]
+    assert losses == expected and len(losses) >= 3
+    log = (out / "log.txt").read_text()
+    assert f"frames from the frame store {store}: 34 videos at 2 per second, 32 pixels, png" in log
+    assert "is not in --frame_store" not in log
