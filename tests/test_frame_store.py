@@ -196,3 +196,18 @@ def test_converter_refuses_flags_that_do_not_apply_to_a_store(video_dir, tmp_pat
          "--output_dir", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "does not apply" in result.stderr and extra[0] in result.stderr
+
+
+def test_benchmark_runs_and_prints_both_paths(capsys):
+    """bench/bench_frame_store.py at toy size (a smoke test; its speed figures are in bench/RESULTS.md)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_frame_store", REPO / "bench" / "bench_frame_store.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--n_videos", "2", "--seconds", "3", "--width", "64", "--height", "48", "--image_size", "32",
+            "--passes", "1", "--codec", "mp4v"]
+    assert bench.main(argv) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:4]}
+    assert set(rows) == {"raw", "frame"}
+    assert float(rows["raw"][2]) > 0 and rows["raw"][3] == "1.00x" and float(rows["frame"][2]) > 0
