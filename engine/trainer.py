@@ -75,6 +75,16 @@ MAY_CHANGE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_steps", "save_ste
 
 
 @dataclass
+class WindowSummary:
+    """One accumulation window, reduced over ranks: means of the loss terms, and the step's decisions."""
+
+    values: dict[str, float]
+    finite: bool
+    logit_scale: float
+    stop_requested: bool
+
+
+@dataclass
 class Progress:
     """Where the run is; saved in restore.bin."""
 
@@ -382,10 +392,12 @@ class Trainer:
         return False
 
     def _run_epoch(self, stop: StopRequest) -> str:
-        """One epoch from the saved position: "epoch_end", "max_steps", or "signal" (restore.bin saved)."""
+        """One epoch from the saved position: "epoch_end", "max_steps", or "signal" (restore.bin saved).
+
+        The host waits for the device once per optimiser step (`_window_summary`: one collective carrying the
+        finiteness, the logged values and the stop request); the loss of each micro-batch stays on the device."""
         settings, progress = self.settings, self.progress
         pending: list[dict[str, torch.Tensor]] = []
-        window_finite = True
         for batch in self._loader():
             progress.samples_in_epoch += self.settings.micro_batch_size * self.dist.world_size
             skipped, empty_ranks = distributed.all_reduce_sums([batch["n_skipped"], is_empty_batch(batch)])
@@ -393,36 +405,54 @@ class Trainer:
             if empty_ranks > 0:
                 logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
                 continue
-            window_finite &= self._accumulate(batch, len(pending) + 1 == settings.accumulation_steps, pending)
+            self._accumulate(batch, len(pending) + 1 == settings.accumulation_steps, pending)
             if len(pending) < settings.accumulation_steps:
                 continue
-            self._optimizer_step(pending, window_finite)
-            pending, window_finite = [], True
+            summary = self._window_summary(pending, stop)
+            self._optimizer_step(summary)
+            pending = []
             if settings.max_steps and progress.global_step >= settings.max_steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 return "max_steps"
-            if distributed.all_reduce_sum(float(stop.requested)) > 0:
-                self.save(with_checkpoint=False)
-                logger.info("stopped at step %d by a signal; rerun the same command to resume", progress.global_step)
-                return "signal"
+            if summary.stop_requested:
+                return self._stop_for_signal()
         self.optimizer.zero_grad(set_to_none=True)  # an incomplete last accumulation window is dropped
+        if distributed.all_reduce_sum(float(stop.requested)) > 0:  # once per epoch: before its checkpoint/eval
+            return self._stop_for_signal()
         return "epoch_end"
 
-    def _accumulate(self, batch: dict[str, Any], last_in_window: bool, pending: list) -> bool:
-        """Forward + backward of one micro-batch; returns whether its loss was finite on every rank."""
+    def _stop_for_signal(self) -> str:
+        self.save(with_checkpoint=False)
+        logger.info("stopped at step %d by a signal; rerun the same command to resume", self.progress.global_step)
+        return "signal"
+
+    def _accumulate(self, batch: dict[str, Any], last_in_window: bool, pending: list) -> None:
+        """Forward + backward of one micro-batch, without waiting for the device. A non-finite loss back-propagates
+        like any other; `_window_summary` then finds it and the whole step is skipped, its gradients dropped."""
         syncing = last_in_window or not isinstance(self.ddp, DistributedDataParallel)
         with nullcontext() if syncing else self.ddp.no_sync():
             losses = self._forward(batch, micro=len(pending))
-            finite = distributed.all_reduce_sum(float(not torch.isfinite(losses["loss"]).item())) == 0
-            if finite:
-                loss = losses["loss"] / self.settings.accumulation_steps
-                self.scaler.scale(loss).backward()
+            self.scaler.scale(losses["loss"] / self.settings.accumulation_steps).backward()
         pending.append({k: v.detach().float() for k, v in losses.items()})
-        return finite
 
-    def _optimizer_step(self, pending: list[dict[str, torch.Tensor]], finite: bool) -> None:
+    def _window_summary(self, pending: list[dict[str, torch.Tensor]], stop: StopRequest) -> WindowSummary:
+        """What one optimiser step needs from every rank, in one collective: whether every loss of the window was
+        finite, the mean of each logged term, and whether a stop was requested."""
+        keys = list(pending[0])
+        means = [sum(p[key] for p in pending) / len(pending) for key in keys]
+        non_finite = sum((~torch.isfinite(p["loss"])).float() for p in pending)
+        logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
+        scale = logit_scale.detach().float().exp() if logit_scale is not None else torch.tensor(math.nan)
+        packed = torch.stack([*means, non_finite, scale.to(non_finite.device),
+                              torch.tensor(float(stop.requested), device=non_finite.device)]).double()
+        *sums, n_non_finite, scale_sum, n_stop = distributed.all_reduce_sum_tensor(packed).tolist()
+        world = self.dist.world_size
+        values = {key: total / world for key, total in zip(keys, sums)}
+        return WindowSummary(values, n_non_finite == 0, scale_sum / world, n_stop > 0)
+
+    def _optimizer_step(self, summary: WindowSummary) -> None:
         settings, progress = self.settings, self.progress
-        if not finite:
+        if not summary.finite:
             self.optimizer.zero_grad(set_to_none=True)
             progress.bad_steps += 1
             logger.warning(
@@ -445,21 +475,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale(self.model)
         progress.global_step += 1
-        self._log_step(pending)
+        self._log_step(summary)
         if settings.save_steps and progress.global_step % settings.save_steps == 0:
             self.save(with_checkpoint=True)
         if settings.eval_steps and progress.global_step % settings.eval_steps == 0:
             self._evaluate()
 
-    def _log_step(self, pending: list[dict[str, torch.Tensor]]) -> None:
+    def _log_step(self, summary: WindowSummary) -> None:
         step = self.progress.global_step
-        values = {
-            key: distributed.all_reduce_mean(sum(p[key] for p in pending) / len(pending)) for key in pending[0]
-        }
+        values = dict(summary.values)
         for group in self.optimizer.param_groups:  # e.g. lr_backbone, lr_new
             values[f"lr_{group_kind(group)}"] = group["lr"]
-        logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
-        values["logit_scale"] = float(logit_scale.detach().exp()) if logit_scale is not None else math.nan
+        values["logit_scale"] = summary.logit_scale  # the scale this step's loss used
         self.run.scalars(values, step, prefix="train/")
         if step % self.settings.n_display == 0 or step == 1:
             logger.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -48,8 +49,10 @@ def loss_and_gradients(clip_path: str, output_dir: Path) -> tuple[float, dict[st
     run = RunLogger(output_dir / f"logs{dist_info.world_size}", dist_info.is_main, tensorboard=False)
     trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), freeze_layer_num=-1)
     pending: list = []
-    assert trainer._accumulate(local, last_in_window=True, pending=pending)
-    loss = distributed.all_reduce_mean(pending[0]["loss"])
+    trainer._accumulate(local, last_in_window=True, pending=pending)
+    summary = trainer._window_summary(pending, SimpleNamespace(requested=False))  # the trainer's one collective
+    assert summary.finite and not summary.stop_requested
+    loss = summary.values["loss"]
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     run.close()
     return loss, grads

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -64,8 +65,10 @@ def loss_and_gradients(clip_path: str, output_dir: Path, task: str = "fusion") -
     trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), freeze_layer_num=0,
                       task=objective)
     pending: list = []
-    assert trainer._accumulate(local, last_in_window=True, pending=pending)
-    losses = {key: distributed.all_reduce_mean(value) for key, value in pending[0].items()}
+    trainer._accumulate(local, last_in_window=True, pending=pending)
+    summary = trainer._window_summary(pending, SimpleNamespace(requested=False))  # the trainer's one collective
+    assert summary.finite and not summary.stop_requested
+    losses = summary.values
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     run.close()
     return losses, grads

@@ -229,3 +229,28 @@ def test_total_steps_and_logit_scale_clamp():
         model.clip.logit_scale.fill_(3.0)
     clamp_logit_scale(model)
     assert torch.equal(model.clip.logit_scale, torch.full((2,), 3.0))
+
+
+def test_fused_adamw_makes_the_same_updates():
+    """The fused AdamW (the default on GPUs) and the default implementation (the CPU's) agree step by step, per
+    group learning rate and weight decay included."""
+    models = [fake_model() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = []
+    for model, fused in zip(models, (None, True)):
+        apply_freeze_rule(model, 0)
+        optimizers.append(build_optimizer(model, lr=1e-2, coef_lr=1e-1, new_params_lr=3e-2, weight_decay=0.2,
+                                          fused=fused))
+    assert not optimizers[0].defaults["fused"] and optimizers[1].defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone() if param.requires_grad else None
+            optimizer.step()
+    moved = 0
+    for (name, plain), fused in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6, msg=name)
+        moved += bool((plain - 1).abs().max() > 1e-3)  # every parameter started at 1
+    assert moved == sum(p.requires_grad for p in models[0].parameters()) > 0

@@ -161,3 +161,31 @@ def test_sigterm_saves_restore_and_the_rerun_resumes(small_demo, tiny_clip_check
     epoch, samples = (stopped_at - 1) // 3, ((stopped_at - 1) % 3 + 1) * 8
     assert f"resumed from restore.bin: epoch {epoch}, {samples} samples into the epoch, step {stopped_at}" in log.read_text()
     assert load_restore(out)["global_step"] == stopped_at + 1
+
+
+def test_one_non_finite_micro_batch_skips_its_window_and_training_goes_on(small_demo, tiny_clip_checkpoint, tmp_path,
+                                                                          monkeypatch, caplog):
+    """The NaN loss back-propagates (no per-micro-batch host check) but its whole accumulation window is skipped:
+    nothing of it reaches the weights or the optimiser state, and later steps train normally."""
+    out = tmp_path / "run"
+    original_forward = T2VLP.forward
+    calls = {"n": 0}
+
+    def forward_with_one_nan(self, *args, **kwargs):
+        result = original_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second micro-batch of the second window
+            result["loss"] = result["loss"] * float("nan")
+        return result
+
+    monkeypatch.setattr(T2VLP, "forward", forward_with_one_nan)
+    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=2", "--gradient_accumulation_steps=2")
+    with caplog.at_level(logging.WARNING):
+        assert main_task_clip.main(argv) == 0
+    assert caplog.text.count("non-finite loss at step 2: step skipped (1 in a row") == 1
+    restore = load_restore(out)
+    assert restore["global_step"] == 5  # 2 epochs x 3 windows, one skipped
+    assert all(torch.isfinite(v).all() for v in restore["model_state_dict"].values() if v.is_floating_point())
+    moments = [t for state in restore["optim_state_dict"]["state"].values() for t in state.values()
+               if torch.is_tensor(t) and t.is_floating_point()]
+    assert moments and all(torch.isfinite(t).all() for t in moments)
