@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -132,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3, covers compilation; --tiny: 1)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
+    parser.add_argument("--largest_batch", nargs="+", default=[], metavar="CONFIG",
+                        help="after the table, find the largest batch one training step of these configurations "
+                             "fits in (e.g. bf16+ckpt): doubling, then bisection, up to --largest_batch_limit")
+    parser.add_argument("--largest_batch_limit", type=int, help="stop searching there (default 4096; --tiny: 8)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     clip = TINY if args.tiny else CLIPConfig()  # the defaults are ViT-B/16's sizes
     batches = args.batch or [2 if args.tiny else 32]
     configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
                                ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
-    for name in configs:
+    for name in configs + args.largest_batch:
         precision, *options = name.split("+")
         if precision not in ("fp32", "bf16", "fp16") or not set(options) <= {"compile", "ckpt"}:
             parser.error(f"unknown configuration {name!r}: a precision (fp32, bf16, fp16) followed by any of "
@@ -178,7 +183,54 @@ def main(argv: list[str] | None = None) -> int:
                       f"{clips_per_second / first:6.2f} {flops / batch_size / 1e12:10.4g} "
                       f"{flops / seconds / peak:8.3g} {memory}", flush=True)
                 del model
+    limit = args.largest_batch_limit or (8 if args.tiny else 4096)
+    for stage in args.stages:
+        for config_name in args.largest_batch:
+            largest = largest_fitting_batch(clip, stage, config_name, frames, args.words, device, limit)
+            note = " (the search limit; raise --largest_batch_limit)" if largest == limit else ""
+            print(f"largest batch: {stage} {config_name}: {largest}{note}", flush=True)
     return 0
+
+
+def largest_fitting_batch(clip: CLIPConfig, stage: str, config_name: str, frames: int, words: int,
+                          device: torch.device, limit: int) -> int:
+    """The largest batch (<= limit) whose training step runs without running out of memory; 0 if none does."""
+    model = bench_model(clip, stage, config_name, device)
+    precision = config_name.split("+")[0]
+
+    def fits(batch_size: int) -> bool:
+        try:
+            batch = make_batch(batch_size, frames, words, clip.image_resolution, device)
+            make_step(model, stage, batch, precision, device)()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return largest_passing(fits, limit)
+
+
+def largest_passing(fits: Callable[[int], bool], limit: int, start: int = 2) -> int:
+    """The largest n in [start, limit] with fits(n), assuming fits holds up to some size and fails above it; 0 if
+    not even `start` fits (2: the contrastive and matching losses need two pairs). Doubling from `start`, then
+    bisection: about 2 log2(n) calls."""
+    good, size = 0, start
+    while size <= limit and fits(size):
+        good, size = size, size * 2
+    if good == 0:
+        return 0
+    bad = size
+    if size > limit:  # every power of two up to the limit fits
+        if fits(limit):
+            return limit
+        bad = limit
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
 
 
 if __name__ == "__main__":

@@ -31,3 +31,37 @@ def test_tiny_run_prints_every_stage_and_configuration(capsys):
             assert tflop_per_clip == numbers[0][2] > 0  # counted once per stage: the same work in every config
     stage1_flops = float(rows[0][5])
     assert float(rows[3][5]) > stage1_flops  # stage 2 adds a second text pass and the fusion encoder
+
+
+def test_largest_batch_search_finds_the_edge():
+    search = load_bench().largest_passing
+    for edge in (0, 1, 2, 3, 37, 64, 100):  # 0 and 1: not even the smallest batch (2) fits
+        calls = []
+
+        def fits(size, edge=edge, calls=calls):
+            calls.append(size)
+            return size <= edge
+
+        assert search(fits, limit=4096) == (edge if edge >= 2 else 0)
+        assert min(calls) >= 2 and len(calls) <= 2 * max(edge, 1).bit_length() + 2
+    assert search(lambda size: size <= 37, limit=30) == 30
+    assert search(lambda size: size <= 37, limit=32) == 32
+    assert search(lambda size: True, limit=6) == 6
+
+
+def test_tiny_run_reports_the_largest_batch(capsys):
+    argv = ["--tiny", "--repeats", "1", "--stages", "stage1", "--configs", "fp32", "--largest_batch", "fp32+ckpt",
+            "--largest_batch_limit", "3"]
+    assert load_bench().main(argv) == 0
+    assert "largest batch: stage1 fp32+ckpt: 3 (the search limit" in capsys.readouterr().out
+
+
+def test_eval_bench_tiny_prints_encoding_and_rerank(capsys):
+    spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "bench" / "bench_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--repeats", "1"]) == 0
+    encoding, rerank = capsys.readouterr().out.splitlines()[1:3]
+    assert encoding.startswith("encoding: ") and float(encoding.split()[1]) > 0
+    assert rerank.startswith("rerank: ") and float(rerank.split()[1]) > 0
+    assert "(2560 pairs," in rerank  # 40 texts x top-32 videos + 40 videos x top-32 texts

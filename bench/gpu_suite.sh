@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the speed targets in one call (about 8 minutes on an H100/H200), each printed as it
+# finishes and kept in $OUT (default bench/out/): copy the tables into bench/RESULTS.md with card, date, command.
+#
+#   bash bench/gpu_suite.sh            # on the GPU machine
+#   TINY=1 bash bench/gpu_suite.sh     # the same steps with tiny models on a CPU, in about a minute
+#   PARTS="eval largest" bash bench/gpu_suite.sh   # only some parts: table, largest, eval (default: all three)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+if [[ -n "${TINY:-}" ]]; then
+  tiny=(--tiny) configs=(fp32 bf16 fp32+ckpt) largest=(fp32+ckpt --largest_batch_limit 4)
+else
+  tiny=() configs=(fp32 bf16 bf16+compile bf16+compile+ckpt) largest=(bf16+ckpt)
+fi
+PARTS=${PARTS:-table largest eval}
+run() {  # run NAME COMMAND...: print and keep the output, go on when one part fails
+  [[ " $PARTS " == *" $1 "* ]] || return 0
+  echo "== $1: ${*:2}" | tee "$OUT/$1.txt"
+  "${@:2}" 2>&1 | tee -a "$OUT/$1.txt" || echo "== $1 failed (exit ${PIPESTATUS[0]})" | tee -a "$OUT/$1.txt"
+}
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
+run table "$PYTHON" bench/train_step.py "${tiny[@]}" --configs "${configs[@]}"
+run largest "$PYTHON" bench/train_step.py "${tiny[@]}" --configs bf16 --repeats 1 --largest_batch "${largest[@]}"
+run eval "$PYTHON" bench/bench_eval.py "${tiny[@]}"
+[[ " $PARTS " == *" eval "* ]] && PARTS="$PARTS eval_compiled" run eval_compiled "$PYTHON" bench/bench_eval.py "${tiny[@]}" --compile
+echo "== done; outputs in $OUT"
