@@ -3,12 +3,14 @@ accumulation, clipping, skipping of non-finite steps, periodic evaluation, check
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import signal
+from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,7 @@ class WindowSummary:
     finite: bool
     logit_scale: float
     stop_requested: bool
+    upcoming_flags: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -394,13 +397,23 @@ class Trainer:
     def _run_epoch(self, stop: StopRequest) -> str:
         """One epoch from the saved position: "epoch_end", "max_steps", or "signal" (restore.bin saved).
 
-        The host waits for the device once per optimiser step (`_window_summary`: one collective carrying the
-        finiteness, the logged values and the stop request); the loss of each micro-batch stays on the device."""
+        The host waits for the device once per optimiser step, at the one collective of `_window_summary`: it
+        carries the window's finiteness, logged values and stop request, and the skipped-video counts of the next
+        window's micro-batches, fetched ahead so that every rank agrees on dropping an empty one before its
+        forward. A micro-batch counts as consumed only when it is processed, so a save never includes one
+        fetched ahead (resume is exact)."""
         settings, progress = self.settings, self.progress
+        batches = iter(self._loader())
+        ready: deque = deque()  # (micro-batch, (skipped videos, ranks with an empty batch)), agreed by all ranks
         pending: list[dict[str, torch.Tensor]] = []
-        for batch in self._loader():
+        while True:
+            if not ready:  # the epoch's start, or empty micro-batches used up the look-ahead
+                upcoming = list(itertools.islice(batches, settings.accumulation_steps - len(pending)))
+                if not upcoming:
+                    break
+                ready.extend(zip(upcoming, self._batch_flags(upcoming)))
+            batch, (skipped, empty_ranks) = ready.popleft()
             progress.samples_in_epoch += self.settings.micro_batch_size * self.dist.world_size
-            skipped, empty_ranks = distributed.all_reduce_sums([batch["n_skipped"], is_empty_batch(batch)])
             progress.skipped_videos += int(skipped)  # all ranks
             if empty_ranks > 0:
                 logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
@@ -408,7 +421,9 @@ class Trainer:
             self._accumulate(batch, len(pending) + 1 == settings.accumulation_steps, pending)
             if len(pending) < settings.accumulation_steps:
                 continue
-            summary = self._window_summary(pending, stop)
+            upcoming = list(itertools.islice(batches, settings.accumulation_steps))
+            summary = self._window_summary(pending, stop, upcoming)
+            ready.extend(zip(upcoming, summary.upcoming_flags))
             self._optimizer_step(summary)
             pending = []
             if settings.max_steps and progress.global_step >= settings.max_steps:
@@ -420,6 +435,13 @@ class Trainer:
         if distributed.all_reduce_sum(float(stop.requested)) > 0:  # once per epoch: before its checkpoint/eval
             return self._stop_for_signal()
         return "epoch_end"
+
+    @staticmethod
+    def _batch_flags(batches: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        """(skipped videos, ranks whose micro-batch is empty) of each micro-batch, summed over ranks."""
+        sums = distributed.all_reduce_sums([value for batch in batches
+                                            for value in (batch["n_skipped"], is_empty_batch(batch))])
+        return list(zip(sums[0::2], sums[1::2]))
 
     def _stop_for_signal(self) -> str:
         self.save(with_checkpoint=False)
@@ -435,20 +457,27 @@ class Trainer:
             self.scaler.scale(losses["loss"] / self.settings.accumulation_steps).backward()
         pending.append({k: v.detach().float() for k, v in losses.items()})
 
-    def _window_summary(self, pending: list[dict[str, torch.Tensor]], stop: StopRequest) -> WindowSummary:
+    def _window_summary(self, pending: list[dict[str, torch.Tensor]], stop: StopRequest,
+                        upcoming: list[dict[str, Any]]) -> WindowSummary:
         """What one optimiser step needs from every rank, in one collective: whether every loss of the window was
-        finite, the mean of each logged term, and whether a stop was requested."""
+        finite, the mean of each logged term, whether a stop was requested, and the `_batch_flags` of the
+        micro-batches fetched for the next window."""
         keys = list(pending[0])
         means = [sum(p[key] for p in pending) / len(pending) for key in keys]
+        device = pending[0]["loss"].device
         non_finite = sum((~torch.isfinite(p["loss"])).float() for p in pending)
         logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
         scale = logit_scale.detach().float().exp() if logit_scale is not None else torch.tensor(math.nan)
-        packed = torch.stack([*means, non_finite, scale.to(non_finite.device),
-                              torch.tensor(float(stop.requested), device=non_finite.device)]).double()
-        *sums, n_non_finite, scale_sum, n_stop = distributed.all_reduce_sum_tensor(packed).tolist()
+        host = [float(stop.requested)] + [value for batch in upcoming
+                                          for value in (batch["n_skipped"], is_empty_batch(batch))]
+        packed = torch.cat([torch.stack([*means, non_finite, scale.to(device)]).double(),
+                            torch.tensor(host, dtype=torch.float64).to(device, non_blocking=True)])
+        sums = distributed.all_reduce_sum_tensor(packed).tolist()
         world = self.dist.world_size
         values = {key: total / world for key, total in zip(keys, sums)}
-        return WindowSummary(values, n_non_finite == 0, scale_sum / world, n_stop > 0)
+        n_non_finite, scale_sum, n_stop, *flags = sums[len(keys):]
+        return WindowSummary(values, n_non_finite == 0, scale_sum / world, n_stop > 0,
+                             list(zip(flags[0::2], flags[1::2])))
 
     def _optimizer_step(self, summary: WindowSummary) -> None:
         settings, progress = self.settings, self.progress

@@ -50,7 +50,7 @@ def loss_and_gradients(clip_path: str, output_dir: Path) -> tuple[float, dict[st
     trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), freeze_layer_num=-1)
     pending: list = []
     trainer._accumulate(local, last_in_window=True, pending=pending)
-    summary = trainer._window_summary(pending, SimpleNamespace(requested=False))  # the trainer's one collective
+    summary = trainer._window_summary(pending, SimpleNamespace(requested=False), [])  # the trainer's one collective
     assert summary.finite and not summary.stop_requested
     loss = summary.values["loss"]
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}

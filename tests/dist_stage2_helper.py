@@ -66,7 +66,7 @@ def loss_and_gradients(clip_path: str, output_dir: Path, task: str = "fusion") -
                       task=objective)
     pending: list = []
     trainer._accumulate(local, last_in_window=True, pending=pending)
-    summary = trainer._window_summary(pending, SimpleNamespace(requested=False))  # the trainer's one collective
+    summary = trainer._window_summary(pending, SimpleNamespace(requested=False), [])  # the trainer's one collective
     assert summary.finite and not summary.stop_requested
     losses = summary.values
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -189,3 +189,47 @@ def test_one_non_finite_micro_batch_skips_its_window_and_training_goes_on(small_
     moments = [t for state in restore["optim_state_dict"]["state"].values() for t in state.values()
                if torch.is_tensor(t) and t.is_floating_point()]
     assert moments and all(torch.isfinite(t).all() for t in moments)
+
+
+def test_an_empty_micro_batch_is_dropped_and_resume_stays_exact(small_demo, tiny_clip_checkpoint, tmp_path,
+                                                                monkeypatch, caplog):
+    """A micro-batch with no decodable video is dropped on every rank and the window takes the next one instead
+    (the skipped counts travel ahead of the forward); a run stopped after a step, with the next micro-batch already
+    fetched ahead, resumes bit-identical to an uninterrupted one."""
+    from dataloaders.msrvtt import MSRVTTTrainDataset
+    from engine.sampler import ResumableDistributedSampler
+
+    sampler = ResumableDistributedSampler(24, 1, 0, shuffle=True, seed=42)
+    sampler.set_epoch(0)
+    # --batch_size 8 with 2 accumulation steps: micro-batches of 4, 6 per epoch, 3 windows. These 8 samples are
+    # exactly micro-batches 3 and 4 of the first epoch: both arrive through step 1's look-ahead, both are dropped,
+    # and the window refills with micro-batches 5 and 6.
+    undecodable = set(list(sampler)[8:16])
+    original_getitem = MSRVTTTrainDataset.__getitem__
+
+    def getitem(self, index):
+        if index in undecodable:
+            self.n_skipped += 1
+            return None
+        return original_getitem(self, index)
+
+    monkeypatch.setattr(MSRVTTTrainDataset, "__getitem__", getitem)
+    flags = ("--epochs=3", "--gradient_accumulation_steps=2")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    with caplog.at_level(logging.WARNING):
+        assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, straight, *flags)) == 0
+    assert caplog.text.count("no decodable video on some rank was skipped on every rank") == 2
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted, *flags,
+                                           "--max_steps=3")) == 0
+    stopped = load_restore(interrupted)["progress"]
+    # the first step of epoch 2: its window consumed; the next two micro-batches, fetched ahead, were not
+    sampler.set_epoch(1)
+    in_first_window = len(undecodable & set(list(sampler)[:8]))
+    assert (stopped["epoch"], stopped["samples_in_epoch"], stopped["skipped_videos"]) == (1, 8, 8 + in_first_window)
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted, *flags)) == 0
+    for run in (straight, interrupted):
+        restore = load_restore(run)
+        # 2 + 3 + 3 steps; every undecodable sample counted once per epoch
+        assert restore["global_step"] == 8 and restore["progress"]["skipped_videos"] == 24
+    expected, resumed = final_state(straight), final_state(interrupted)
+    assert [key for key in expected if not torch.equal(expected[key], resumed[key])] == []
