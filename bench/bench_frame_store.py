@@ -29,16 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import frozen_tfrecord as ft  # noqa: E402
+from bench.bench_webvid import synthetic_frames  # noqa: E402
 from dataloaders.raw_video_text import PairsDataset  # noqa: E402
-
-
-def synthetic_frames(rng: np.random.Generator, width: int, height: int, n_frames: int):
-    texture = cv2.resize(rng.integers(0, 256, (height // 16, width // 16 + 8, 3), dtype=np.uint8),
-                         (width + 128, height), interpolation=cv2.INTER_CUBIC)
-    for number in range(n_frames):
-        shift = number * 128 // n_frames
-        frame = texture[:, shift : shift + width].astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
-        yield np.clip(frame, 0, 255).astype(np.uint8)
 
 
 def write_video(path: Path, codec: str, rng: np.random.Generator, width: int, height: int, seconds: int,

@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -26,19 +27,26 @@ import frozen_tfrecord as ft  # noqa: E402
 from dataloaders.webvid import WebVidDataset  # noqa: E402
 
 
+def synthetic_frames(rng: np.random.Generator, width: int, height: int, n_frames: int) -> Iterator[np.ndarray]:
+    """BGR uint8 frames of a smooth texture drifting 128 px over the clip, with per-pixel grain of +-6 levels."""
+    texture = cv2.resize(rng.integers(0, 256, (height // 16, width // 16 + 8, 3), dtype=np.uint8),
+                         (width + 128, height), interpolation=cv2.INTER_CUBIC)
+    for frame_number in range(n_frames):
+        shift = frame_number * 128 // n_frames
+        frame = texture[:, shift : shift + width].astype(np.int16)
+        frame += rng.integers(-6, 7, frame.shape, dtype=np.int16)
+        yield np.clip(frame, 0, 255).astype(np.uint8)
+
+
 def write_synthetic_videos(folder: Path, n_videos: int, width: int, height: int, seconds: int, fps: int) -> None:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     for number in range(n_videos):
-        texture = cv2.resize(rng.integers(0, 256, (height // 16, width // 16 + 8, 3), dtype=np.uint8),
-                             (width + 128, height), interpolation=cv2.INTER_CUBIC)
+        frames = synthetic_frames(rng, width, height, seconds * fps)
         writer = cv2.VideoWriter(str(folder / f"{5_000_000 + number}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps,
                                  (width, height))
-        for frame_number in range(seconds * fps):
-            shift = frame_number * 128 // (seconds * fps)
-            frame = texture[:, shift : shift + width].astype(np.int16)
-            frame += rng.integers(-6, 7, frame.shape, dtype=np.int16)
-            writer.write(np.clip(frame, 0, 255).astype(np.uint8))
+        for frame in frames:
+            writer.write(frame)
         writer.release()
     rows = "".join(f"{5_000_000 + n},synthetic clip {n},1\n" for n in range(n_videos))
     (folder.parent / "train.csv").write_text("videoid,name,page_idx\n" + rows, encoding="utf-8")
