@@ -666,9 +666,10 @@ def parse_args(argv: list[str] | None = None) -> ConversionConfig:
 
 def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EncodeOptions:
     if args.feature_framerate is None:
-        return EncodeOptions(12 if args.num_frames is None else args.num_frames,
-                             256 if args.short_side is None else args.short_side, args.jpeg_quality, args.raw,
-                             args.frame_format or "jpeg")
+        sizes = {name: value for name, value in (("num_frames", args.num_frames), ("short_side", args.short_side))
+                 if value is not None}  # unset: EncodeOptions' defaults
+        return EncodeOptions(**sizes, jpeg_quality=args.jpeg_quality, raw=args.raw,
+                             frame_format=args.frame_format or "jpeg")
     given = [flag for flag, value in (("--num_frames", args.num_frames), ("--short_side", args.short_side),
                                       ("--raw", args.raw or None), ("--frames_dir", args.frames_dir)) if value is not None]
     if given:
@@ -676,8 +677,8 @@ def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                      f"--video_dir: {', '.join(given)} does not apply")
     if args.feature_framerate < 0 or args.image_size < 1:
         parser.error("need --feature_framerate >= 0 and --image_size >= 1")
-    return EncodeOptions(0, 256, args.jpeg_quality, False, args.frame_format or "png", args.feature_framerate,
-                         args.image_size)
+    return EncodeOptions(num_frames=0, jpeg_quality=args.jpeg_quality, frame_format=args.frame_format or "png",
+                         feature_framerate=args.feature_framerate, image_size=args.image_size)
 
 
 def main(argv: list[str] | None = None) -> int:

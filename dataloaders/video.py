@@ -48,10 +48,6 @@ class SampledFrames(NamedTuple):
     positions: np.ndarray  # int64 [n]: frame number of each in the video
     fps: int  # the video's frame rate as the sampler read it (an int, as the original's extractor)
 
-    @property
-    def seconds(self) -> np.ndarray:
-        return self.positions // self.fps
-
 
 def read_sampled_frames(
     path: str | Path,

@@ -10,7 +10,7 @@ import math
 import signal
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class WindowSummary:
     finite: bool
     logit_scale: float
     stop_requested: bool
-    upcoming_flags: list[tuple[float, float]] = field(default_factory=list)
+    upcoming_flags: list[tuple[float, float]]
 
 
 @dataclass
@@ -439,9 +439,7 @@ class Trainer:
     @staticmethod
     def _batch_flags(batches: list[dict[str, Any]]) -> list[tuple[float, float]]:
         """(skipped videos, ranks whose micro-batch is empty) of each micro-batch, summed over ranks."""
-        sums = distributed.all_reduce_sums([value for batch in batches
-                                            for value in (batch["n_skipped"], is_empty_batch(batch))])
-        return list(zip(sums[0::2], sums[1::2]))
+        return pair_up(distributed.all_reduce_sums(batch_flag_values(batches)))
 
     def _stop_for_signal(self) -> str:
         self.save(with_checkpoint=False)
@@ -468,16 +466,14 @@ class Trainer:
         non_finite = sum((~torch.isfinite(p["loss"])).float() for p in pending)
         logit_scale = getattr(getattr(self.model, "clip", None), "logit_scale", None)
         scale = logit_scale.detach().float().exp() if logit_scale is not None else torch.tensor(math.nan)
-        host = [float(stop.requested)] + [value for batch in upcoming
-                                          for value in (batch["n_skipped"], is_empty_batch(batch))]
+        host = [float(stop.requested), *batch_flag_values(upcoming)]
         packed = torch.cat([torch.stack([*means, non_finite, scale.to(device)]).double(),
                             torch.tensor(host, dtype=torch.float64).to(device, non_blocking=True)])
         sums = distributed.all_reduce_sum_tensor(packed).tolist()
         world = self.dist.world_size
         values = {key: total / world for key, total in zip(keys, sums)}
         n_non_finite, scale_sum, n_stop, *flags = sums[len(keys):]
-        return WindowSummary(values, n_non_finite == 0, scale_sum / world, n_stop > 0,
-                             list(zip(flags[0::2], flags[1::2])))
+        return WindowSummary(values, n_non_finite == 0, scale_sum / world, n_stop > 0, pair_up(flags))
 
     def _optimizer_step(self, summary: WindowSummary) -> None:
         settings, progress = self.settings, self.progress
@@ -532,6 +528,16 @@ class Trainer:
             self.evaluate(self.model, self.progress.global_step, self.progress.epoch)
             self.model.train()
         distributed.barrier()
+
+
+def batch_flag_values(batches: list[dict[str, Any]]) -> list[float]:
+    """[skipped videos, 1 if empty, ...] of each micro-batch, flat, for a collective (see `pair_up`)."""
+    return [float(value) for batch in batches for value in (batch["n_skipped"], is_empty_batch(batch))]
+
+
+def pair_up(values: list[float]) -> list[tuple[float, float]]:
+    """[a0, b0, a1, b1, ...] -> [(a0, b0), (a1, b1), ...]."""
+    return list(zip(values[0::2], values[1::2]))
 
 
 def group_kind(group: dict[str, Any]) -> str:
