@@ -27,6 +27,21 @@ def final_state(output_dir) -> dict[str, torch.Tensor]:
     return torch.load(checkpoints[-1], weights_only=True)["model_state_dict"]
 
 
+def make_loss_nan(monkeypatch, on_call) -> None:
+    """Patch T2VLP.forward so that its loss is NaN on the forward calls (counted from 1) where on_call(n) holds."""
+    original_forward = T2VLP.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        result = original_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if on_call(calls["n"]):
+            result["loss"] = result["loss"] * float("nan")
+        return result
+
+    monkeypatch.setattr(T2VLP, "forward", forward)
+
+
 def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -94,17 +109,7 @@ def test_bad_videos_are_skipped_and_counted(small_demo, tiny_clip_checkpoint, tm
 
 def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
-    original_forward = T2VLP.forward
-    calls = {"n": 0}
-
-    def forward_with_nan_after_two_steps(self, *args, **kwargs):
-        result = original_forward(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] > 2:
-            result["loss"] = result["loss"] * float("nan")
-        return result
-
-    monkeypatch.setattr(T2VLP, "forward", forward_with_nan_after_two_steps)
+    make_loss_nan(monkeypatch, lambda call: call > 2)
     argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=3", "--max_bad_steps=3", "--save_steps=1")
     with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
         main_task_clip.main(argv)
@@ -168,17 +173,7 @@ def test_one_non_finite_micro_batch_skips_its_window_and_training_goes_on(small_
     """The NaN loss back-propagates (no per-micro-batch host check) but its whole accumulation window is skipped:
     nothing of it reaches the weights or the optimiser state, and later steps train normally."""
     out = tmp_path / "run"
-    original_forward = T2VLP.forward
-    calls = {"n": 0}
-
-    def forward_with_one_nan(self, *args, **kwargs):
-        result = original_forward(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 4:  # the second micro-batch of the second window
-            result["loss"] = result["loss"] * float("nan")
-        return result
-
-    monkeypatch.setattr(T2VLP, "forward", forward_with_one_nan)
+    make_loss_nan(monkeypatch, lambda call: call == 4)  # the second micro-batch of the second window
     argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=2", "--gradient_accumulation_steps=2")
     with caplog.at_level(logging.WARNING):
         assert main_task_clip.main(argv) == 0
