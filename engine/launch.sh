@@ -1,5 +1,6 @@
-# Sourced by the start_*.sh launchers (run from the repository root): the interpreter, the torchrun command
-# for this node, and checks of the launcher's inputs. Sets PYTHON, NPROC_PER_NODE, OMP_NUM_THREADS and `launch`.
+# Sourced by the start_*.sh launchers (run from the repository root): the interpreter, the torchrun command for
+# this node (the plain interpreter for one process on one node), and checks of the launcher's inputs.
+# Sets PYTHON, NPROC_PER_NODE, OMP_NUM_THREADS and `launch`.
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -13,8 +14,14 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
 
-launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
-        --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+if [[ "$NNODES" == 1 && "$NPROC_PER_NODE" == 1 ]]; then
+  # One process: run the script itself, so its one-line errors and exit codes reach the user without torchrun's
+  # failure report, and SIGTERM reaches it directly.
+  launch=("$PYTHON")
+else
+  launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
+          --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+fi
 
 # check_real_run_inputs SCRIPT: DATA_PATH must be a folder and CLIP_PATH (default ./CLIP-modules/ViT-B-16.pt) a file.
 check_real_run_inputs() {

@@ -301,6 +301,30 @@ def test_start_scripts_check_their_inputs_before_launching(tmp_path):
         shutil.rmtree(tmp_path / "nowhere")
 
 
+def launch_command(nproc: int) -> list[str]:
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "PYTHON": "py"}
+    script = 'source engine/launch.sh; printf "%s\\n" "${launch[@]}"'
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return result.stdout.split()
+
+
+def test_launchers_use_torchrun_only_for_more_than_one_process():
+    assert launch_command(1) == ["py"]
+    assert launch_command(2)[:3] == ["py", "-m", "torch.distributed.run"] and "--nproc_per_node=2" in launch_command(2)
+
+
+def test_one_process_launch_reports_the_scripts_own_error_and_exit_code(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "clip.pt").write_bytes(b"not a checkpoint")
+    env = {**os.environ, **CPU_ENV, "DATA_PATH": str(tmp_path / "data"), "CLIP_PATH": str(tmp_path / "clip.pt"),
+           "OUTPUT_PATH": str(tmp_path / "out"), "NPROC_PER_NODE": "1"}
+    result = subprocess.run(["bash", str(ROOT / "start_clip.sh")], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "main_task_clip.py: error:" in result.stderr and "clip.pt is neither a TorchScript" in result.stderr
+    assert "torch.distributed" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("script, dataset", [("start_retrieval.sh", "msvd"), ("start_caption.sh", "msvd"),
                                              ("start_qa.sh", "msrvtt")])
 def test_task_launchers_check_their_inputs_before_launching(tmp_path, script, dataset):
