@@ -91,7 +91,9 @@ def summary(output_dir: Path) -> str:
                 f"fusion heads: MLM accuracy {record['mlm_acc']:.1f}% (chance {record['chance']['mlm_acc']:.3f}%), "
                 f"VTM balanced accuracy {record['vtm_acc']:.1f}% (chance {record['chance']['vtm_acc']:.0f}%), "
                 f"matching pair above its hard negatives {record.get('vtm_pairwise_acc', float('nan')):.1f}% "
-                f"(chance 50%)"
+                f"(chance 50%); against random negatives: VTM balanced accuracy "
+                f"{record.get('vtm_random_acc', float('nan')):.1f}%, matching pair above them "
+                f"{record.get('vtm_random_pairwise_acc', float('nan')):.1f}%"
             )
     lines.append(f"log: {output_dir / 'log.txt'}, metrics: {output_dir / 'metrics.jsonl'}")
     return f"demo finished (step {last_step}):\n  " + "\n  ".join(lines)

@@ -10,6 +10,7 @@ import torch
 
 import main_task_fusion
 from engine.checkpointing import load_restore
+from engine.demo import summary
 from modules.checkpoint import read_clip_state_dict, read_model_state_dict
 from tests.stage1_helpers import stage2_argv
 from tests.test_original_command import original_layout
@@ -41,8 +42,13 @@ def test_stage2_trains_the_fusion_encoder_and_reports_every_row(small_demo, tiny
                                                                 ("fusion", None)]
     rerank, fusion = records[1], records[2]
     assert rerank["top_k"] == 3 and rerank["n_texts"] == rerank["n_videos"] == 6 and rerank["step"] == 3
-    assert {"mlm_acc", "vtm_acc", "n", "step", "epoch", "split"} <= fusion.keys()
+    assert {"mlm_acc", "vtm_acc", "n", "step", "epoch", "split", "vtm_pairwise_acc", "vtm_random_acc",
+            "vtm_random_pairwise_acc"} <= fusion.keys()
     assert fusion["split"] == "test" and fusion["n"] == 6 and 0 <= fusion["mlm_acc"] <= 100
+    shown = summary(out)
+    assert f"MLM accuracy {fusion['mlm_acc']:.1f}%" in shown and f"hard negatives {fusion['vtm_pairwise_acc']:.1f}%" in shown
+    assert f"random negatives: VTM balanced accuracy {fusion['vtm_random_acc']:.1f}%" in shown
+    assert f"rerank): text->video R@1 {rerank['t2v']['R1']:.1f}%" in shown
     log = (out / "log.txt").read_text()
     assert "LR group new_decay         lr 0.001" in log and "clip.fusion_positional_embedding" in log
     assert "LR group backbone_decay    lr 1e-06" in log

@@ -147,7 +147,11 @@ def evaluate_fusion_heads(
     normalisation group, as in training). `vtm_acc` is the balanced accuracy, the mean of the accuracy on
     matching pairs and on non-matching pairs, so chance is 50% whatever the 1:2 ratio; `vtm_pairwise_acc` is how
     often a matching pair scores a higher match margin than each of its two hard negatives (what the rerank
-    relies on; chance 50%, independent of the head's decision threshold).
+    relies on; chance 50%, independent of the head's decision threshold). The same two figures against random
+    negatives (uniform over the other pairs, same Generator seed) follow as `vtm_random_acc` and
+    `vtm_random_pairwise_acc`: hard negatives are the pairs the dual encoder confuses, random ones mostly differ
+    in plain content, so the two together tell a head that has learned nothing from one that has learned
+    matching but not the fine distinctions.
     """
     model.eval()
     device = encoded["frames"].device
@@ -163,40 +167,58 @@ def evaluate_fusion_heads(
     ]
     mlm_ids = torch.stack([t["mlm_input_ids"] for t in targets]).to(device)
     mlm_labels = torch.stack([t["mlm_labels"] for t in targets]).to(device)
-    sim = torch.from_numpy(similarity_matrix(model, encoded))[:, pair_video.cpu()]  # pair i = caption i, its video
-    negative_video, negative_text = sample_hard_negatives(sim, torch.Generator().manual_seed(seed))
     all_video = VideoParts(encoded["frames"], encoded["video_mask"], encoded["tubes"]).take(pair_video)
     all_text = TextParts(encoded["text_tokens"], encoded["attention_mask"])
     mlm_correct = mlm_total = 0
-    match_correct = unmatch_correct = pairwise_correct = 0
     for start in range(0, count, batch_size):
         rows = torch.arange(start, min(start + batch_size, count), device=device)
         video, text = all_video.take(rows), all_text.take(rows)
         with autocast_context(device, precision):
             _, masked_tokens = model.encode_text(mlm_ids[rows], text.attention_mask)
             mlm = masked_lm_terms(model, video, TextParts(masked_tokens, text.attention_mask), mlm_labels[rows])
-            vtm = video_text_matching_terms(model, video, text, all_video, all_text,
-                                            negative_video[rows.cpu()], negative_text[rows.cpu()])
         mlm_correct += int(mlm.correct)
         mlm_total += int(mlm.count)
+    sim = torch.from_numpy(similarity_matrix(model, encoded))[:, pair_video.cpu()]  # pair i = caption i, its video
+    hard = _matching_accuracy(model, all_video, all_text, sim, seed, batch_size, precision)
+    uniform = _matching_accuracy(model, all_video, all_text, torch.zeros_like(sim), seed, batch_size, precision)
+    vocab = model.clip_config.vocab_size
+    return {
+        "mlm_acc": 100.0 * mlm_correct / max(mlm_total, 1),
+        "vtm_acc": hard["balanced"],
+        "n": count,
+        "n_masked_tokens": mlm_total,
+        "vtm_acc_match": hard["match"],
+        "vtm_acc_unmatch": hard["unmatch"],
+        "vtm_pairwise_acc": hard["pairwise"],
+        "vtm_random_acc": uniform["balanced"],
+        "vtm_random_pairwise_acc": uniform["pairwise"],
+        "chance": {"mlm_acc": 100.0 / vocab, "vtm_acc": 50.0, "vtm_pairwise_acc": 50.0},
+    }
+
+
+def _matching_accuracy(
+    model: nn.Module, all_video: VideoParts, all_text: TextParts, similarity: torch.Tensor, seed: int,
+    batch_size: int, precision: str,
+) -> dict[str, float]:
+    """VTM accuracies (percent) of every pair against one negative video and one negative text per pair drawn
+    from `similarity` (`sample_hard_negatives`; a constant matrix draws uniformly among the other pairs)."""
+    device = all_video.frames.device
+    count = similarity.shape[0]
+    negative_video, negative_text = sample_hard_negatives(similarity, torch.Generator().manual_seed(seed))
+    match_correct = unmatch_correct = pairwise_correct = 0
+    for start in range(0, count, batch_size):
+        rows = torch.arange(start, min(start + batch_size, count), device=device)
+        with autocast_context(device, precision):
+            vtm = video_text_matching_terms(model, all_video.take(rows), all_text.take(rows), all_video, all_text,
+                                            negative_video[rows.cpu()], negative_text[rows.cpu()])
         predicted_match = vtm.logits.argmax(dim=-1) == 1
         match_correct += int(predicted_match[: len(rows)].sum())
         unmatch_correct += int((~predicted_match[len(rows):]).sum())
         margin = (vtm.logits[:, 1] - vtm.logits[:, 0]).reshape(3, len(rows))  # matching, negative video, negative text
         pairwise_correct += int((margin[0] > margin[1]).sum() + (margin[0] > margin[2]).sum())
-    positive_acc = 100.0 * match_correct / count
-    negative_acc = 100.0 * unmatch_correct / (2 * count)
-    vocab = model.clip_config.vocab_size
-    return {
-        "mlm_acc": 100.0 * mlm_correct / max(mlm_total, 1),
-        "vtm_acc": 0.5 * (positive_acc + negative_acc),
-        "n": count,
-        "n_masked_tokens": mlm_total,
-        "vtm_acc_match": positive_acc,
-        "vtm_acc_unmatch": negative_acc,
-        "vtm_pairwise_acc": 100.0 * pairwise_correct / (2 * count),
-        "chance": {"mlm_acc": 100.0 / vocab, "vtm_acc": 50.0, "vtm_pairwise_acc": 50.0},
-    }
+    match, unmatch = 100.0 * match_correct / count, 100.0 * unmatch_correct / (2 * count)
+    return {"match": match, "unmatch": unmatch, "balanced": 0.5 * (match + unmatch),
+            "pairwise": 100.0 * pairwise_correct / (2 * count)}
 
 
 def make_fusion_evaluator(
@@ -219,9 +241,11 @@ def make_fusion_evaluator(
         logger.info(
             "fusion heads at step %d, epoch %d on %d held-out pairs: MLM accuracy %.2f%% (%d masked tokens; chance "
             "%.3f%%), VTM balanced accuracy %.2f%% (matching %.2f%%, hard negatives %.2f%%; chance 50%%), matching pair "
-            "above its hard negatives %.2f%% (chance 50%%)",
+            "above its hard negatives %.2f%% (chance 50%%); against random negatives: balanced %.2f%%, pairwise "
+            "%.2f%%",
             step, epoch, heads["n"], heads["mlm_acc"], heads["n_masked_tokens"], heads["chance"]["mlm_acc"],
             heads["vtm_acc"], heads["vtm_acc_match"], heads["vtm_acc_unmatch"], heads["vtm_pairwise_acc"],
+            heads["vtm_random_acc"], heads["vtm_random_pairwise_acc"],
         )
         return record
 
