@@ -18,7 +18,7 @@ from dataloaders.lm_targets import WithLanguageModelTargets
 from engine import distributed
 from engine.args import resolve_precision
 from engine.data import build_eval_dataset, build_train_dataset
-from engine.entry import build_model, run_main, train_or_evaluate
+from engine.entry import build_model, evaluate_before_training, run_main, train_or_evaluate
 from engine.evaluation import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, make_fusion_evaluator
@@ -39,6 +39,8 @@ def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: R
         )
     weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
     task = fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate)
+    if args.do_train and evaluate is not None and args.eval_before_training:
+        evaluate_before_training(args, dist_info, evaluate, model)
     return train_or_evaluate(
         args, dist_info, run, model,
         lambda: WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio, args.seed),

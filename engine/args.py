@@ -249,6 +249,8 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
     add("--train_encoders", action="store_true",
         help="Let the fusion losses' gradients reach the CLIP towers and the tube input (the original detaches "
              "them: only the fusion encoder, its heads and the tube encoder learn).")
+    add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
+        help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
     if task in ("fusion", "retrieval"):
         add("--rerank_top_k", type=int, default=32,
             help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP only).")
@@ -268,8 +270,6 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
         add("--dsl_temperature", type=float, default=1.0, help="Temperature of the DSL prior over the meanP logits.")
         add("--eval_split", choices=["val", "test"], default="test",
             help="MSVD, LSMDC, DiDeMo: the split evaluated (default %(default)s).")
-        add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
-            help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
         add("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
             help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); 'full' "
                  "the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
@@ -290,8 +290,6 @@ def _add_caption_flags(group: argparse._ArgumentGroup) -> None:
              "test).")
     add("--test_after_training", action=argparse.BooleanOptionalAction, default=True,
         help="With --do_train, evaluate the test split with the selected (best-on-val) checkpoint at the end.")
-    add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
-        help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
 
 
 def _add_qa_flags(parser: argparse.ArgumentParser) -> None:
@@ -312,8 +310,6 @@ def _add_qa_flags(parser: argparse.ArgumentParser) -> None:
              "piece (needed to evaluate the original's released QA checkpoint).")
     add("--eval_split", choices=["val", "test"], default="test",
         help="The split evaluated after each epoch and by --do_eval (the original: test).")
-    add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
-        help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
 
 
 def parse_args(argv: Sequence[str] | None = None, task: str = "clip",

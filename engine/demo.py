@@ -75,12 +75,12 @@ def summary(output_dir: Path) -> str:
         return qa_summary(output_dir, records)
     last_step = records[-1]["step"]
     lines = []
-    shown = [r for r in records if r["step"] == 0 and r["task"] == "retrieval"] if last_step else []
+    shown = [r for r in records if r["step"] == 0] if last_step else []
     shown += [r for r in records if r["step"] == last_step]
     for record in shown:
+        when = "before training: " if record["step"] == 0 and last_step else ""
         if record["task"] == "retrieval":
             t2v, chance = record["t2v"]["R1"], record["chance"]["R1"]
-            when = "before training: " if record["step"] == 0 and last_step else ""
             lines.append(
                 f"{when}retrieval ({record['scoring']}{' on ' + record['base'] if record.get('base') else ''}): "
                 f"text->video R@1 {t2v:.1f}% on {record['n_texts']} held-out videos (chance {chance:.1f}%, "
@@ -88,7 +88,7 @@ def summary(output_dir: Path) -> str:
             )
         elif record["task"] == "fusion":
             lines.append(
-                f"fusion heads: MLM accuracy {record['mlm_acc']:.1f}% (chance {record['chance']['mlm_acc']:.3f}%), "
+                f"{when}fusion heads: MLM accuracy {record['mlm_acc']:.1f}% (chance {record['chance']['mlm_acc']:.3f}%), "
                 f"VTM balanced accuracy {record['vtm_acc']:.1f}% (chance {record['chance']['vtm_acc']:.0f}%), "
                 f"matching pair above its hard negatives {record.get('vtm_pairwise_acc', float('nan')):.1f}% "
                 f"(chance 50%); against random negatives: VTM balanced accuracy "

@@ -38,9 +38,9 @@ def test_stage2_trains_the_fusion_encoder_and_reports_every_row(small_demo, tiny
                  stage1["clip.local_visual.transformer.resblocks.0.mlp.c_fc.weight"])
 
     records = metrics(out)
-    assert [(r["task"], r.get("scoring")) for r in records] == [("retrieval", "meanP"), ("retrieval", "rerank"),
-                                                                ("fusion", None)]
-    rerank, fusion = records[1], records[2]
+    rows = [("retrieval", "meanP"), ("retrieval", "rerank"), ("fusion", None)]
+    assert [(r["task"], r.get("scoring"), r["step"]) for r in records] == [(*row, step) for step in (0, 3) for row in rows]
+    rerank, fusion = records[4], records[5]
     assert rerank["top_k"] == 3 and rerank["n_texts"] == rerank["n_videos"] == 6 and rerank["step"] == 3
     assert {"mlm_acc", "vtm_acc", "n", "step", "epoch", "split", "vtm_pairwise_acc", "vtm_random_acc",
             "vtm_random_pairwise_acc"} <= fusion.keys()
@@ -49,6 +49,7 @@ def test_stage2_trains_the_fusion_encoder_and_reports_every_row(small_demo, tiny
     assert f"MLM accuracy {fusion['mlm_acc']:.1f}%" in shown and f"hard negatives {fusion['vtm_pairwise_acc']:.1f}%" in shown
     assert f"random negatives: VTM balanced accuracy {fusion['vtm_random_acc']:.1f}%" in shown
     assert f"rerank): text->video R@1 {rerank['t2v']['R1']:.1f}%" in shown
+    assert f"before training: fusion heads: MLM accuracy {records[2]['mlm_acc']:.1f}%" in shown
     log = (out / "log.txt").read_text()
     assert "LR group new_decay         lr 0.001" in log and "clip.fusion_positional_embedding" in log
     assert "LR group backbone_decay    lr 1e-06" in log
@@ -104,7 +105,7 @@ def test_original_stage2_command(webvid_demo, tiny_fusion_clip_checkpoint, stage
 
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     fusion_steps = [r["step"] for r in records if r["task"] == "fusion"]
-    assert fusion_steps == [2 * epoch for epoch in range(1, 11)]  # 64 clips / 32 = 2 steps per epoch
+    assert fusion_steps == [2 * epoch for epoch in range(11)]  # before training, then 64 clips / 32 = 2 steps per epoch
     assert [r["scoring"] for r in records if r["task"] == "retrieval"][:2] == ["meanP", "rerank"]
     log = (output / "log.txt").read_text()
     assert "training on WebVid TFRecords" in log and "CLIP-modules/ViT-B-16.pt" in log
