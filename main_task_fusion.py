@@ -39,8 +39,7 @@ def run_stage2(args: argparse.Namespace, dist_info: distributed.DistInfo, run: R
         )
     weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
     task = fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate)
-    if args.do_train and evaluate is not None and args.eval_before_training:
-        evaluate_before_training(args, dist_info, evaluate, model)
+    evaluate_before_training(args, dist_info, evaluate, model)
     return train_or_evaluate(
         args, dist_info, run, model,
         lambda: WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio, args.seed),

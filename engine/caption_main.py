@@ -70,8 +70,7 @@ def run_caption(dataset: str, args: argparse.Namespace, dist_info: distributed.D
     test_evaluate = evaluator("test") if args.do_train and args.test_after_training and args.eval_split == "val" \
         else None
     task = caption_task(CaptionLossWeights(args.caption_weight, args.sim_weight, args.align_weight), evaluate)
-    if args.do_train and args.eval_before_training:
-        evaluate_before_training(args, dist_info, evaluate, model)
+    evaluate_before_training(args, dist_info, evaluate, model)
     code = train_or_evaluate(args, dist_info, run, model, partial(split, "train", args.train_frame_order), task,
                              precision)
     if code == EXIT_OK and test_evaluate is not None and dist_info.is_main:

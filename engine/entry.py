@@ -127,11 +127,14 @@ def train_or_evaluate(
 
 
 def evaluate_before_training(
-    args: argparse.Namespace, dist_info: distributed.DistInfo, evaluate: Callable, model: torch.nn.Module,
+    args: argparse.Namespace, dist_info: distributed.DistInfo, evaluate: Callable | None, model: torch.nn.Module,
     all_ranks: bool = False,
 ) -> None:
     """Step-0 evaluation of the starting checkpoint on rank 0, or on every rank for an evaluation that shares the
-    work (skipped when resuming: the run already has it)."""
+    work: with --do_train and --eval_before_training, when there is an evaluation, and not when resuming (the run
+    already has it)."""
+    if not (args.do_train and args.eval_before_training) or evaluate is None:
+        return
     if (Path(args.output_dir) / "restore.bin").is_file() or args.resume_model:
         return
     if dist_info.is_main or all_ranks:

@@ -88,8 +88,7 @@ def run_qa(dataset: str, args: argparse.Namespace, dist_info: distributed.DistIn
         extra={"dataset": f"{dataset}_qa", **evaluated_checkpoint(args)},
     )
     task = qa_task(args.qa_head, args.qa_weight, args.sim_weight, evaluate)
-    if args.do_train and args.eval_before_training:
-        evaluate_before_training(args, dist_info, evaluate, model, all_ranks=True)
+    evaluate_before_training(args, dist_info, evaluate, model, all_ranks=True)
     return train_or_evaluate(args, dist_info, run, model, lambda: train_items, task, precision)
 
 

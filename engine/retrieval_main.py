@@ -48,8 +48,7 @@ def run_retrieval(dataset: str, args: argparse.Namespace, dist_info: distributed
             raise InputError(f"no {dataset} training samples (check --data_path / --train_csv / --features_path)")
         return train
 
-    if args.do_train and evaluate is not None and args.eval_before_training:
-        evaluate_before_training(args, dist_info, evaluate, model)
+    evaluate_before_training(args, dist_info, evaluate, model)
     return train_or_evaluate(args, dist_info, run, model, train_dataset, task, precision)
 
 
