@@ -154,3 +154,27 @@ def test_webvid_only_videos_extend_pretraining_without_changing_the_rest(demo, t
         pixels = read_frames(video, feature_framerate=0)[0].reshape(-1, 3).astype(int)
         shape_pixels = pixels[np.abs(pixels - pixels[0]).sum(axis=1) > 90]
         assert np.abs(np.median(shape_pixels, axis=0) - np.array(COLOURS[colour])).max() < 40, row["name"]
+
+
+def test_demo_launchers_start_from_the_newest_checkpoint_of_the_current_demo_model(tmp_path):
+    """Checkpoints of an earlier demo CLIP (another text width) stay in ./output; the launchers must skip them."""
+    import os
+
+    import torch
+
+    from engine.demo import DEMO_CLIP, latest_checkpoint
+
+    def checkpoint(run: str, width: int, mtime: int) -> Path:
+        path = tmp_path / run / "ckpt" / "pytorch_model.bin.10"
+        path.parent.mkdir(parents=True)
+        torch.save({"clip.ln_final.weight": torch.ones(width)}, path)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    older_fit = checkpoint("demo_stage1_a", DEMO_CLIP.transformer_width, 1_000)
+    checkpoint("demo_stage1_b", DEMO_CLIP.transformer_width // 2, 2_000)  # newer, earlier demo model
+    checkpoint("demo_stage2_c", DEMO_CLIP.transformer_width, 3_000)  # newer, another stage
+    assert latest_checkpoint(1, tmp_path) == older_fit
+    assert latest_checkpoint(2, tmp_path) == tmp_path / "demo_stage2_c" / "ckpt" / "pytorch_model.bin.10"
+    (tmp_path / "demo_stage1_a" / "ckpt" / "pytorch_model.bin.10").unlink()
+    assert latest_checkpoint(1, tmp_path) is None
