@@ -2,15 +2,18 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dataloaders import demo_data
 from dataloaders.demo_data import COLOURS, make_demo_dataset
 from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset, read_csv_columns
 from dataloaders.video import read_frames
+from engine.demo import DEMO_CLIP, latest_checkpoint
 from modules.tokenization import ClipTokenizer
 
 SETTINGS = dict(n_train=12, n_test=6, seed=3, size=32, fps=4, seconds=2, n_val=3)
@@ -158,11 +161,6 @@ def test_webvid_only_videos_extend_pretraining_without_changing_the_rest(demo, t
 
 def test_demo_launchers_start_from_the_newest_checkpoint_of_the_current_demo_model(tmp_path):
     """Checkpoints of an earlier demo CLIP (another text width) stay in ./output; the launchers must skip them."""
-    import os
-
-    import torch
-
-    from engine.demo import DEMO_CLIP, latest_checkpoint
 
     def checkpoint(run: str, width: int, mtime: int) -> Path:
         path = tmp_path / run / "ckpt" / "pytorch_model.bin.10"
