@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class InputError(Exception):
     """Bad user input; the message names the file or flag and says what to do."""
+
+
+class ModelConfigError(InputError, ValueError):
+    """T2VLP settings (split_layer, tube_layers, fusion_layers, ...) that the given CLIP cannot take; named as the
+    entry scripts' flags are, so it reaches the user as one line."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.clip import CLIPConfig, Transformer
+from modules.errors import ModelConfigError
 
 MATCH_NORMS = ("group", "pair")
 
@@ -21,13 +22,13 @@ MATCH_NORMS = ("group", "pair")
 def check_fusion_sizes(clip: CLIPConfig, fusion_layers: int) -> None:
     """The original's fusion encoder only works when the joint embedding and the text width agree."""
     if clip.embed_dim != clip.transformer_width:
-        raise ValueError(
+        raise ModelConfigError(
             f"the fusion encoder needs embed_dim == transformer_width (the text tower's width), got "
             f"{clip.embed_dim} and {clip.transformer_width}: its inputs are projected features (embed_dim) and "
             f"its blocks and tied token head are copies of the text tower (transformer_width)"
         )
     if not 1 <= fusion_layers <= clip.transformer_layers:
-        raise ValueError(
+        raise ModelConfigError(
             f"fusion_layers {fusion_layers} must be in 1..{clip.transformer_layers} (the text tower's blocks)"
         )
 

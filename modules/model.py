@@ -21,6 +21,7 @@ from modules.checkpoint import (
     read_model_state_dict,
 )
 from modules.clip import CLIPConfig, VisionTransformer, build_text_parts, encode_text_tokens, init_text_parts
+from modules.errors import ModelConfigError
 from modules.fusion import (
     MATCH_NORMS,
     bilinear_match_logits,
@@ -56,19 +57,19 @@ class T2VLPConfig:
     def resolved(self, clip: CLIPConfig) -> T2VLPConfig:
         split = clip.vision_layers - 2 if self.split_layer is None else self.split_layer
         if not 0 <= split <= clip.vision_layers:
-            raise ValueError(f"split_layer {split} is outside the {clip.vision_layers} blocks of this CLIP")
+            raise ModelConfigError(f"split_layer {split} is outside the {clip.vision_layers} blocks of this CLIP")
         if not 1 <= self.tube_layers <= clip.vision_layers:
-            raise ValueError(f"tube_layers {self.tube_layers} must be in 1..{clip.vision_layers}")
+            raise ModelConfigError(f"tube_layers {self.tube_layers} must be in 1..{clip.vision_layers}")
         if self.num_centers < 1:
-            raise ValueError(f"num_centers must be positive, got {self.num_centers}")
+            raise ModelConfigError(f"num_centers must be positive, got {self.num_centers}")
         if self.match_norm not in MATCH_NORMS:
-            raise ValueError(f"match_norm must be one of {MATCH_NORMS}, got {self.match_norm!r}")
+            raise ModelConfigError(f"match_norm must be one of {MATCH_NORMS}, got {self.match_norm!r}")
         if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+            raise ModelConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.with_fusion:
             check_fusion_sizes(clip, self.fusion_layers)
         if self.num_answers and not self.with_fusion:
-            raise ValueError("the QA classifier head (num_answers > 0) needs the fusion encoder (with_fusion=True)")
+            raise ModelConfigError("the QA classifier head (num_answers > 0) needs the fusion encoder (with_fusion=True)")
         return replace(self, split_layer=split)
 
 

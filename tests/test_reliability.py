@@ -15,9 +15,11 @@ import torch
 
 import frozen_tfrecord
 import main_task_clip
+import main_task_fusion
 from engine.checkpointing import load_restore
 from tests.conftest import convert_to_webvid_tfrecords
-from tests.stage1_helpers import stage1_argv
+from tests.model_helpers import TINY_CLIP, TINY_FUSION_CLIP
+from tests.stage1_helpers import stage1_argv, stage2_argv
 from tests.test_stage1_training import metrics
 from tests.torchrun import CPU_ENV, ROOT
 
@@ -273,6 +275,21 @@ def test_bad_input_prints_one_line_and_logs_the_traceback(small_demo, tiny_clip_
     debug = subprocess.run([sys.executable, str(ROOT / "main_task_clip.py"), *argv, "--debug"], cwd=ROOT,
                            env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_model_settings_the_clip_cannot_take_are_one_line_errors(small_demo, tiny_clip_checkpoint,
+                                                                 tiny_fusion_clip_checkpoint, stage1_checkpoint,
+                                                                 tmp_path, capsys):
+    assert run(small_demo, tiny_clip_checkpoint, tmp_path / "clip", "--split_layer=99") == 2
+    error = capsys.readouterr().err.strip().splitlines()  # in-process, the script name is pytest's
+    assert len(error) == 1 and error[0].endswith(
+        f": error: split_layer 99 is outside the {TINY_CLIP.vision_layers} blocks of this CLIP")
+    argv = stage2_argv(small_demo, tiny_fusion_clip_checkpoint, stage1_checkpoint, tmp_path / "fusion",
+                       "--fusion_layers=9")
+    assert main_task_fusion.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].endswith(
+        f": error: fusion_layers 9 must be in 1..{TINY_FUSION_CLIP.transformer_layers} (the text tower's blocks)")
 
 
 def test_run_json_records_every_invocation(small_demo, tiny_clip_checkpoint, tmp_path):
