@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_suite.sh            # on the GPU machine
 #   TINY=1 bash bench/gpu_suite.sh     # the same steps with tiny models on a CPU, in about a minute
-#   PARTS="eval largest" bash bench/gpu_suite.sh   # only some parts: table, largest, eval (default: all three)
+#   PARTS="eval largest" bash bench/gpu_suite.sh   # only some parts: table, feed, eval, largest (default: all)
+# The parts run in that order (the search for the largest batch last), so a run cut short keeps the first ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -15,7 +16,7 @@ if [[ -n "${TINY:-}" ]]; then
 else
   tiny=() configs=(fp32 bf16 bf16+compile bf16+compile+ckpt) largest=(bf16+ckpt)
 fi
-PARTS=${PARTS:-table largest eval}
+PARTS=${PARTS:-table feed eval largest}
 run() {  # run NAME COMMAND...: print and keep the output, go on when one part fails
   [[ " $PARTS " == *" $1 "* ]] || return 0
   echo "== $1: ${*:2}" | tee "$OUT/$1.txt"
@@ -24,7 +25,8 @@ run() {  # run NAME COMMAND...: print and keep the output, go on when one part f
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
 run table "$PYTHON" bench/train_step.py "${tiny[@]}" --configs "${configs[@]}"
-run largest "$PYTHON" bench/train_step.py "${tiny[@]}" --configs bf16 --repeats 1 --largest_batch "${largest[@]}"
+run feed "$PYTHON" bench/feed_rate.py "${tiny[@]}"
 run eval "$PYTHON" bench/bench_eval.py "${tiny[@]}"
 [[ " $PARTS " == *" eval "* ]] && PARTS="$PARTS eval_compiled" run eval_compiled "$PYTHON" bench/bench_eval.py "${tiny[@]}" --compile
+run largest "$PYTHON" bench/train_step.py "${tiny[@]}" --configs bf16 --repeats 1 --largest_batch "${largest[@]}"
 echo "== done; outputs in $OUT"

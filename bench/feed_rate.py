@@ -1,0 +1,176 @@
+"""Does data loading keep up with training? Stage-1 steps of the real trainer fed from JPEG WebVid TFRecords by its
+own DataLoader, against the same steps on one device-resident batch (no loading at all).
+
+    python bench/feed_rate.py                     # GPU: ViT-B/16 sizes, B = 32, 12 frames, bf16, cores - 2 workers
+    python bench/feed_rate.py --config bf16+compile --workers 14
+    python bench/feed_rate.py --store /data/webvid_tfrecords   # your own store (frozen_tfrecord.py's output)
+    python bench/feed_rate.py --tiny              # CPU smoke run (tiny model, small frames)
+
+Without `--store`, synthetic videos at WebVid's preview size (596x336, a drifting texture with grain, so JPEG sizes
+are not those of flat colour) are converted with frozen_tfrecord.py into the default JPEG layout (short side 256),
+and the labels list each video several times. One `Trainer` (the training loop of every stage) runs three phases:
+1. the DataLoader alone, exactly as the trainer builds it (workers, pinned memory): the clips/s it can supply;
+2. `--steps` optimiser steps on one collated batch already on the device (uint8 frames, normalised there as in
+   training): the step rate without loading;
+3. `--steps` optimiser steps fed by that DataLoader from the TFRecords.
+Rates are measured between optimiser steps after `--warmup` untimed ones (the trainer waits for the device once
+per step, so the interval between steps is the step time). The issue's target: phase 3 >= 90% of phase 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import frozen_tfrecord as ft  # noqa: E402
+from bench.bench_stage1 import synchronize  # noqa: E402
+from bench.bench_webvid import write_synthetic_videos  # noqa: E402
+from bench.train_step import TINY, bench_model  # noqa: E402
+from dataloaders.collate import collate_clips  # noqa: E402
+from dataloaders.webvid import WebVidDataset  # noqa: E402
+from engine.distributed import DistInfo  # noqa: E402
+from engine.run_logging import RunLogger  # noqa: E402
+from engine.trainer import StopRequest, Trainer, TrainSettings  # noqa: E402
+from modules.clip import CLIPConfig  # noqa: E402
+
+TARGET = 0.90  # the loader-fed step rate as a share of the device-resident one (issue 11)
+
+
+class FeedTrainer(Trainer):
+    """The trainer, with its DataLoader replaced by one device-resident batch while `resident_batch` is set."""
+
+    resident_batch: dict[str, Any] | None = None
+
+    def _loader(self):
+        if self.resident_batch is None:
+            return super()._loader()
+        return itertools.repeat(self.resident_batch, self.batches_per_epoch)
+
+
+def make_store(folder: Path, n_videos: int, samples: int, width: int, height: int, workers: int) -> tuple[Path, Path]:
+    """Synthetic WebVid TFRecords (2-s videos, default JPEG layout) and a labels list of `samples` items cycling
+    over the videos. Returns (labels JSON, index)."""
+    write_synthetic_videos(folder / "videos", n_videos, width, height, seconds=2, fps=25)
+    store = folder / "store"
+    summary = ft.convert(ft.parse_args(["--video_dir", str(folder / "videos"), "--csv", str(folder / "train.csv"),
+                                        "--output_dir", str(store), "--workers", str(workers), "--no_progress"]))
+    if summary.n_written != n_videos:
+        raise RuntimeError(f"the converter wrote {summary.n_written} of {n_videos} synthetic videos")
+    video_ids = [str(5_000_000 + n) for n in range(n_videos)]  # write_synthetic_videos' ids
+    labels = [{"video_id": video_ids[i % n_videos], "caption": f"synthetic clip {i}"} for i in range(samples)]
+    (store / "bench_labels.json").write_text(json.dumps(labels), encoding="utf-8")
+    return store / "bench_labels.json", store / "path.index"
+
+
+def loader_rate(trainer: Trainer, batches: int, warmup: int, batch_size: int) -> float:
+    """Clips/s the trainer's DataLoader supplies with nothing else running (after `warmup` batches)."""
+    loader = iter(trainer._loader())
+    for _ in range(warmup):
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def step_rate(trainer: Trainer, steps: int, warmup: int, batch_size: int) -> float:
+    """Clips/s of `steps` optimiser steps of the trainer's own loop, after `warmup` untimed ones."""
+    stamps: list[float] = []
+    hook = trainer.optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    trainer.progress.samples_in_epoch = 0  # every phase reads the epoch from its start
+    trainer.settings.max_steps = trainer.progress.global_step + warmup + steps
+    try:
+        with StopRequest() as stop:
+            outcome = trainer._run_epoch(stop)
+        synchronize(trainer.device)
+    finally:
+        hook.remove()
+    if outcome != "max_steps" or len(stamps) != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} optimiser steps, the loop ended ({outcome}) after "
+                           f"{len(stamps)}: are there enough samples?")
+    return (steps - 1) * batch_size / (stamps[-1] - stamps[warmup])
+
+
+def resident_batch(dataset: WebVidDataset, batch_size: int, device: torch.device) -> dict[str, Any]:
+    batch = collate_clips([dataset[i] for i in range(batch_size)])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) - 2)  # one core for the training process, one for the rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, help="clips per step (default 32; --tiny: 4)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: usable cores - 2)")
+    parser.add_argument("--config", help="model configuration as in bench/train_step.py (default bf16 on a GPU, "
+                                         "fp32 with --tiny), e.g. bf16+compile")
+    parser.add_argument("--steps", type=int, help="timed optimiser steps per phase (default 30; --tiny: 4)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; --tiny: 1)")
+    parser.add_argument("--store", help="a folder written by frozen_tfrecord.py (frozen_train_labels.json, "
+                                        "path.index) instead of the synthetic one")
+    parser.add_argument("--videos", type=int, help="distinct synthetic videos (default 64; --tiny: 8)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    clip = TINY if args.tiny else CLIPConfig()
+    batch_size = args.batch or (4 if args.tiny else 32)
+    workers = args.workers if args.workers is not None else default_workers()
+    config = args.config or ("fp32" if args.tiny or device.type == "cpu" else "bf16")
+    steps, warmup = args.steps or (4 if args.tiny else 30), args.warmup or (1 if args.tiny else 5)
+    if steps < 2:
+        parser.error("--steps must be at least 2")
+    samples = (warmup + steps + 2) * batch_size  # one epoch covers a phase and the trainer's look-ahead
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.store:
+            labels, index = Path(args.store) / "frozen_train_labels.json", Path(args.store) / "path.index"
+        else:
+            labels, index = make_store(Path(tmp), args.videos or (8 if args.tiny else 64), samples,
+                                       *((64, 36) if args.tiny else (596, 336)), workers=0 if args.tiny else workers)
+        dataset = WebVidDataset(labels, index, max_words=32, max_frames=12, image_size=clip.image_resolution,
+                                slice_framepos=2, seed=0, verify_crc=True)  # the stage-1 defaults
+        if len(dataset) < samples:
+            parser.error(f"{labels} has {len(dataset)} samples; this run needs {samples}")
+        settings = TrainSettings(epochs=1, micro_batch_size=batch_size, accumulation_steps=1, lr=1e-7, coef_lr=1.0,
+                                 new_params_lr=1e-7, weight_decay=0.2, warmup_proportion=0.0,
+                                 precision=config.split("+")[0], num_workers=workers, n_display=10**9)
+        run = RunLogger(Path(tmp) / "run", is_main=True, tensorboard=False)
+        logging.getLogger("t2vlp").setLevel(logging.WARNING)
+        trainer = FeedTrainer(bench_model(clip, "stage1", config, device), dataset, settings, run,
+                              DistInfo(rank=0, world_size=1, local_rank=0, device=device), str(Path(tmp) / "run"))
+        supply = loader_rate(trainer, warmup + steps, warmup, batch_size)
+        trainer.resident_batch = resident_batch(dataset, batch_size, device)
+        resident = step_rate(trainer, steps, warmup, batch_size)
+        trainer.resident_batch = None
+        fed = step_rate(trainer, steps, warmup, batch_size)
+        run.close()
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    source = args.store or f"synthetic {'64x36' if args.tiny else '596x336'} videos, JPEG TFRecords"
+    print(f"{name}, torch {torch.__version__}, {len(os.sched_getaffinity(0))} usable cores; stage 1 {config}, "
+          f"B {batch_size} x 12 frames x {clip.image_resolution}px; {source}; {steps} timed steps after {warmup}")
+    print(f"{'feed':40} {'workers':>7} {'clips/s':>9} {'of resident':>11}")
+    print(f"{'DataLoader alone (no model)':40} {workers:>7} {supply:9.4g} {supply / resident:11.2f}")
+    print(f"{'training on a device-resident batch':40} {'-':>7} {resident:9.4g} {1.0:11.2f}")
+    print(f"{'training fed from the TFRecords':40} {workers:>7} {fed:9.4g} {fed / resident:11.2f}")
+    verdict = "meets" if fed / resident >= TARGET else "misses"
+    print(f"loader-fed training {verdict} the target of {TARGET:.0%} of the device-resident rate", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
