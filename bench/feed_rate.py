@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import frozen_tfrecord as ft  # noqa: E402
 from bench.bench_stage1 import synchronize  # noqa: E402
 from bench.bench_webvid import write_synthetic_videos  # noqa: E402
-from bench.train_step import TINY, bench_model  # noqa: E402
+from bench.train_step import TINY, bench_model, check_config_name  # noqa: E402
 from dataloaders.collate import collate_clips  # noqa: E402
 from dataloaders.webvid import WebVidDataset  # noqa: E402
 from engine.distributed import DistInfo  # noqa: E402
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch or (4 if args.tiny else 32)
     workers = args.workers if args.workers is not None else default_workers()
     config = args.config or ("fp32" if args.tiny or device.type == "cpu" else "bf16")
+    check_config_name(parser, config)
     steps, warmup = args.steps or (4 if args.tiny else 30), args.warmup or (1 if args.tiny else 5)
     if steps < 2:
         parser.error("--steps must be at least 2")

@@ -6,9 +6,21 @@
 #   TINY=1 bash bench/gpu_suite.sh     # the same steps with tiny models on a CPU, in about a minute
 #   PARTS="eval largest" bash bench/gpu_suite.sh   # only some parts: table, feed, eval, largest (default: all)
 # The parts run in that order (the search for the largest batch last), so a run cut short keeps the first ones.
+#
+# A machine without the project's requirements and without PyPI (the feed part needs crc32c, tfrecord, open_clip,
+# ftfy): download their wheels elsewhere into .whl/ (ignored by git) and bring that folder along; they are installed
+# into /tmp/site first when those imports fail. For Python 3.12 on x86-64, in the repository root:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 -d .whl \
+#     crc32c==2.9.post0 open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+#   pip wheel --no-deps -w .whl tfrecord==1.14.6     # published as source only; the wheel is pure Python
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+if ! "$PYTHON" -c "import crc32c, tfrecord, open_clip, ftfy" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 if [[ -n "${TINY:-}" ]]; then

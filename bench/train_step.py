@@ -52,6 +52,14 @@ def bench_model(clip: CLIPConfig, stage: str, config_name: str, device: torch.de
     return model
 
 
+def check_config_name(parser: argparse.ArgumentParser, name: str) -> None:
+    """A configuration is a precision (fp32, bf16, fp16) followed by any of +compile, +ckpt."""
+    precision, *options = name.split("+")
+    if precision not in ("fp32", "bf16", "fp16") or not set(options) <= {"compile", "ckpt"}:
+        parser.error(f"unknown configuration {name!r}: a precision (fp32, bf16, fp16) followed by any of "
+                     f"+compile, +ckpt")
+
+
 def make_batch(batch: int, frames: int, words: int, resolution: int, device: torch.device) -> dict:
     ids = torch.randint(1, 49000, (batch, words), device=device)
     ids[:, 0], ids[:, -1] = 49406, 49407
@@ -144,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
                                ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
     for name in configs + args.largest_batch:
-        precision, *options = name.split("+")
-        if precision not in ("fp32", "bf16", "fp16") or not set(options) <= {"compile", "ckpt"}:
-            parser.error(f"unknown configuration {name!r}: a precision (fp32, bf16, fp16) followed by any of "
-                         f"+compile, +ckpt")
+        check_config_name(parser, name)
     frames = args.frames or (3 if args.tiny else 12)
     steps, warmup = args.steps or (1 if args.tiny else 5), args.warmup or (1 if args.tiny else 3)
 
