@@ -32,7 +32,9 @@ PARTS=${PARTS:-table feed eval largest}
 run() {  # run NAME COMMAND...: print and keep the output, go on when one part fails
   [[ " $PARTS " == *" $1 "* ]] || return 0
   echo "== $1: ${*:2}" | tee "$OUT/$1.txt"
+  local start=$SECONDS
   "${@:2}" 2>&1 | tee -a "$OUT/$1.txt" || echo "== $1 failed (exit ${PIPESTATUS[0]})" | tee -a "$OUT/$1.txt"
+  echo "== $1 took $((SECONDS - start)) s" | tee -a "$OUT/$1.txt"
 }
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
