@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,22 +28,35 @@ def load_bench():
 
 
 def test_tiny_run_prints_the_three_feeds_and_the_verdict(capsys):
-    assert load_bench().main(["--tiny", "--steps", "3"]) == 0
+    assert load_bench().main(["--tiny", "--steps", "3", "--fed_steps", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU, torch ") and "stage 1 fp32, B 4 x 12 frames x 32px" in lines[0]
-    rows = {line[:40].strip(): line[40:].split() for line in lines[2:5]}
+    rows = {line[:36].strip(): line[36:].split() for line in lines[2:5]}
     assert list(rows) == ["DataLoader alone (no model)", "training on a device-resident batch",
                           "training fed from the TFRecords"]
-    resident = float(rows["training on a device-resident batch"][1])
+    assert [row[:2] for row in rows.values()] == [["1", "6"], ["-", "3"], ["1", "5"]]  # workers, timed
+    resident = float(rows["training on a device-resident batch"][2])
     assert resident > 0
     for name in ("DataLoader alone (no model)", "training fed from the TFRecords"):
-        workers, rate, share = rows[name]
-        assert workers == "1" and float(rate) > 0
-        assert abs(float(share) - float(rate) / resident) < 0.01
-    fed_share = float(rows["training fed from the TFRecords"][2])
-    expected = "meets" if fed_share >= 0.90 else "misses"  # the printed share is rounded: stay off the edge
-    if abs(fed_share - 0.90) > 0.005:
-        assert lines[5].startswith(f"loader-fed training {expected} the target of 90%")
+        rate, share = (float(v) for v in rows[name][2:4])
+        assert rate > 0 and abs(share - rate / resident) < 0.01
+    assert 0 <= float(rows["training fed from the TFRecords"][4].rstrip("%")) <= 100
+    fed_share = float(rows["training fed from the TFRecords"][3])
+    if abs(fed_share - 0.90) > 0.005:  # the printed share is rounded: stay off the edge
+        assert lines[5].startswith(f"loader-fed training {'meets' if fed_share >= 0.90 else 'misses'} the target")
+
+
+def test_wait_clock_records_the_time_spent_waiting_for_each_batch():
+    def slow():
+        for delay in (0.0, 0.05):
+            time.sleep(delay)
+            yield delay
+
+    clock = load_bench().WaitClock(slow())
+    assert list(clock) == [0.0, 0.05]
+    assert len(clock.waits) == 3  # the last call ends the iteration
+    assert clock.waits[0][1] < 0.04 <= 0.05 <= clock.waits[1][1]
+    assert clock.waits[0][0] < clock.waits[1][0] < clock.waits[2][0]
 
 
 class CountingClips(Dataset):
@@ -71,10 +85,12 @@ def test_resident_phase_reads_no_data_and_the_fed_phase_reads_each_step(tmp_path
                                 settings, run, DistInfo(0, 1, 0, torch.device("cpu")), str(tmp_path))
     trainer.resident_batch = bench.resident_batch(dataset, 2, torch.device("cpu"))
     dataset.reads = 0
-    assert bench.step_rate(trainer, steps=3, warmup=1, batch_size=2) > 0
+    rate, waited = bench.step_rate(trainer, steps=3, warmup=1, batch_size=2)
+    assert rate > 0 and 0 <= waited < 1
     assert dataset.reads == 0 and trainer.progress.global_step == 4
     trainer.resident_batch = None
-    assert bench.step_rate(trainer, steps=3, warmup=1, batch_size=2) > 0
+    rate, waited = bench.step_rate(trainer, steps=3, warmup=1, batch_size=2)
+    assert rate > 0 and 0 <= waited < 1
     # 4 steps of 2 clips, plus the one-step look-ahead of the loop; the phase restarts the epoch
     assert dataset.reads == (4 + 1) * 2 and trainer.progress.global_step == 8
     run.close()
