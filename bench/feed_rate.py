@@ -189,15 +189,20 @@ def main(argv: list[str] | None = None) -> int:
                                  new_params_lr=1e-7, weight_decay=0.2, warmup_proportion=0.0,
                                  precision=config.split("+")[0], num_workers=workers, n_display=10**9)
         run = RunLogger(Path(tmp) / "run", is_main=True, tensorboard=False)
-        logging.getLogger("t2vlp").setLevel(logging.WARNING)
-        trainer = FeedTrainer(bench_model(clip, "stage1", config, device), dataset, settings, run,
-                              DistInfo(rank=0, world_size=1, local_rank=0, device=device), str(Path(tmp) / "run"))
-        supply = loader_rate(trainer, loader_batches, first_prefetch, batch_size)
-        trainer.resident_batch = resident_batch(dataset, batch_size, device)
-        resident, _ = step_rate(trainer, steps, warmup, batch_size)
-        trainer.resident_batch = None
-        fed, waited = step_rate(trainer, fed_steps, warmup, batch_size)
-        run.close()
+        training_logs = logging.getLogger("t2vlp")
+        level = training_logs.level
+        training_logs.setLevel(logging.WARNING)  # the trainer's start-up lines would bury the table
+        try:
+            trainer = FeedTrainer(bench_model(clip, "stage1", config, device), dataset, settings, run,
+                                  DistInfo(rank=0, world_size=1, local_rank=0, device=device), str(Path(tmp) / "run"))
+            supply = loader_rate(trainer, loader_batches, first_prefetch, batch_size)
+            trainer.resident_batch = resident_batch(dataset, batch_size, device)
+            resident, _ = step_rate(trainer, steps, warmup, batch_size)
+            trainer.resident_batch = None
+            fed, waited = step_rate(trainer, fed_steps, warmup, batch_size)
+        finally:
+            training_logs.setLevel(level)
+            run.close()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     source = args.store or f"synthetic {'64x36' if args.tiny else '596x336'} videos, JPEG TFRecords"

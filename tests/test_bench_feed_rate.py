@@ -4,6 +4,7 @@ data (a smoke test of the script; the speed itself is measured on a GPU)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,10 @@ def load_bench():
 
 
 def test_tiny_run_prints_the_three_feeds_and_the_verdict(capsys):
+    training_logs = logging.getLogger("t2vlp")
+    level = training_logs.level
     assert load_bench().main(["--tiny", "--steps", "3", "--fed_steps", "5"]) == 0
+    assert training_logs.level == level  # the tests after this one read the training loop's INFO lines
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU, torch ") and "stage 1 fp32, B 4 x 12 frames x 32px" in lines[0]
     rows = {line[:36].strip(): line[36:].split() for line in lines[2:5]}
