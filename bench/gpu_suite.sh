@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed targets in one call (about 8 minutes on an H100/H200), each printed as it
-# finishes and kept in $OUT (default bench/out/): copy the tables into bench/RESULTS.md with card, date, command.
+# Every GPU measurement of the speed targets in one call (estimated at 8 to 10 minutes on an H100/H200; each part
+# prints its duration), each printed as it finishes and kept in $OUT (default bench/out/): copy the tables into
+# bench/RESULTS.md with card, date, command.
 #
 #   bash bench/gpu_suite.sh            # on the GPU machine
 #   TINY=1 bash bench/gpu_suite.sh     # the same steps with tiny models on a CPU, in about a minute
@@ -24,9 +25,9 @@ fi
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 if [[ -n "${TINY:-}" ]]; then
-  tiny=(--tiny) configs=(fp32 bf16 fp32+ckpt) largest=(fp32+ckpt --largest_batch_limit 4)
-else
-  tiny=() configs=(fp32 bf16 bf16+compile bf16+compile+ckpt) largest=(bf16+ckpt)
+  tiny=(--tiny) configs=(fp32 bf16 fp32+ckpt) largest=(fp32+ckpt --largest_batch_limit 4) feed=()
+else  # the loader is held to the fastest step, the compiled one
+  tiny=() configs=(fp32 bf16 bf16+compile bf16+compile+ckpt) largest=(bf16+ckpt) feed=(--config bf16+compile)
 fi
 PARTS=${PARTS:-table feed eval largest}
 run() {  # run NAME COMMAND...: print and keep the output, go on when one part fails
@@ -39,7 +40,7 @@ run() {  # run NAME COMMAND...: print and keep the output, go on when one part f
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
 run table "$PYTHON" bench/train_step.py "${tiny[@]}" --configs "${configs[@]}"
-run feed "$PYTHON" bench/feed_rate.py "${tiny[@]}"
+run feed "$PYTHON" bench/feed_rate.py "${tiny[@]}" "${feed[@]}"
 run eval "$PYTHON" bench/bench_eval.py "${tiny[@]}"
 [[ " $PARTS " == *" eval "* ]] && PARTS="$PARTS eval_compiled" run eval_compiled "$PYTHON" bench/bench_eval.py "${tiny[@]}" --compile
 run largest "$PYTHON" bench/train_step.py "${tiny[@]}" --configs bf16 --repeats 1 --largest_batch "${largest[@]}"
