@@ -3,35 +3,23 @@ data (a smoke test of the script; the speed itself is measured on a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dataloaders.collate import clip_sample  # noqa: E402
-from engine.distributed import DistInfo  # noqa: E402
-from engine.run_logging import RunLogger  # noqa: E402
-from engine.trainer import TrainSettings  # noqa: E402
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("feed_rate", ROOT / "bench" / "feed_rate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import feed_rate
+from dataloaders.collate import clip_sample
+from engine.distributed import DistInfo
+from engine.run_logging import RunLogger
+from engine.trainer import TrainSettings
 
 
 def test_tiny_run_prints_the_three_feeds_and_the_verdict(capsys):
     training_logs = logging.getLogger("t2vlp")
     level = training_logs.level
-    assert load_bench().main(["--tiny", "--steps", "3", "--fed_steps", "5"]) == 0
+    assert feed_rate.main(["--tiny", "--steps", "3", "--fed_steps", "5"]) == 0
     assert training_logs.level == level  # the tests after this one read the training loop's INFO lines
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU, torch ") and "stage 1 fp32, B 4 x 12 frames x 32px" in lines[0]
@@ -56,7 +44,7 @@ def test_wait_clock_records_the_time_spent_waiting_for_each_batch():
             time.sleep(delay)
             yield delay
 
-    clock = load_bench().WaitClock(slow())
+    clock = feed_rate.WaitClock(slow())
     assert list(clock) == [0.0, 0.05]
     assert len(clock.waits) == 3  # the last call ends the iteration
     assert clock.waits[0][1] < 0.04 <= 0.05 <= clock.waits[1][1]
@@ -80,20 +68,20 @@ class CountingClips(Dataset):
 
 
 def test_resident_phase_reads_no_data_and_the_fed_phase_reads_each_step(tmp_path):
-    bench = load_bench()
-    dataset = CountingClips(24, bench.TINY.image_resolution)
+    dataset = CountingClips(24, feed_rate.TINY.image_resolution)
     settings = TrainSettings(epochs=1, micro_batch_size=2, accumulation_steps=1, lr=1e-7, coef_lr=1.0,
                              new_params_lr=1e-7, weight_decay=0.2, warmup_proportion=0.0, n_display=10**9)
     run = RunLogger(tmp_path, is_main=True, tensorboard=False)
-    trainer = bench.FeedTrainer(bench.bench_model(bench.TINY, "stage1", "fp32", torch.device("cpu")), dataset,
-                                settings, run, DistInfo(0, 1, 0, torch.device("cpu")), str(tmp_path))
-    trainer.resident_batch = bench.resident_batch(dataset, 2, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model = feed_rate.bench_model(feed_rate.TINY, "stage1", "fp32", cpu)
+    trainer = feed_rate.FeedTrainer(model, dataset, settings, run, DistInfo(0, 1, 0, cpu), str(tmp_path))
+    trainer.resident_batch = feed_rate.resident_batch(dataset, 2, cpu)
     dataset.reads = 0
-    rate, waited = bench.step_rate(trainer, steps=3, warmup=1, batch_size=2)
+    rate, waited = feed_rate.step_rate(trainer, steps=3, warmup=1, batch_size=2)
     assert rate > 0 and 0 <= waited < 1
     assert dataset.reads == 0 and trainer.progress.global_step == 4
     trainer.resident_batch = None
-    rate, waited = bench.step_rate(trainer, steps=3, warmup=1, batch_size=2)
+    rate, waited = feed_rate.step_rate(trainer, steps=3, warmup=1, batch_size=2)
     assert rate > 0 and 0 <= waited < 1
     # 4 steps of 2 clips, plus the one-step look-ahead of the loop; the phase restarts the epoch
     assert dataset.reads == (4 + 1) * 2 and trainer.progress.global_step == 8

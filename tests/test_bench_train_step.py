@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import bench_eval, train_step
 
 
 def test_tiny_run_prints_every_stage_and_configuration(capsys):
-    assert load_bench().main(["--tiny", "--repeats", "1"]) == 0
+    assert train_step.main(["--tiny", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU, torch ")
     rows = [line.split() for line in lines[2:]]
@@ -34,7 +24,7 @@ def test_tiny_run_prints_every_stage_and_configuration(capsys):
 
 
 def test_largest_batch_search_finds_the_edge():
-    search = load_bench().largest_passing
+    search = train_step.largest_passing
     for edge in (0, 1, 2, 3, 37, 64, 100):  # 0 and 1: not even the smallest batch (2) fits
         calls = []
 
@@ -52,15 +42,12 @@ def test_largest_batch_search_finds_the_edge():
 def test_tiny_run_reports_the_largest_batch(capsys):
     argv = ["--tiny", "--repeats", "1", "--stages", "stage1", "--configs", "fp32", "--largest_batch", "fp32+ckpt",
             "--largest_batch_limit", "3"]
-    assert load_bench().main(argv) == 0
+    assert train_step.main(argv) == 0
     assert "largest batch: stage1 fp32+ckpt: 3 (the search limit" in capsys.readouterr().out
 
 
 def test_eval_bench_tiny_prints_encoding_and_rerank(capsys):
-    spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "bench" / "bench_eval.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--tiny", "--repeats", "1"]) == 0
+    assert bench_eval.main(["--tiny", "--repeats", "1"]) == 0
     encoding, rerank = capsys.readouterr().out.splitlines()[1:3]
     assert encoding.startswith("encoding: ") and float(encoding.split()[1]) > 0
     assert rerank.startswith("rerank: ") and float(rerank.split()[1]) > 0

@@ -200,11 +200,8 @@ def test_converter_refuses_flags_that_do_not_apply_to_a_store(video_dir, tmp_pat
 
 def test_benchmark_runs_and_prints_both_paths(capsys):
     """bench/bench_frame_store.py at toy size (a smoke test; its speed figures are in bench/RESULTS.md)."""
-    import importlib.util
+    from bench import bench_frame_store as bench
 
-    spec = importlib.util.spec_from_file_location("bench_frame_store", REPO / "bench" / "bench_frame_store.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     argv = ["--n_videos", "2", "--seconds", "3", "--width", "64", "--height", "48", "--image_size", "32",
             "--passes", "1", "--codec", "mp4v"]
     assert bench.main(argv) == 0
