@@ -44,12 +44,14 @@ import frozen_tfrecord as ft  # noqa: E402
 from bench.bench_stage1 import synchronize  # noqa: E402
 from bench.bench_webvid import write_synthetic_videos  # noqa: E402
 from bench.train_step import TINY, bench_model, check_config_name  # noqa: E402
-from dataloaders.collate import collate_clips  # noqa: E402
-from dataloaders.webvid import WebVidDataset  # noqa: E402
+from dataloaders.collate import batch_to_device, collate_clips  # noqa: E402
+from dataloaders.webvid import WebVidDataset, read_labels  # noqa: E402
+from engine.data import build_checked  # noqa: E402
 from engine.distributed import DistInfo  # noqa: E402
 from engine.run_logging import RunLogger  # noqa: E402
 from engine.trainer import StopRequest, Trainer, TrainSettings  # noqa: E402
 from modules.clip import CLIPConfig  # noqa: E402
+from modules.errors import InputError  # noqa: E402
 
 TARGET = 0.90  # the loader-fed step rate as a share of the device-resident one (issue 11)
 
@@ -96,8 +98,8 @@ def make_store(folder: Path, n_videos: int, samples: int, width: int, height: in
                                         "--output_dir", str(store), "--workers", str(workers), "--no_progress"]))
     if summary.n_written != n_videos:
         raise RuntimeError(f"the converter wrote {summary.n_written} of {n_videos} synthetic videos")
-    video_ids = [str(5_000_000 + n) for n in range(n_videos)]  # write_synthetic_videos' ids
-    labels = [{"video_id": video_ids[i % n_videos], "caption": f"synthetic clip {i}"} for i in range(samples)]
+    video_ids, _ = read_labels(store / "frozen_train_labels.json")  # one per converted video
+    labels = [{"video_id": video_ids[i % len(video_ids)], "caption": f"synthetic clip {i}"} for i in range(samples)]
     (store / "bench_labels.json").write_text(json.dumps(labels), encoding="utf-8")
     return store / "bench_labels.json", store / "path.index"
 
@@ -136,8 +138,7 @@ def step_rate(trainer: FeedTrainer, steps: int, warmup: int, batch_size: int) ->
 
 
 def resident_batch(dataset: WebVidDataset, batch_size: int, device: torch.device) -> dict[str, Any]:
-    batch = collate_clips([dataset[i] for i in range(batch_size)])
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch_to_device(collate_clips([dataset[i] for i in range(batch_size)]), device)
 
 
 def default_workers() -> int:
@@ -162,14 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     clip = TINY if args.tiny else CLIPConfig()
-    batch_size = args.batch or (4 if args.tiny else 32)
-    workers = args.workers if args.workers is not None else default_workers()
+    def chosen(value: int | None, tiny_default: int, default: int) -> int:
+        return (tiny_default if args.tiny else default) if value is None else value
+
+    batch_size, videos = chosen(args.batch, 4, 32), chosen(args.videos, 8, 64)
+    steps, warmup = chosen(args.steps, 4, 30), chosen(args.warmup, 1, 5)
+    workers = default_workers() if args.workers is None else args.workers
+    fed_steps = max(steps, 20 * workers) if args.fed_steps is None else args.fed_steps
     config = args.config or ("fp32" if args.tiny or device.type == "cpu" else "bf16")
     check_config_name(parser, config)
-    steps, warmup = args.steps or (4 if args.tiny else 30), args.warmup or (1 if args.tiny else 5)
-    fed_steps = args.fed_steps or max(steps, 20 * workers)
-    if min(steps, fed_steps) < 2:
-        parser.error("--steps and --fed_steps must be at least 2")
+    for flag, value, least in (("--batch", batch_size, 2), ("--steps", steps, 2), ("--fed_steps", fed_steps, 2),
+                               ("--warmup", warmup, 0), ("--workers", workers, 0), ("--videos", videos, 1)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     first_prefetch = 2 * workers + warmup  # the DataLoader's default prefetch_factor is 2
     loader_batches = max(steps, 2 * first_prefetch)
     # one epoch covers each phase and the trainer's look-ahead
@@ -179,10 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.store:
             labels, index = Path(args.store) / "frozen_train_labels.json", Path(args.store) / "path.index"
         else:
-            labels, index = make_store(Path(tmp), args.videos or (8 if args.tiny else 64), samples,
-                                       *((64, 36) if args.tiny else (596, 336)), workers=0 if args.tiny else workers)
-        dataset = WebVidDataset(labels, index, max_words=32, max_frames=12, image_size=clip.image_resolution,
-                                slice_framepos=2, seed=0, verify_crc=True)  # the stage-1 defaults
+            labels, index = make_store(Path(tmp), videos, samples, *((64, 36) if args.tiny else (596, 336)),
+                                       workers=0 if args.tiny else workers)
+        try:
+            dataset = build_checked(lambda: WebVidDataset(  # the stage-1 defaults
+                labels, index, max_words=32, max_frames=12, image_size=clip.image_resolution, slice_framepos=2,
+                seed=0, verify_crc=True), "--store")
+        except (InputError, ValueError) as error:
+            parser.error(str(error))
         if len(dataset) < samples:
             parser.error(f"{labels} has {len(dataset)} samples; this run needs {samples}")
         settings = TrainSettings(epochs=1, micro_batch_size=batch_size, accumulation_steps=1, lr=1e-7, coef_lr=1.0,

@@ -44,3 +44,9 @@ def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
 def is_empty_batch(batch: dict[str, Any]) -> bool:
     """True for the result of `collate_clips` on a batch whose samples were all `None`."""
     return batch["batch_size"] == 0
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (copied without waiting when they are pinned); other fields as they are."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}

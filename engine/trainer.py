@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.collate import batch_to_device, collate_clips, is_empty_batch
 from dataloaders.video import normalize_video
 from engine import distributed
 from engine.checkpointing import (
@@ -318,10 +318,7 @@ class Trainer:
 
     def _forward(self, batch: dict[str, Any], micro: int = 0) -> dict[str, torch.Tensor]:
         """The task's objective on one micro-batch: tensors moved to the device, uint8 video normalised there."""
-        on_device = {
-            key: value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()
-        }
+        on_device = batch_to_device(batch, self.device)
         on_device["video"] = normalize_video(on_device["video"])
         context = StepContext(
             seed=self.settings.seed, step=self.progress.global_step, micro=micro, epoch=self.progress.epoch
