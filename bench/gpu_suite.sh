@@ -5,8 +5,12 @@
 #
 #   bash bench/gpu_suite.sh            # on the GPU machine
 #   TINY=1 bash bench/gpu_suite.sh     # the same steps with tiny models on a CPU, in about a minute
-#   PARTS="eval largest" bash bench/gpu_suite.sh   # only some parts: table, feed, eval, largest (default: all)
-# The parts run in that order (the search for the largest batch last), so a run cut short keeps the first ones.
+#   PARTS="eval largest" bash bench/gpu_suite.sh   # only some parts (default: all, in this order):
+#     table (bf16, bf16 + compile, bf16 + compile + checkpointing; stage 1 and 2), eval (encoding, rerank),
+#     feed (loader-fed vs device-resident steps), eval_compiled, largest (largest batch with checkpointing),
+#     fp32 (the fp32 baseline beside bf16)
+# Every part prints as it goes, in the order of the targets it measures, so a run cut short (the device tool's
+# per-call limit) keeps the figures that matter most; the open-ended batch search and the fp32 baseline come last.
 #
 # A machine without the project's requirements and without PyPI (the feed part needs crc32c, tfrecord, open_clip,
 # ftfy): download their wheels elsewhere into .whl/ (ignored by git) and bring that folder along; they are installed
@@ -25,11 +29,15 @@ fi
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 if [[ -n "${TINY:-}" ]]; then
-  tiny=(--tiny) configs=(fp32 bf16 fp32+ckpt) largest=(fp32+ckpt --largest_batch_limit 4) feed=()
+  tiny=(--tiny) configs=(bf16 fp32+ckpt) largest=(fp32+ckpt --largest_batch_limit 4) feed=()
 else  # the loader is held to the fastest step, the compiled one
-  tiny=() configs=(fp32 bf16 bf16+compile bf16+compile+ckpt) largest=(bf16+ckpt) feed=(--config bf16+compile)
+  tiny=() configs=(bf16 bf16+compile bf16+compile+ckpt) largest=(bf16+ckpt) feed=(--config bf16+compile)
 fi
-PARTS=${PARTS:-table feed eval largest}
+ALL_PARTS="table eval feed eval_compiled largest fp32"
+PARTS=${PARTS:-$ALL_PARTS}
+for part in $PARTS; do
+  [[ " $ALL_PARTS " == *" $part "* ]] || { echo "gpu_suite.sh: unknown part '$part' (parts: $ALL_PARTS)" >&2; exit 2; }
+done
 run() {  # run NAME COMMAND...: print and keep the output, go on when one part fails
   [[ " $PARTS " == *" $1 "* ]] || return 0
   echo "== $1: ${*:2}" | tee "$OUT/$1.txt"
@@ -40,8 +48,9 @@ run() {  # run NAME COMMAND...: print and keep the output, go on when one part f
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
 run table "$PYTHON" bench/train_step.py "${tiny[@]}" --configs "${configs[@]}"
-run feed "$PYTHON" bench/feed_rate.py "${tiny[@]}" "${feed[@]}"
 run eval "$PYTHON" bench/bench_eval.py "${tiny[@]}"
-[[ " $PARTS " == *" eval "* ]] && PARTS="$PARTS eval_compiled" run eval_compiled "$PYTHON" bench/bench_eval.py "${tiny[@]}" --compile
+run feed "$PYTHON" bench/feed_rate.py "${tiny[@]}" "${feed[@]}"
+run eval_compiled "$PYTHON" bench/bench_eval.py "${tiny[@]}" --compile
 run largest "$PYTHON" bench/train_step.py "${tiny[@]}" --configs bf16 --repeats 1 --largest_batch "${largest[@]}"
+run fp32 "$PYTHON" bench/train_step.py "${tiny[@]}" --configs fp32 bf16
 echo "== done; outputs in $OUT"
