@@ -174,10 +174,17 @@ def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
     return len(blocks)
 
 
+BLOCK_RECOMPILE_LIMIT = 32
+
+
 def compile_blocks(model: nn.Module, **compile_options: object) -> int:
     """`torch.compile` each transformer block in place (regional compilation: every block of a tower has the same
     code, so one compilation serves them all, and the state-dict keys do not change). Returns the number of blocks."""
     blocks = transformer_blocks(model)
+    # All blocks share one code object, whose cache gets an entry per tower shape, grad mode, batch-size change and
+    # mask kind (a stage-2 run with in-loop evaluation: 7). Past dynamo's limit (default 8) further variants would
+    # silently run eagerly, so leave room.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(**compile_options)
     return len(blocks)

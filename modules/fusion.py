@@ -61,7 +61,8 @@ def fusion_attention_mask(key_valid: torch.Tensor, visual_length: int, causal_te
         visual_col = cols < visual_length
         text_rows_causal = (rows >= visual_length) & (cols <= rows)
         allowed = allowed & (visual_col | text_rows_causal)
-    return allowed[:, None]
+    # one memory layout for both kinds: compiled blocks specialise on their inputs' strides
+    return allowed.contiguous()[:, None]
 
 
 def fusion_inputs(

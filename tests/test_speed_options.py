@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dataloaders.video import normalize_video
+from engine.evaluation import rerank_both_directions
 from engine.tasks.base import StepContext
 from engine.tasks.clip_pretraining import contrastive_objective
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_objective
@@ -83,3 +84,31 @@ def test_compiled_blocks_match_eager_and_keep_checkpoint_keys(clip_path):
             torch.testing.assert_close(terms[key], expected_terms[key], rtol=1e-4, atol=1e-5)
         for name in expected:
             torch.testing.assert_close(grads[name], expected[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler (apt-get install -y g++)")
+def test_compiled_blocks_serve_training_and_evaluation_without_falling_back_to_eager(clip_path):
+    """Every block of every tower shares one compiled code object, so training and evaluation, full and last
+    batches, masked and causal fusion all land on it: none of them may exceed dynamo's recompile limit (past it,
+    dynamo silently runs the block eagerly; here it raises)."""
+    torch._dynamo.reset()  # cache entries of other tests' compiled blocks count towards the same limit
+    model = build(clip_path, STAGE2)
+    compile_blocks(model)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for stage in ("stage1", "stage2_train_encoders", "stage2"):
+            loss_and_gradients(model, stage)
+        last = {key: value[:3] for key, value in stage2_batch(model.image_resolution).items()}  # a smaller batch
+        last["video"] = normalize_video(last["video"])
+        objective_for("stage2")(model, last, CONTEXT)["loss"].backward()
+        model.eval()
+        with torch.no_grad():
+            for size in (4, 3):
+                batch = {key: value[:size] for key, value in global_batch(model.image_resolution).items()}
+                frames, tubes = model.encode_video(normalize_video(batch["video"]), batch["video_mask"])
+                _, tokens = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            encoded = {"frames": frames, "video_mask": batch["video_mask"], "tubes": tubes, "text_tokens": tokens,
+                       "attention_mask": batch["attention_mask"]}
+            sim = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+            t2v, v2t = rerank_both_directions(model, encoded, sim, sim.T, top_k=2, batch_pairs=4, precision="fp32")
+    assert t2v.shape == v2t.shape == (3, 3) and torch.isfinite(t2v).all() and torch.isfinite(v2t).all()
