@@ -53,4 +53,8 @@ run feed "$PYTHON" bench/feed_rate.py "${tiny[@]}" "${feed[@]}"
 run eval_compiled "$PYTHON" bench/bench_eval.py "${tiny[@]}" --compile
 run largest "$PYTHON" bench/train_step.py "${tiny[@]}" --configs bf16 --repeats 1 --largest_batch "${largest[@]}"
 run fp32 "$PYTHON" bench/train_step.py "${tiny[@]}" --configs fp32 bf16
-echo "== done; outputs in $OUT"
+echo "== done; outputs in $OUT. Summary:"  # the figures again, last, where a cut-off reply still shows them
+for part in $PARTS; do
+  grep -hE "^(stage[12] |encoding:|rerank:|largest batch|DataLoader alone|training |loader-fed|== $part (took|failed))" \
+    "$OUT/$part.txt" | sed "s/^/$part: /" || true
+done

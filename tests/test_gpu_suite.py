@@ -17,6 +17,8 @@ if [[ "$1" == -c ]]; then echo "torch fake"; exit 0; fi
 echo "$*" >> "$CALLS"
 [[ "$1" == bench/feed_rate.py ]] && { echo "feed broke"; exit 3; }
 echo "ran $1"
+[[ "$1" == bench/train_step.py ]] && echo "stage1  bf16  32  123.4"
+true
 """
 
 
@@ -46,6 +48,10 @@ def test_parts_run_in_target_order_and_a_failed_part_does_not_stop_the_rest(tmp_
     out = tmp_path / "out"
     assert "== feed failed (exit 3)" in (out / "feed.txt").read_text()
     assert "ran bench/train_step.py" in (out / "fp32.txt").read_text()
+    summary = result.stdout.split("Summary:")[1].splitlines()
+    assert "table: stage1  bf16  32  123.4" in summary and "fp32: stage1  bf16  32  123.4" in summary
+    assert "feed: == feed failed (exit 3)" in summary
+    assert any(line.startswith("eval: == eval took ") for line in summary)
     assert sorted(path.name for path in out.iterdir()) == [
         "device.txt", "eval.txt", "eval_compiled.txt", "feed.txt", "fp32.txt", "largest.txt", "table.txt"]
 
