@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
     parser.add_argument("--largest_batch", nargs="+", default=[], metavar="CONFIG",
                         help="after the table, find the largest batch one training step of these configurations "
-                             "fits in (e.g. bf16+ckpt): doubling, then bisection, up to --largest_batch_limit")
+                             "fits in (e.g. bf16+ckpt): from the batch memory at 8 and 16 predicts (GPU) or by "
+                             "doubling, then bisection, up to --largest_batch_limit")
     parser.add_argument("--largest_batch_limit", type=int, help="stop searching there (default 4096; --tiny: 8)")
+    parser.add_argument("--largest_batch_resolution", type=int, default=8,
+                        help="stop the bisection when the largest fitting and smallest failing batch are this close "
+                             "(default 8: each try near the edge is a full step of a large batch)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     clip = TINY if args.tiny else CLIPConfig()  # the defaults are ViT-B/16's sizes
@@ -189,17 +193,23 @@ def main(argv: list[str] | None = None) -> int:
                       f"{flops / seconds / peak:8.3g} {memory}", flush=True)
                 del model
     limit = args.largest_batch_limit or (8 if args.tiny else 4096)
+    if limit < 2 or args.largest_batch_resolution < 1:
+        parser.error("--largest_batch_limit must be at least 2 and --largest_batch_resolution at least 1")
     for stage in args.stages:
         for config_name in args.largest_batch:
-            largest = largest_fitting_batch(clip, stage, config_name, frames, args.words, device, limit)
-            note = " (the search limit; raise --largest_batch_limit)" if largest == limit else ""
+            largest, failing = largest_fitting_batch(clip, stage, config_name, frames, args.words, device, limit,
+                                                     args.largest_batch_resolution)
+            note = (" (the search limit; raise --largest_batch_limit)" if failing is None
+                    else f" ({failing} does not fit)")
             print(f"largest batch: {stage} {config_name}: {largest}{note}", flush=True)
     return 0
 
 
 def largest_fitting_batch(clip: CLIPConfig, stage: str, config_name: str, frames: int, words: int,
-                          device: torch.device, limit: int) -> int:
-    """The largest batch (<= limit) whose training step runs without running out of memory; 0 if none does."""
+                          device: torch.device, limit: int, resolution: int) -> tuple[int, int | None]:
+    """(the largest batch <= limit whose training step runs without running out of memory, the smallest batch
+    found not to: within `resolution` of it, None when the limit fits); (0, 2) if not even 2 fits. On a GPU the
+    search starts from the batch that memory measured at two small batches predicts."""
     model = bench_model(clip, stage, config_name, device)
     precision = config_name.split("+")[0]
 
@@ -215,27 +225,61 @@ def largest_fitting_batch(clip: CLIPConfig, stage: str, config_name: str, frames
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    return largest_passing(fits, limit)
+    return largest_passing(fits, limit, guess=memory_guess(fits, device), resolution=resolution)
 
 
-def largest_passing(fits: Callable[[int], bool], limit: int, start: int = 2) -> int:
-    """The largest n in [start, limit] with fits(n), assuming fits holds up to some size and fails above it; 0 if
-    not even `start` fits (2: the contrastive and matching losses need two pairs). Doubling from `start`, then
-    bisection: about 2 log2(n) calls."""
-    good, size = 0, start
-    while size <= limit and fits(size):
-        good, size = size, size * 2
-    if good == 0:
-        return 0
-    bad = size
-    if size > limit:  # every power of two up to the limit fits
-        if fits(limit):
-            return limit
-        bad = limit
-    while bad - good > 1:
+def memory_guess(fits: Callable[[int], bool], device: torch.device, small: tuple[int, int] = (8, 16)) -> int | None:
+    """The batch that should just fit in the GPU's memory, from the peak memory of steps at two small batches
+    (activations grow linearly with the batch); None on a CPU or when the small steps say nothing."""
+    if device.type != "cuda":
+        return None
+    peaks = []
+    for size in small:
+        torch.cuda.reset_peak_memory_stats(device)
+        if not fits(size):
+            return None
+        peaks.append(torch.cuda.max_memory_allocated(device))
+    per_clip = (peaks[1] - peaks[0]) / (small[1] - small[0])
+    if per_clip <= 0:
+        return None
+    fixed = peaks[0] - small[0] * per_clip
+    free, _ = torch.cuda.mem_get_info(device)
+    return int((free + torch.cuda.memory_reserved(device) - fixed) / per_clip)
+
+
+def largest_passing(fits: Callable[[int], bool], limit: int, start: int = 2, guess: int | None = None,
+                    resolution: int = 1) -> tuple[int, int | None]:
+    """(good, bad): the largest n in [start, limit] with fits(n) found, and the smallest size found failing, with
+    bad - good <= resolution (bad None: the limit fits), assuming fits holds up to some size and fails above it;
+    (0, start) if not even `start` fits (2: the contrastive and matching losses need two pairs). Brackets the edge
+    by doubling from `start`, or by steps of 10% from `guess`, then bisects."""
+    good, bad = _bracket(fits, limit, start, guess)
+    if good == 0 or bad is None:
+        return good, bad
+    while bad - good > resolution:
         middle = (good + bad) // 2
         good, bad = (middle, bad) if fits(middle) else (good, middle)
-    return good
+    return good, bad
+
+
+def _bracket(fits: Callable[[int], bool], limit: int, start: int, guess: int | None) -> tuple[int, int | None]:
+    growth = 2.0 if guess is None else 1.1
+    size = min(max(guess or start, start), limit)
+    if fits(size):
+        good = size
+        while good < limit:
+            size = min(limit, max(good + 1, int(good * growth)))
+            if not fits(size):
+                return good, size
+            good = size
+        return good, None
+    bad = size
+    while bad > start:
+        size = max(start, min(bad - 1, int(bad / growth)))
+        if fits(size):
+            return size, bad
+        bad = size
+    return 0, bad
 
 
 if __name__ == "__main__":

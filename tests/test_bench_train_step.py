@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from bench import bench_eval, train_step
 
 
@@ -23,20 +25,40 @@ def test_tiny_run_prints_every_stage_and_configuration(capsys):
     assert float(rows[3][5]) > stage1_flops  # stage 2 adds a second text pass and the fusion encoder
 
 
+def counting(edge: int) -> tuple[list[int], object]:
+    calls: list[int] = []
+
+    def fits(size: int) -> bool:
+        calls.append(size)
+        return size <= edge
+
+    return calls, fits
+
+
 def test_largest_batch_search_finds_the_edge():
     search = train_step.largest_passing
     for edge in (0, 1, 2, 3, 37, 64, 100):  # 0 and 1: not even the smallest batch (2) fits
-        calls = []
-
-        def fits(size, edge=edge, calls=calls):
-            calls.append(size)
-            return size <= edge
-
-        assert search(fits, limit=4096) == (edge if edge >= 2 else 0)
+        calls, fits = counting(edge)
+        assert search(fits, limit=4096) == ((edge, edge + 1) if edge >= 2 else (0, 2))
         assert min(calls) >= 2 and len(calls) <= 2 * max(edge, 1).bit_length() + 2
-    assert search(lambda size: size <= 37, limit=30) == 30
-    assert search(lambda size: size <= 37, limit=32) == 32
-    assert search(lambda size: True, limit=6) == 6
+    assert search(lambda size: size <= 37, limit=30) == (30, None)
+    assert search(lambda size: size <= 37, limit=32) == (32, None)
+    assert search(lambda size: True, limit=6) == (6, None)
+
+
+def test_largest_batch_search_from_a_guess_within_a_resolution():
+    search = train_step.largest_passing
+    for edge, guess in ((1500, 1400), (1500, 1600), (1500, 1500), (1500, 3000), (1500, 200), (5, 1000)):
+        calls, fits = counting(edge)
+        good, bad = search(fits, limit=4096, guess=guess, resolution=8)
+        assert good <= edge < bad and bad - good <= 8
+        if abs(guess - edge) <= 0.1 * edge:  # a good guess: one step brackets the edge, then 5 halvings
+            assert len(calls) <= 7, calls
+    calls, fits = counting(1500)
+    assert search(fits, limit=4096, guess=1400, resolution=1) == (1500, 1501)
+    assert search(counting(1)[1], limit=4096, guess=100) == (0, 2)
+    assert search(counting(5000)[1], limit=4096, guess=4000, resolution=8) == (4096, None)
+    assert search(counting(5000)[1], limit=4096, guess=9000) == (4096, None)  # a guess past the limit is clamped
 
 
 def test_tiny_run_reports_the_largest_batch(capsys):
@@ -52,3 +74,22 @@ def test_eval_bench_tiny_prints_encoding_and_rerank(capsys):
     assert encoding.startswith("encoding: ") and float(encoding.split()[1]) > 0
     assert rerank.startswith("rerank: ") and float(rerank.split()[1]) > 0
     assert "(2560 pairs," in rerank  # 40 texts x top-32 videos + 40 videos x top-32 texts
+
+
+def test_memory_guess_extrapolates_the_peak_of_two_small_steps(monkeypatch):
+    """The GPU path with torch.cuda's memory queries simulated: a step's peak is 3 GiB + 0.1 GiB per clip, the card
+    has 80 GiB, of which the process holds 2 GiB (after emptying its cache) and 78 GiB are free."""
+    gib = 2**30
+    peak = {"now": 0}
+
+    def fits(size: int) -> bool:
+        peak["now"] = 3 * gib + size * gib // 10
+        return True
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: peak.update(now=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["now"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (78 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * gib)
+    assert train_step.memory_guess(fits, torch.device("cuda")) == 770  # (80 - 3) GiB / 0.1 GiB
+    assert train_step.memory_guess(fits, torch.device("cpu")) is None
+    assert train_step.memory_guess(lambda size: size < 10, torch.device("cuda")) is None  # 16 does not fit
