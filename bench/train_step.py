@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                                ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
     for name in configs + args.largest_batch:
         check_config_name(parser, name)
+    limit = args.largest_batch_limit or (8 if args.tiny else 4096)
+    if limit < 2 or args.largest_batch_resolution < 1:
+        parser.error("--largest_batch_limit must be at least 2 and --largest_batch_resolution at least 1")
     frames = args.frames or (3 if args.tiny else 12)
     steps, warmup = args.steps or (1 if args.tiny else 5), args.warmup or (1 if args.tiny else 3)
 
@@ -192,9 +195,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{clips_per_second / first:6.2f} {flops / batch_size / 1e12:10.4g} "
                       f"{flops / seconds / peak:8.3g} {memory}", flush=True)
                 del model
-    limit = args.largest_batch_limit or (8 if args.tiny else 4096)
-    if limit < 2 or args.largest_batch_resolution < 1:
-        parser.error("--largest_batch_limit must be at least 2 and --largest_batch_resolution at least 1")
     for stage in args.stages:
         for config_name in args.largest_batch:
             largest, failing = largest_fitting_batch(clip, stage, config_name, frames, args.words, device, limit,
