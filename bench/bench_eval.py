@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train_step import TINY, make_batch, median_seconds  # noqa: E402
+from bench.train_step import TINY, make_batch, median_seconds, resolve_counts  # noqa: E402
 from engine.evaluation import autocast_context, rerank_both_directions  # noqa: E402
 from modules.clip import CLIPConfig, compile_blocks  # noqa: E402
 from modules.model import T2VLP, T2VLPConfig  # noqa: E402
@@ -47,17 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="clips per encoding batch (default 64; --tiny: 4)")
     parser.add_argument("--split", type=int, help="videos = captions of the reranked split (default 1000; --tiny 40)")
     parser.add_argument("--frames", type=int, help="frames per clip (default 12; --tiny: 3)")
-    parser.add_argument("--words", type=int, default=32)
-    parser.add_argument("--top_k", type=int, default=32)
-    parser.add_argument("--rerank_batch_size", type=int, default=2048)
+    parser.add_argument("--words", type=int, help="text tokens per caption (default 32)")
+    parser.add_argument("--top_k", type=int, help="candidates reranked per query (default 32)")
+    parser.add_argument("--rerank_batch_size", type=int, help="pairs per match-head call (default 2048)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks first")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="timed repeats, the median reported (default 3)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    batch, split = args.batch or (4 if args.tiny else 64), args.split or (40 if args.tiny else 1000)
-    frames = args.frames or (3 if args.tiny else 12)
+    resolve_counts(parser, args, {"batch": (4, 64, 1), "split": (40, 1000, 1), "frames": (3, 12, 1),
+                                  "words": (32, 32, 3), "top_k": (32, 32, 1), "rerank_batch_size": (2048, 2048, 1),
+                                  "repeats": (3, 3, 1)})
+    batch, split, frames = args.batch, args.split, args.frames
     clip = TINY if args.tiny else CLIPConfig()
     torch.manual_seed(0)
     model = T2VLP(clip, T2VLPConfig(with_fusion=True, fusion_layers=min(6, clip.transformer_layers))).to(device)

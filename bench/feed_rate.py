@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import frozen_tfrecord as ft  # noqa: E402
 from bench.bench_stage1 import synchronize  # noqa: E402
 from bench.bench_webvid import write_synthetic_videos  # noqa: E402
-from bench.train_step import TINY, bench_model, check_config_name  # noqa: E402
+from bench.train_step import TINY, bench_model, check_config_name, resolve_counts  # noqa: E402
 from dataloaders.collate import batch_to_device, collate_clips  # noqa: E402
 from dataloaders.webvid import WebVidDataset, read_labels  # noqa: E402
 from engine.data import build_checked  # noqa: E402
@@ -163,19 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     clip = TINY if args.tiny else CLIPConfig()
-    def chosen(value: int | None, tiny_default: int, default: int) -> int:
-        return (tiny_default if args.tiny else default) if value is None else value
-
-    batch_size, videos = chosen(args.batch, 4, 32), chosen(args.videos, 8, 64)
-    steps, warmup = chosen(args.steps, 4, 30), chosen(args.warmup, 1, 5)
-    workers = default_workers() if args.workers is None else args.workers
-    fed_steps = max(steps, 20 * workers) if args.fed_steps is None else args.fed_steps
+    resolve_counts(parser, args, {"batch": (4, 32, 2), "videos": (8, 64, 1), "steps": (4, 30, 2),
+                                  "warmup": (1, 5, 0), "workers": (default_workers(), default_workers(), 0)})
+    batch_size, videos, steps, warmup, workers = args.batch, args.videos, args.steps, args.warmup, args.workers
+    resolve_counts(parser, args, {"fed_steps": (max(steps, 20 * workers), max(steps, 20 * workers), 2)})
+    fed_steps = args.fed_steps
     config = args.config or ("fp32" if args.tiny or device.type == "cpu" else "bf16")
     check_config_name(parser, config)
-    for flag, value, least in (("--batch", batch_size, 2), ("--steps", steps, 2), ("--fed_steps", fed_steps, 2),
-                               ("--warmup", warmup, 0), ("--workers", workers, 0), ("--videos", videos, 1)):
-        if value < least:
-            parser.error(f"{flag} must be at least {least}, got {value}")
     first_prefetch = 2 * workers + warmup  # the DataLoader's default prefetch_factor is 2
     loader_batches = max(steps, 2 * first_prefetch)
     # one epoch covers each phase and the trainer's look-ahead

@@ -60,6 +60,20 @@ def check_config_name(parser: argparse.ArgumentParser, name: str) -> None:
                      f"+compile, +ckpt")
 
 
+def resolve_counts(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   counts: dict[str, tuple[int, int, int]]) -> None:
+    """For each option name: (default with --tiny, default, least allowed). Fills the unset ones in `args` and
+    refuses a value below its least as a one-line usage error."""
+    for name, (tiny_default, default, least) in counts.items():
+        value = getattr(args, name)
+        if value is None:
+            value = tiny_default if args.tiny else default
+            setattr(args, name, value)
+        for item in value if isinstance(value, list) else [value]:
+            if item < least:
+                parser.error(f"--{name} must be at least {least}, got {item}")
+
+
 def make_batch(batch: int, frames: int, words: int, resolution: int, device: torch.device) -> dict:
     ids = torch.randint(1, 49000, (batch, words), device=device)
     ids[:, 0], ids[:, -1] = 49406, 49407
@@ -136,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                              "fp32/bf16/fp16). Default: all four of fp32, bf16, bf16+compile, bf16+compile+ckpt; "
                              "--tiny: fp32, bf16, fp32+ckpt (compiling on a CPU takes minutes, ask for it)")
     parser.add_argument("--frames", type=int, help="frames per clip (default 12; --tiny: 3)")
-    parser.add_argument("--words", type=int, default=32)
+    parser.add_argument("--words", type=int, help="text tokens per caption (default 32)")
     parser.add_argument("--steps", type=int, help="steps per repeat (default 5; --tiny: 1)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="timed repeats, the median reported (default 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3, covers compilation; --tiny: 1)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
     parser.add_argument("--largest_batch", nargs="+", default=[], metavar="CONFIG",
@@ -152,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     clip = TINY if args.tiny else CLIPConfig()  # the defaults are ViT-B/16's sizes
-    batches = args.batch or [2 if args.tiny else 32]
+    resolve_counts(parser, args, {"batch": ([2], [32], 2), "frames": (3, 12, 1), "words": (32, 32, 3),
+                                  "steps": (1, 5, 1), "repeats": (3, 3, 1), "warmup": (1, 3, 0)})
     configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
                                ["fp32", "bf16", "bf16+compile", "bf16+compile+ckpt"])
     for name in configs + args.largest_batch:
@@ -160,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.largest_batch_limit or (8 if args.tiny else 4096)
     if limit < 2 or args.largest_batch_resolution < 1:
         parser.error("--largest_batch_limit must be at least 2 and --largest_batch_resolution at least 1")
-    frames = args.frames or (3 if args.tiny else 12)
-    steps, warmup = args.steps or (1 if args.tiny else 5), args.warmup or (1 if args.tiny else 3)
+    batches, frames, steps, warmup = args.batch, args.frames, args.steps, args.warmup
 
     peak = matmul_peak(device, args.tiny)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench import bench_eval, train_step
@@ -93,3 +94,22 @@ def test_memory_guess_extrapolates_the_peak_of_two_small_steps(monkeypatch):
     assert train_step.memory_guess(fits, torch.device("cuda")) == 770  # (80 - 3) GiB / 0.1 GiB
     assert train_step.memory_guess(fits, torch.device("cpu")) is None
     assert train_step.memory_guess(lambda size: size < 10, torch.device("cuda")) is None  # 16 does not fit
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (train_step, ["--batch", "2", "1"], "--batch must be at least 2, got 1"),  # the losses need two pairs
+    (train_step, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (train_step, ["--largest_batch", "bf16+ckpt", "--largest_batch_resolution", "0"],
+     "--largest_batch_limit must be at least 2 and --largest_batch_resolution at least 1"),
+    (train_step, ["--configs", "bf16+fast"], "unknown configuration 'bf16+fast'"),
+    (bench_eval, ["--top_k", "0"], "--top_k must be at least 1, got 0"),
+    (bench_eval, ["--split", "0"], "--split must be at least 1, got 0"),
+])
+def test_bad_settings_are_one_line_errors_before_measuring(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--tiny", *argv])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing was measured first
+    lines = captured.err.strip().splitlines()
+    assert lines[0].startswith("usage: ") and f": error: {message}" in lines[-1]
