@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     resolve_counts(parser, args, {"batch": (4, 32, 2), "videos": (8, 64, 1), "steps": (4, 30, 2),
                                   "warmup": (1, 5, 0), "workers": (default_workers(), default_workers(), 0)})
     batch_size, videos, steps, warmup, workers = args.batch, args.videos, args.steps, args.warmup, args.workers
-    resolve_counts(parser, args, {"fed_steps": (max(steps, 20 * workers), max(steps, 20 * workers), 2)})
+    enough_steps = max(steps, 20 * workers)  # see the docstring: the prefetch can hide at most 10%
+    resolve_counts(parser, args, {"fed_steps": (enough_steps, enough_steps, 2)})
     fed_steps = args.fed_steps
     config = args.config or ("fp32" if args.tiny or device.type == "cpu" else "bf16")
     check_config_name(parser, config)

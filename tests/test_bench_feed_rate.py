@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -88,14 +87,3 @@ def test_resident_phase_reads_no_data_and_the_fed_phase_reads_each_step(tmp_path
     assert dataset.reads == (4 + 1) * 2 and trainer.progress.global_step == 8
     run.close()
 
-
-def test_bad_settings_are_one_line_errors(tmp_path, capsys):
-    for argv, message in ((["--batch", "0"], "--batch must be at least 2, got 0"),
-                          (["--workers", "-1"], "--workers must be at least 0, got -1"),
-                          (["--store", str(tmp_path)], f"--store: No such file or directory: {tmp_path}")):
-        with pytest.raises(SystemExit) as stop:
-            feed_rate.main(["--tiny", *argv])
-        assert stop.value.code == 2
-        lines = capsys.readouterr().err.strip().splitlines()  # argparse: the usage, then one error line
-        assert lines[0].startswith("usage: ") and f": error: {message}" in lines[-1]
-        assert not any("Traceback" in line for line in lines)

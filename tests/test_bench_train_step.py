@@ -1,11 +1,12 @@
-"""bench/train_step.py --tiny: the benchmark table runs on the CPU (a smoke test; speed is measured on a GPU)."""
+"""bench/train_step.py --tiny: the benchmark table runs on the CPU (a smoke test; speed is measured on a GPU);
+the bench scripts refuse bad settings in one line."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench import bench_eval, train_step
+from bench import bench_eval, feed_rate, train_step
 
 
 def test_tiny_run_prints_every_stage_and_configuration(capsys):
@@ -104,12 +105,16 @@ def test_memory_guess_extrapolates_the_peak_of_two_small_steps(monkeypatch):
     (train_step, ["--configs", "bf16+fast"], "unknown configuration 'bf16+fast'"),
     (bench_eval, ["--top_k", "0"], "--top_k must be at least 1, got 0"),
     (bench_eval, ["--split", "0"], "--split must be at least 1, got 0"),
+    (feed_rate, ["--batch", "0"], "--batch must be at least 2, got 0"),
+    (feed_rate, ["--workers", "-1"], "--workers must be at least 0, got -1"),
+    (feed_rate, ["--store", "{tmp}"], "--store: No such file or directory: {tmp}"),  # an empty folder
 ])
-def test_bad_settings_are_one_line_errors_before_measuring(script, argv, message, capsys):
+def test_bad_settings_are_one_line_errors_before_measuring(script, argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        script.main(["--tiny", *argv])
+        script.main(["--tiny", *(arg.format(tmp=tmp_path) for arg in argv)])
     assert stop.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing was measured first
-    lines = captured.err.strip().splitlines()
-    assert lines[0].startswith("usage: ") and f": error: {message}" in lines[-1]
+    lines = captured.err.strip().splitlines()  # argparse: the usage, then one error line
+    assert lines[0].startswith("usage: ") and f": error: {message.format(tmp=tmp_path)}" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
