@@ -43,7 +43,7 @@ def test_parts_run_in_target_order_and_a_failed_part_does_not_stop_the_rest(tmp_
     assert calls[0].endswith("--configs bf16 bf16+compile bf16+compile+ckpt")
     assert calls[2].endswith("--config bf16+compile")
     assert calls[3].endswith("--compile")
-    assert "--largest_batch bf16+ckpt" in calls[4]
+    assert calls[4].endswith("--configs bf16+ckpt --repeats 1 --largest_batch bf16+ckpt")
     assert calls[5].endswith("--configs fp32 bf16")
     out = tmp_path / "out"
     assert "== feed failed (exit 3)" in (out / "feed.txt").read_text()
@@ -60,7 +60,7 @@ def test_chosen_parts_only_and_tiny_flags(tmp_path: Path) -> None:
     result, calls = run_suite(tmp_path, PARTS="eval largest", TINY="1")
     assert result.returncode == 0, result.stderr
     assert calls == ["bench/bench_eval.py --tiny",
-                     "bench/train_step.py --tiny --configs bf16 --repeats 1 --largest_batch fp32+ckpt "
+                     "bench/train_step.py --tiny --configs fp32+ckpt --repeats 1 --largest_batch fp32+ckpt "
                      "--largest_batch_limit 4"]
 
 
