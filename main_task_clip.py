@@ -19,7 +19,7 @@ from engine import distributed
 from engine.args import resolve_precision
 from engine.data import build_eval_dataset, build_train_dataset
 from engine.entry import build_model, run_main, train_or_evaluate
-from engine.evaluation import evaluate_retrieval, evaluated_checkpoint, log_retrieval_rows
+from engine.evaluation.retrieval import evaluate_retrieval, evaluated_checkpoint, log_retrieval_rows
 from engine.run_logging import RunLogger
 from engine.tasks.clip_pretraining import clip_pretraining_task
 

@@ -19,7 +19,7 @@ from engine import distributed
 from engine.args import resolve_precision
 from engine.data import build_eval_dataset, build_train_dataset
 from engine.entry import build_model, evaluate_before_training, run_main, train_or_evaluate
-from engine.evaluation import evaluated_checkpoint
+from engine.evaluation.retrieval import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_task, make_fusion_evaluator
 

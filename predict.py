@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
-from engine.evaluation import autocast_context
-from engine.results_page import write_results_page
-from engine.trained_model import TrainedModel, load_trained_model
-from engine.video_index import VideoIndex, sampling_settings, search, update_index
+from engine.evaluation.retrieval import autocast_context
+from inference.results_page import write_results_page
+from inference.trained_model import TrainedModel, load_trained_model
+from inference.video_index import VideoIndex, sampling_settings, search, update_index
 from modules.errors import InputError
 
 
@@ -154,7 +154,7 @@ def run_answer(args: argparse.Namespace) -> int:
 
 
 def _recorded_ans2label(trained: TrainedModel) -> str | None:
-    from engine.trained_model import run_settings
+    from inference.trained_model import run_settings
 
     path = run_settings(trained.checkpoint).get("qa_anslabel_json")
     return path if path and Path(path).is_file() else None

@@ -25,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-source engine/launch.sh
+source tools/launch.sh
 
 DATASET=${DATASET:-msvd}
 case "$DATASET" in
@@ -49,7 +49,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --fusion_layers 3 --match_norm pair --init_model "$INIT_MODEL" \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
-  "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"
+  "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
   exit 0
 fi
 

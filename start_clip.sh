@@ -19,13 +19,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-source engine/launch.sh
+source tools/launch.sh
 
 if [[ -z "${DATA_PATH:-}" ]]; then
   DEMO_DATA=${DEMO_DATA:-./demo_data}
   OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage1_$(date +%Y%m%d_%H%M%S)}
   echo "DATA_PATH is not set: running the stage-1 demo on synthetic data in $DEMO_DATA -> $OUTPUT_PATH"
-  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA"
+  "$PYTHON" -m tools.demo prepare --out "$DEMO_DATA"
   "${launch[@]}" main_task_clip.py --do_train --num_thread_reader=2 --epochs=6 --batch_size=32 --n_display=50 \
     --train_csv "$DEMO_DATA/MSRVTT/MSRVTT_train.9k.csv" --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
     --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
@@ -34,7 +34,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --datatype msrvtt --feature_framerate 2 --freeze_layer_num -1 --slice_framepos 2 --eval_steps 0 --keep_checkpoints 2 \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
-  "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"
+  "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
   exit 0
 fi
 

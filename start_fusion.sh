@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-source engine/launch.sh
+source tools/launch.sh
 
 if [[ -z "${DATA_PATH:-}" ]]; then
   demo_init_model 1
@@ -38,7 +38,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --init_model "$INIT_MODEL" \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
-  "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"
+  "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
   exit 0
 fi
 

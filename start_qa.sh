@@ -26,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-source engine/launch.sh
+source tools/launch.sh
 
 DATASET=${DATASET:-msrvtt}
 case "$DATASET" in
@@ -62,7 +62,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --slice_framepos 2 --keep_checkpoints 2 --fusion_layers 3 --match_norm pair --init_model "$INIT_MODEL" \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
-  "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"
+  "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
   exit 0
 fi
 

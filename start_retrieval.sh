@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-source engine/launch.sh
+source tools/launch.sh
 
 DATASET=${DATASET:-msrvtt}
 case "$DATASET" in
@@ -52,7 +52,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
     --fusion_layers 3 --match_norm pair --rerank_top_k 10 --init_model "$INIT_MODEL" \
     --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
     --cross_config_path ./CLIP-modules "$@"
-  "$PYTHON" -m engine.demo summary --output_dir "$OUTPUT_PATH"
+  "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
   exit 0
 fi
 

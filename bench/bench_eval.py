@@ -4,7 +4,7 @@
     python bench/bench_eval.py --tiny          # CPU smoke run in seconds (tiny model, 40 x 40)
 
 Random weights. Encoding = `encode_video` + `encode_text` under autocast, no gradient (what `encode_split` does
-per batch). The rerank is `engine.evaluation.rerank_both_directions` on random encoder outputs of the split's
+per batch). The rerank is `engine.evaluation.retrieval.rerank_both_directions` on random encoder outputs of the split's
 size: every text's top-K videos and every video's top-K texts re-scored by the fusion match head (METHOD §7a),
 `--rerank_batch_size` pairs per call, as the retrieval evaluation runs it. Times: synchronised, warm-up
 excluded, median of repeats.
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_step import TINY, make_batch, median_seconds, resolve_counts  # noqa: E402
-from engine.evaluation import autocast_context, rerank_both_directions  # noqa: E402
+from engine.evaluation.retrieval import autocast_context, rerank_both_directions  # noqa: E402
 from modules.clip import CLIPConfig, compile_blocks  # noqa: E402
 from modules.model import T2VLP, T2VLPConfig  # noqa: E402
 

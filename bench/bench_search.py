@@ -1,5 +1,5 @@
 """Exact text-to-video search cost (predict.py query) over a synthetic index: N unit clip features of size D,
-stored as .npy and read memory-mapped in chunks, as `engine.video_index.top_rows` does for every query.
+stored as .npy and read memory-mapped in chunks, as `inference.video_index.top_rows` does for every query.
 
     python bench/bench_search.py --rows 1000000 --dim 512 --queries 5 [--device cuda]
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.video_index import top_rows  # noqa: E402
+from inference.video_index import top_rows  # noqa: E402
 
 
 def main() -> None:

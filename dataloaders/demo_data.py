@@ -55,7 +55,7 @@ CAPTION_TEMPLATES = (
 MARKER_NAME = ".demo_data_complete.json"
 LAYOUT_VERSION = 4  # 2: validation videos and the MSVD layout; 3: MSRVTT-QA and MSVD-QA questions; 4: WebVid-only videos
 WEBVID_FIRST_ID = 10_000_000
-DEMO_WEBVID_ONLY = 1600  # what `engine.demo prepare` and this module's command line make: 2000 pre-training clips
+DEMO_WEBVID_ONLY = 1600  # what `tools.demo prepare` and this module's command line make: 2000 pre-training clips
 
 
 def make_demo_dataset(

@@ -12,7 +12,7 @@ from engine import distributed
 from engine.args import resolve_precision
 from engine.data import build_retrieval_datasets
 from engine.entry import build_model, evaluate_before_training, run_main, train_or_evaluate
-from engine.evaluation import evaluated_checkpoint
+from engine.evaluation.retrieval import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.retrieval import (
     RetrievalLossWeights,

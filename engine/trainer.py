@@ -31,7 +31,7 @@ from engine.checkpointing import (
     save_model_checkpoint,
     save_restore,
 )
-from engine.evaluation import autocast_context
+from engine.evaluation.retrieval import autocast_context
 from engine.optim import apply_freeze_rule, build_optimizer, build_scheduler, clamp_logit_scale
 from engine.run_logging import RunLogger
 from engine.sampler import ResumableDistributedSampler

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from engine.caption_metrics import METRIC_NAMES, CaptionScorer, require_java, score_captions
+from engine.evaluation.caption_metrics import METRIC_NAMES, CaptionScorer, require_java, score_captions
 from modules.errors import InputError
 
 HYPOTHESES = {"a": "a red circle moves left", "b": "a blue square moves up"}
@@ -26,7 +26,7 @@ def test_java_is_found():
 
 
 def test_missing_java_is_reported_with_what_to_install(monkeypatch):
-    monkeypatch.setattr("engine.caption_metrics.shutil.which", lambda name: None)
+    monkeypatch.setattr("engine.evaluation.caption_metrics.shutil.which", lambda name: None)
     with pytest.raises(InputError, match="apt-get install -y default-jre-headless"):
         require_java()
 

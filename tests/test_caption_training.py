@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.caption_metrics import METRIC_NAMES
+from engine.evaluation.caption_metrics import METRIC_NAMES
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK, apply_freeze_rule
 from engine.tasks.captioning import caption_loss_terms
 from modules.checkpoint import original_format_state_dict, write_random_clip_checkpoint
@@ -148,7 +148,7 @@ def test_msrvtt_captioning_uses_the_json_splits(small_demo_source, tiny_fusion_c
 
 def test_missing_java_stops_before_training(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint,
                                             tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("engine.caption_metrics.shutil.which", lambda name: None)
+    monkeypatch.setattr("engine.evaluation.caption_metrics.shutil.which", lambda name: None)
     argv = caption_argv(small_demo_source["msvd_dir"], small_demo_source["videos_dir"], tiny_fusion_clip_checkpoint,
                         stage1_checkpoint, tmp_path / "out")
     assert msvd_captioning.main(argv) == 2

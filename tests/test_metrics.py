@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics import (
+from engine.evaluation.metrics import (
     chance_retrieval_metrics,
     correct_ranks,
     format_retrieval_table,

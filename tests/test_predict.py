@@ -19,9 +19,9 @@ import torch
 
 import predict
 from dataloaders.demo_data import COLOURS
-from engine.evaluation import encode_split, similarity_matrix
-from engine.trained_model import load_trained_model
-from engine.video_index import VideoIndex
+from engine.evaluation.retrieval import encode_split, similarity_matrix
+from inference.trained_model import load_trained_model
+from inference.video_index import VideoIndex
 from modules.checkpoint import original_format_state_dict
 from tests.torchrun import ROOT
 

@@ -320,7 +320,7 @@ def test_start_scripts_check_their_inputs_before_launching(tmp_path):
 
 def launch_command(nproc: int) -> list[str]:
     env = {**os.environ, "NPROC_PER_NODE": str(nproc), "PYTHON": "py"}
-    script = 'source engine/launch.sh; printf "%s\\n" "${launch[@]}"'
+    script = 'source tools/launch.sh; printf "%s\\n" "${launch[@]}"'
     result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return result.stdout.split()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.rerank import rerank_scores
+from engine.evaluation.rerank import rerank_scores
 from modules.fusion_objectives import sample_hard_negatives
 
 

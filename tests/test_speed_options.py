@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from dataloaders.video import normalize_video
-from engine.evaluation import rerank_both_directions
+from engine.evaluation.retrieval import rerank_both_directions
 from engine.tasks.base import StepContext
 from engine.tasks.clip_pretraining import contrastive_objective
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_objective

@@ -10,7 +10,7 @@ import torch
 
 import main_task_fusion
 from engine.checkpointing import load_restore
-from engine.demo import summary
+from tools.demo import summary
 from modules.checkpoint import read_clip_state_dict, read_model_state_dict
 from tests.stage1_helpers import stage2_argv
 from tests.test_original_command import original_layout

@@ -1,8 +1,8 @@
 """The embedded demo: synthetic videos in the real datasets' layouts plus a tiny random CLIP checkpoint.
 
-    python -m engine.demo prepare --out demo_data     # idempotent; what start_clip.sh runs without DATA_PATH
-    python -m engine.demo summary --output_dir RUN    # the last evaluation next to chance level
-    python -m engine.demo latest --stage 1            # the newest demo checkpoint of a stage
+    python -m tools.demo prepare --out demo_data     # idempotent; what start_clip.sh runs without DATA_PATH
+    python -m tools.demo summary --output_dir RUN    # the last evaluation next to chance level
+    python -m tools.demo latest --stage 1            # the newest demo checkpoint of a stage
 
 `prepare` writes the MSR-VTT-layout dataset (dataloaders/demo_data.py), converts its training split into WebVid
 TFRecords with frozen_tfrecord.py (as real pre-training data is stored), and writes a randomly initialised
@@ -220,8 +220,8 @@ def search_rate(checkpoint: Path, demo_dir: Path, work: Path, rerank: bool = Fal
                   "--num_workers", "0"])
     import torch
 
-    from engine.trained_model import load_trained_model
-    from engine.video_index import VideoIndex, search
+    from inference.trained_model import load_trained_model
+    from inference.video_index import VideoIndex, search
 
     trained = load_trained_model(checkpoint)
     index = VideoIndex.load(work / "index")

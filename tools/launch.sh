@@ -43,12 +43,12 @@ demo_init_model() {
   if [[ "$stage" == 1 ]]; then launcher=start_clip.sh; else launcher=start_fusion.sh; fi
   DEMO_DATA=${DEMO_DATA:-./demo_data}
   export DEMO_DATA
-  "$PYTHON" -m engine.demo prepare --out "$DEMO_DATA" > /dev/null
-  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m engine.demo latest --stage "$stage" || true)}
+  "$PYTHON" -m tools.demo prepare --out "$DEMO_DATA" > /dev/null
+  INIT_MODEL=${INIT_MODEL:-$("$PYTHON" -m tools.demo latest --stage "$stage" || true)}
   if [[ -z "$INIT_MODEL" ]]; then
     echo "no demo stage-$stage checkpoint yet: running the stage-$stage demo first (bash $launcher)"
     env -u OUTPUT_PATH PYTHON="$PYTHON" NPROC_PER_NODE="$NPROC_PER_NODE" bash "$launcher"
-    INIT_MODEL=$("$PYTHON" -m engine.demo latest --stage "$stage")
+    INIT_MODEL=$("$PYTHON" -m tools.demo latest --stage "$stage")
   fi
 }
 

@@ -16,14 +16,14 @@ from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
 from dataloaders.video import normalize_video
-from engine.dual_softmax import dual_softmax_scores
-from engine.metrics import (
+from engine.evaluation.dual_softmax import dual_softmax_scores
+from engine.evaluation.metrics import (
     best_positive_ranks,
     chance_retrieval_metrics,
     format_retrieval_table,
     metrics_from_ranks,
 )
-from engine.rerank import rerank_scores
+from engine.evaluation.rerank import rerank_scores
 
 logger = logging.getLogger("t2vlp.eval")
 

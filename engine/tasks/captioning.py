@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dataloaders.captioning import references_by_video
-from engine.caption_metrics import METRIC_NAMES, shared_scorer
-from engine.evaluation import autocast_context, encoded_video_batches
+from engine.evaluation.caption_metrics import METRIC_NAMES, shared_scorer
+from engine.evaluation.retrieval import autocast_context, encoded_video_batches
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale

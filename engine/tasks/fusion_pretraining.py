@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dataloaders.lm_targets import sample_targets
-from engine.evaluation import (
+from engine.evaluation.retrieval import (
     autocast_context,
     encode_split,
     log_retrieval_rows,

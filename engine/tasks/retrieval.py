@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.evaluation import encode_split, log_retrieval_rows, retrieval_rows
+from engine.evaluation.retrieval import encode_split, log_retrieval_rows, retrieval_rows
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task

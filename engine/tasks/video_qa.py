@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 
 from dataloaders.video_qa import IGNORE_LABEL, QADataset
 from engine import distributed
-from engine.evaluation import autocast_context, encoded_video_batches
+from engine.evaluation.retrieval import autocast_context, encoded_video_batches
 from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
 from engine.selection import BestCheckpoint
 from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale

@@ -1,0 +1,1 @@
+"""Evaluation of every task: retrieval (meanP, fusion rerank, DSL), ranking metrics, caption metrics."""

@@ -1,0 +1,1 @@
+"""The embedded demo (data, runner, summaries) and the launchers' shell library."""
