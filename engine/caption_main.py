@@ -18,10 +18,10 @@ from pathlib import Path
 from dataloaders.captioning import caption_dataset
 from engine import distributed
 from engine.args import resolve_precision
-from engine.evaluation.caption_metrics import require_java
 from engine.checkpointing import BEST_CHECKPOINT_NAME
 from engine.data import build_checked, check_eval_videos
 from engine.entry import EXIT_OK, build_model, evaluate_before_training, run_main, train_or_evaluate
+from engine.evaluation.caption_metrics import require_java
 from engine.evaluation.retrieval import evaluated_checkpoint
 from engine.run_logging import RunLogger
 from engine.tasks.captioning import (

@@ -13,8 +13,8 @@ from dataloaders import demo_data
 from dataloaders.demo_data import COLOURS, make_demo_dataset
 from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset, read_csv_columns
 from dataloaders.video import read_frames
-from tools.demo import DEMO_CLIP, latest_checkpoint
 from modules.tokenization import ClipTokenizer
+from tools.demo import DEMO_CLIP, latest_checkpoint
 
 SETTINGS = dict(n_train=12, n_test=6, seed=3, size=32, fps=4, seconds=2, n_val=3)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.evaluation.dual_softmax import dual_softmax_scores
-from engine.evaluation.retrieval import retrieval_rows
 from engine.evaluation.metrics import best_positive_ranks, correct_ranks
+from engine.evaluation.retrieval import retrieval_rows
 
 # 3 captions, 2 videos: captions 0 and 1 describe video 0, caption 2 video 1.
 CAPTION_VIDEO = torch.tensor([0, 0, 1])

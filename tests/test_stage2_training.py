@@ -10,12 +10,12 @@ import torch
 
 import main_task_fusion
 from engine.checkpointing import load_restore
-from tools.demo import summary
 from modules.checkpoint import read_clip_state_dict, read_model_state_dict
 from tests.stage1_helpers import stage2_argv
 from tests.test_original_command import original_layout
 from tests.test_stage1_training import final_state, metrics
 from tests.torchrun import ROOT, run_torchrun
+from tools.demo import summary
 
 
 def test_stage2_trains_the_fusion_encoder_and_reports_every_row(small_demo, tiny_fusion_clip_checkpoint,
