@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
-from engine.evaluation.retrieval import autocast_context
+from engine.precision import autocast_context, resolve_precision
 from inference.results_page import write_results_page
 from inference.trained_model import TrainedModel, load_trained_model
 from inference.video_index import VideoIndex, sampling_settings, search, update_index
@@ -33,7 +33,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def _precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
+    return resolve_precision("auto", device)  # what training runs in by default
 
 
 def _model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_step import TINY, make_batch, median_seconds, resolve_counts  # noqa: E402
-from engine.evaluation.retrieval import autocast_context, rerank_both_directions  # noqa: E402
+from engine.evaluation.retrieval import rerank_both_directions  # noqa: E402
+from engine.precision import autocast_context  # noqa: E402
 from modules.clip import CLIPConfig, compile_blocks  # noqa: E402
 from modules.model import T2VLP, T2VLPConfig  # noqa: E402
 

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.evaluation.retrieval import autocast_context  # noqa: E402
 from engine.optim import apply_freeze_rule, build_optimizer  # noqa: E402
+from engine.precision import autocast_context  # noqa: E402
 from modules.clip import CLIPConfig  # noqa: E402
 from modules.model import T2VLP  # noqa: E402
 

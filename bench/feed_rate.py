@@ -49,7 +49,8 @@ from dataloaders.webvid import WebVidDataset, read_labels  # noqa: E402
 from engine.data import build_checked  # noqa: E402
 from engine.distributed import DistInfo  # noqa: E402
 from engine.run_logging import RunLogger  # noqa: E402
-from engine.trainer import StopRequest, Trainer, TrainSettings  # noqa: E402
+from engine.tasks.clip_pretraining import clip_pretraining_task  # noqa: E402
+from engine.trainer import Outcome, StopRequest, Trainer, TrainSettings  # noqa: E402
 from modules.clip import CLIPConfig  # noqa: E402
 from modules.errors import InputError  # noqa: E402
 
@@ -125,12 +126,12 @@ def step_rate(trainer: FeedTrainer, steps: int, warmup: int, batch_size: int) ->
     trainer.settings.max_steps = trainer.progress.global_step + warmup + steps
     try:
         with StopRequest() as stop:
-            outcome = trainer._run_epoch(stop)
+            outcome = trainer.train_epoch(stop)
         synchronize(trainer.device)
     finally:
         hook.remove()
-    if outcome != "max_steps" or len(stamps) != warmup + steps:
-        raise RuntimeError(f"expected {warmup + steps} optimiser steps, the loop ended ({outcome}) after "
+    if outcome is not Outcome.MAX_STEPS or len(stamps) != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} optimiser steps, the loop ended ({outcome.value}) after "
                            f"{len(stamps)}: are there enough samples?")
     window = stamps[-1] - stamps[warmup]
     waited = sum(wait for start, wait in trainer.clock.waits if stamps[warmup] <= start < stamps[-1])
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         training_logs.setLevel(logging.WARNING)  # the trainer's start-up lines would bury the table
         try:
             trainer = FeedTrainer(bench_model(clip, "stage1", config, device), dataset, settings, run,
-                                  DistInfo(rank=0, world_size=1, local_rank=0, device=device), str(Path(tmp) / "run"))
+                                  DistInfo(rank=0, world_size=1, local_rank=0, device=device), str(Path(tmp) / "run"),
+                                  clip_pretraining_task())
             supply = loader_rate(trainer, loader_batches, first_prefetch, batch_size)
             trainer.resident_batch = resident_batch(dataset, batch_size, device)
             resident, _ = step_rate(trainer, steps, warmup, batch_size)

@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_stage1 import synchronize  # noqa: E402
-from engine.evaluation.retrieval import autocast_context  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import autocast_context  # noqa: E402
 from engine.tasks.base import StepContext  # noqa: E402
 from engine.tasks.clip_pretraining import contrastive_objective  # noqa: E402
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_objective  # noqa: E402

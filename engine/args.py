@@ -17,62 +17,14 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
-import torch
-
-from modules.errors import InputError
+from engine.tasks.base import TaskDefinition, task_definition
+from modules.errors import InputError, ModelConfigError
 
 logger = logging.getLogger("t2vlp.args")
 
-TASKS = ("clip", "fusion", "retrieval", "caption", "qa")
-
-# Cadences and fixed learning rates the original scripts hard-coded per task (METHOD §8 table).
-TASK_DEFAULTS: dict[str, dict[str, object]] = {
-    "clip": {"eval_steps": 500, "save_steps": 0, "new_params_lr": 1e-5},
-    "fusion": {"eval_steps": 1000, "save_steps": 2000, "new_params_lr": 1e-5},
-    "retrieval": {"eval_steps": 500, "save_steps": 500, "new_params_lr": 5e-6},
-    "caption": {"eval_steps": 1000, "save_steps": 1000, "new_params_lr": 1e-6},
-    "qa": {"eval_steps": 0, "save_steps": 0, "new_params_lr": 5e-6, "seed": 2021, "datatype": "msrvtt_qa"},
-}
-
-# Flags of IGNORED_FLAGS that a task does read.
-USED_BY_TASK: dict[str, set[str]] = {"fusion": {"mask_ratio"}}
-
-# Fixed rate of the token and match heads' dropout per task (METHOD §8 table).
-HEAD_DROPOUT = {"clip": 0.2, "fusion": 0.2, "retrieval": 0.2, "caption": 0.5, "qa": 0.5}
-
-# dest -> hint; a warning is logged when any of these differs from its default (unless the task uses it).
-IGNORED_FLAGS: dict[str, str] = {
-    "do_pretrain": "use --do_train",
-    "do_lower_case": "the CLIP tokenizer always lower-cases",
-    "lr_decay": "the schedule is warmup_cosine",
-    "video_dim": "sizes come from the CLIP checkpoint",
-    "margin": "CLIP4Clip leftover, unused by the original too",
-    "hard_negative_rate": "CLIP4Clip leftover, unused by the original too",
-    "negative_weighting": "CLIP4Clip leftover, unused by the original too",
-    "n_pair": "CLIP4Clip leftover, unused by the original too",
-    "use_mil": "CLIP4Clip leftover, unused by the original too",
-    "sampled_use_mil": "CLIP4Clip leftover, unused by the original too",
-    "mask_ratio": "the original hard-coded 0.15 and never read this flag",
-    "cross_model": "no CLIP4Clip cross model is built (meanP similarity)",
-    "cache_dir": "nothing is downloaded",
-    "n_gpu": "one process per GPU under torchrun",
-    "fp16": "use --precision fp16 (autocast + GradScaler); apex is not used",
-    "fp16_opt_level": "use --precision; apex is not used",
-    "task_type": "the entry script decides the task",
-    "world_size": "read from torchrun's WORLD_SIZE",
-    "local_rank": "read from torchrun's LOCAL_RANK",
-    "rank": "read from torchrun's RANK",
-    "text_num_hidden_layers": "sizes come from the CLIP checkpoint",
-    "visual_num_hidden_layers": "sizes come from the CLIP checkpoint",
-    "cross_num_hidden_layers": "no CLIP4Clip cross model is built",
-    "pretrained_clip_name": "use --visual_pretrain_path",
-    "webvid_train_json": "the original QA script passed it but never read it",
-    "webvid_tfrecord": "the original QA script passed it but never read it",
-    "msrvtt_train_csv": "the original QA script passed it but never read it (QA reads --msrvtt_qa_*_json)",
-    "msrvtt_val_csv": "the original QA script passed it but never read it (QA reads --msrvtt_qa_*_json)",
-    "msrvtt_train_json": "the original QA script passed it but never read it (QA reads --msrvtt_qa_*_json)",
-}
+IGNORED_HINT = "ignored_hint"  # set on the argparse action of a flag accepted only for compatibility
 
 BATCH_HELP = (
     "GLOBAL training batch over all processes (default %(default)s). Each process loads batch_size / world_size "
@@ -89,17 +41,22 @@ FREEZE_HELP = (
 )
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
-    """Parser with every original flag plus the new ones, with `task`-specific defaults (see TASK_DEFAULTS)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    parser = argparse.ArgumentParser(description=f"T2VLP ({task})", allow_abbrev=False)
+def build_parser(task: str | TaskDefinition) -> argparse.ArgumentParser:
+    """Parser with every original flag plus the new ones, and the task's own flags and defaults."""
+    definition = task if isinstance(task, TaskDefinition) else task_definition(task)
+    parser = argparse.ArgumentParser(description=f"T2VLP ({definition.name})", allow_abbrev=False)
     _add_original_flags(parser)
-    _add_ignored_flags(parser, task)
+    _add_ignored_flags(parser)
     _add_new_flags(parser)
-    if task != "clip":
-        _add_fusion_flags(parser, task)
-    parser.set_defaults(**TASK_DEFAULTS[task])
+    if definition.with_fusion:
+        _add_fusion_flags(parser, definition.head_dropout)
+    if definition.add_flags is not None:
+        definition.add_flags(parser)
+    for loss in definition.loss_weights:
+        parser.add_argument(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
+    if definition.eval_split is not None:
+        parser.add_argument("--eval_split", choices=["val", "test"], default=None, help=definition.eval_split.help)
+    parser.set_defaults(**definition.defaults)
     return parser
 
 
@@ -154,40 +111,45 @@ def _add_original_flags(parser: argparse.ArgumentParser) -> None:
              "<--cross_config_path>/ViT-B-16.pt that exists.")
 
 
-def _add_ignored_flags(parser: argparse.ArgumentParser, task: str) -> None:
+def add_ignored_flag(group: argparse._ActionsContainer, *names: str, hint: str, **options: Any) -> None:
+    """A flag of the original scripts accepted for compatibility and not used: setting it logs `hint`."""
+    action = group.add_argument(*names, **options)
+    setattr(action, IGNORED_HINT, hint)
+
+
+def _add_ignored_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accepted for compatibility and ignored (a warning if set)")
-    add = group.add_argument
-    add("--do_pretrain", action="store_true")
-    add("--do_lower_case", action="store_true")
-    add("--lr_decay", type=float, default=0.9)
-    add("--video_dim", type=int, default=1024)
-    add("--margin", type=float, default=0.1)
-    add("--hard_negative_rate", type=float, default=0.5)
-    add("--negative_weighting", type=int, default=1)
-    add("--n_pair", type=int, default=1)
-    add("--use_mil", action="store_true")
-    add("--sampled_use_mil", action="store_true")
-    add("--mask_ratio", type=float, default=0.15,
-        help="Stage 2: probability that a word token is masked for MLM (the original hard-coded 0.15).")
-    add("--cross_model", type=str, default="cross-base")
-    add("--cache_dir", type=str, default="")
-    add("--n_gpu", type=int, default=1)
-    add("--fp16", action="store_true")
-    add("--fp16_opt_level", type=str, default="O1")
-    add("--task_type", type=str, default="retrieval")
-    add("--world_size", type=int, default=0)
-    add("--local_rank", "--local-rank", type=int, default=0)
-    add("--rank", type=int, default=0)
-    add("--text_num_hidden_layers", type=int, default=12)
-    add("--visual_num_hidden_layers", type=int, default=12)
-    add("--cross_num_hidden_layers", type=int, default=4)
-    add("--pretrained_clip_name", type=str, default="ViT-B/32")
-    if task == "qa":
-        add("--webvid_train_json", type=str, default=None)
-        add("--webvid_tfrecord", type=str, default=None)
-        add("--msrvtt_train_csv", type=str, default=None)
-        add("--msrvtt_val_csv", type=str, default=None)
-        add("--msrvtt_train_json", type=str, default=None)
+    clip4clip = "CLIP4Clip leftover, unused by the original too"
+    from_checkpoint = "sizes come from the CLIP checkpoint"
+    for names, hint, options in [
+        (("--do_pretrain",), "use --do_train", {"action": "store_true"}),
+        (("--do_lower_case",), "the CLIP tokenizer always lower-cases", {"action": "store_true"}),
+        (("--lr_decay",), "the schedule is warmup_cosine", {"type": float, "default": 0.9}),
+        (("--video_dim",), from_checkpoint, {"type": int, "default": 1024}),
+        (("--margin",), clip4clip, {"type": float, "default": 0.1}),
+        (("--hard_negative_rate",), clip4clip, {"type": float, "default": 0.5}),
+        (("--negative_weighting",), clip4clip, {"type": int, "default": 1}),
+        (("--n_pair",), clip4clip, {"type": int, "default": 1}),
+        (("--use_mil",), clip4clip, {"action": "store_true"}),
+        (("--sampled_use_mil",), clip4clip, {"action": "store_true"}),
+        (("--mask_ratio",), "the original hard-coded 0.15 and never read this flag",
+         {"type": float, "default": 0.15,
+          "help": "Stage 2: probability that a word token is masked for MLM (the original hard-coded 0.15)."}),
+        (("--cross_model",), "no CLIP4Clip cross model is built (meanP similarity)", {"default": "cross-base"}),
+        (("--cache_dir",), "nothing is downloaded", {"default": ""}),
+        (("--n_gpu",), "one process per GPU under torchrun", {"type": int, "default": 1}),
+        (("--fp16",), "use --precision fp16 (autocast + GradScaler); apex is not used", {"action": "store_true"}),
+        (("--fp16_opt_level",), "use --precision; apex is not used", {"default": "O1"}),
+        (("--task_type",), "the entry script decides the task", {"default": "retrieval"}),
+        (("--world_size",), "read from torchrun's WORLD_SIZE", {"type": int, "default": 0}),
+        (("--local_rank", "--local-rank"), "read from torchrun's LOCAL_RANK", {"type": int, "default": 0}),
+        (("--rank",), "read from torchrun's RANK", {"type": int, "default": 0}),
+        (("--text_num_hidden_layers",), from_checkpoint, {"type": int, "default": 12}),
+        (("--visual_num_hidden_layers",), from_checkpoint, {"type": int, "default": 12}),
+        (("--cross_num_hidden_layers",), "no CLIP4Clip cross model is built", {"type": int, "default": 4}),
+        (("--pretrained_clip_name",), "use --visual_pretrain_path", {"default": "ViT-B/32"}),
+    ]:
+        add_ignored_flag(group, *names, hint=hint, **options)
 
 
 def _add_new_flags(parser: argparse.ArgumentParser) -> None:
@@ -237,10 +199,10 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
              "record is skipped and counted like an undecodable video).")
 
 
-def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
+def _add_fusion_flags(parser: argparse.ArgumentParser, head_dropout: float) -> None:
     group = parser.add_argument_group("fusion encoder (stage 2 and downstream)")
     add = group.add_argument
-    add("--head_dropout", type=float, default=HEAD_DROPOUT[task],
+    add("--head_dropout", type=float, default=head_dropout,
         help="Dropout of the token and match heads (default %(default)s for this task, as the original).")
     add("--match_norm", choices=["group", "pair"], default="group",
         help="Normalisation of the match head's text vectors: 'group' divides each feature by its norm over the "
@@ -251,86 +213,46 @@ def _add_fusion_flags(parser: argparse.ArgumentParser, task: str) -> None:
              "them: only the fusion encoder, its heads and the tube encoder learn).")
     add("--eval_before_training", action=argparse.BooleanOptionalAction, default=True,
         help="With --do_train, evaluate the starting checkpoint first (a step-0 row; default on).")
-    if task in ("fusion", "retrieval"):
-        add("--rerank_top_k", type=int, default=32,
-            help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP only).")
-        add("--rerank_batch_size", type=int, default=2048, help="Evaluation: (video, text) pairs per rerank call.")
-    losses = {"fusion": ("mlm", "plm", "vtm", "align"), "retrieval": ("sim", "vtm", "align"),
-              "caption": ("caption", "sim", "align"), "qa": ("qa", "sim")}.get(task, ())
-    for loss in losses:
-        add(f"--{loss}_weight", type=float, default=1.0, help=f"Weight of the {loss.upper()} loss.")
-    if task == "caption":
-        _add_caption_flags(group)
-    if task == "qa":
-        _add_qa_flags(parser)
-    if task == "retrieval":
-        add("--dsl", action="store_true",
-            help="Also report dual-softmax (DSL) rows, on meanP and on the rerank (labelled 'dsl'; DSL uses every "
-                 "query of the split at once, so it is not comparable with plain retrieval).")
-        add("--dsl_temperature", type=float, default=1.0, help="Temperature of the DSL prior over the meanP logits.")
-        add("--eval_split", choices=["val", "test"], default="test",
-            help="MSVD, LSMDC, DiDeMo: the split evaluated (default %(default)s).")
-        add("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
-            help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); 'full' "
-                 "the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
 
 
-def _add_caption_flags(group: argparse._ArgumentGroup) -> None:
-    add = group.add_argument
-    add("--beam_size", type=int, default=1,
-        help="Captions are decoded greedily (1, the original) or by beam search with this many hypotheses.")
-    add("--length_penalty", type=float, default=1.0,
-        help="Beam search ranks hypotheses by summed log-probability / length ** this (0: the plain model score).")
-    add("--caption_protocol", choices=["standard", "original"], default="standard",
-        help="'standard': references and hypotheses through pycocoevalcap's PTB tokenizer (published numbers); "
-             "'original': the T2VLP script's un-tokenised scoring (references re-decoded from CLIP ids), for "
-             "comparison with its logs.")
-    add("--eval_split", choices=["val", "test"], default=None,
-        help="The split evaluated during training (default val, which selects the model) or by --do_eval (default "
-             "test).")
-    add("--test_after_training", action=argparse.BooleanOptionalAction, default=True,
-        help="With --do_train, evaluate the test split with the selected (best-on-val) checkpoint at the end.")
+def add_rerank_flags(parser: argparse.ArgumentParser) -> None:
+    """The fusion rerank of retrieval evaluation (stage 2 and retrieval)."""
+    group = parser.add_argument_group("retrieval rerank")
+    group.add_argument("--rerank_top_k", type=int, default=32,
+                       help="Evaluation: rerank each query's top-K candidates with the fusion match head (0: meanP "
+                            "only).")
+    group.add_argument("--rerank_batch_size", type=int, default=2048,
+                       help="Evaluation: (video, text) pairs per rerank call.")
 
 
-def _add_qa_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("video QA (the original's MSRVTT-QA names, or the dataset-neutral ones)")
-    add = group.add_argument
-    for split in ("train", "val", "test"):
-        add(f"--qa_{split}_json", f"--msrvtt_qa_{split}_json", f"--msvd_qa_{split}_json", dest=f"qa_{split}_json",
-            help=f"The {split} questions: ClipBERT/ALPRO JSON Lines, or MSVD-QA's original {split}_qa.json.")
-    add("--qa_anslabel_json", "--msrvtt_qa_anslabel_json", "--msvd_qa_anslabel_json", dest="qa_anslabel_json",
-        help="train_ans2label.json: the answer vocabulary of the classifier head (and of the out-of-vocabulary "
-             "count).")
-    add("--qa_features_path", "--msrvtt_features_path", "--msvd_features_path", dest="qa_features_path",
-        help="The video folder (default: --features_path).")
-    add("--youtube_mapping", help="MSVD-QA: youtube_mapping.txt (clip id -> vid<N>) for the original format.")
-    add("--qa_head", choices=["classifier", "first_token"], default="classifier",
-        help="'classifier': over the answers of --qa_anslabel_json (answers outside it count as wrong). "
-             "'first_token': the original's protocol, the tied vocabulary head predicting the answer's first BPE "
-             "piece (needed to evaluate the original's released QA checkpoint).")
-    add("--eval_split", choices=["val", "test"], default="test",
-        help="The split evaluated after each epoch and by --do_eval (the original: test).")
+def rerank_flag_error(args: argparse.Namespace) -> str | None:
+    if args.rerank_top_k < 0 or args.rerank_batch_size < 1:
+        return "--rerank_top_k must be >= 0 and --rerank_batch_size >= 1"
+    return None
 
 
-def parse_args(argv: Sequence[str] | None = None, task: str = "clip",
+def parse_args(argv: Sequence[str] | None = None, task: str | TaskDefinition = "clip",
                world_size: int | None = None) -> argparse.Namespace:
-    """Parse and validate. `world_size` defaults to torchrun's WORLD_SIZE (1 without torchrun).
+    """Parse and validate the flags of `task`. `world_size` defaults to torchrun's WORLD_SIZE (1 without torchrun).
 
-    The result carries `ignored_flags`: one message per ignored flag that was set; call `report_ignored_flags`
-    once logging is configured.
+    The result carries `task` (its name) and `ignored_flags`: one message per ignored flag that was set; call
+    `report_ignored_flags` once logging is configured.
     """
-    parser = build_parser(task)
+    definition = task if isinstance(task, TaskDefinition) else task_definition(task)
+    parser = build_parser(definition)
     args = parser.parse_args(argv)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     error = validation_error(args, world_size)
     if error:
         parser.error(error)
-    args.task = task
-    fusion_error = _fusion_flag_error(args)
-    if fusion_error:
-        parser.error(fusion_error)
-    args.ignored_flags = _ignored_flag_messages(parser, args)
+    args.task = definition.name
+    error = _task_flag_error(args, definition)
+    if error:
+        parser.error(error)
+    if definition.eval_split is not None and args.eval_split is None:
+        args.eval_split = definition.eval_split.default(args)
+    args.ignored_flags = _ignored_flag_messages(parser, args, definition.reads_compat_flags)
     return args
 
 
@@ -371,29 +293,14 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
     return None
 
 
-def _fusion_flag_error(args: argparse.Namespace) -> str | None:
-    if args.task == "clip":
-        return None
-    if not 0 <= args.head_dropout < 1:
+def _task_flag_error(args: argparse.Namespace, definition: TaskDefinition) -> str | None:
+    if definition.with_fusion and not 0 <= args.head_dropout < 1:
         return "--head_dropout must be in [0, 1)"
-    if getattr(args, "rerank_top_k", 0) < 0 or getattr(args, "rerank_batch_size", 1) < 1:
-        return "--rerank_top_k must be >= 0 and --rerank_batch_size >= 1"
-    if args.task == "fusion" and not 0 <= args.mask_ratio <= 1:
-        return "--mask_ratio must be in [0, 1]"
-    weight_flags = [name for name in vars(args) if name.endswith("_weight")]
-    weights = [getattr(args, name) for name in weight_flags]
+    weights = [getattr(args, f"{loss}_weight") for loss in definition.loss_weights]
     if weights and (min(weights) < 0 or max(weights) == 0):
-        return f"the loss weights ({' '.join('--' + name for name in weight_flags)}) must be >= 0, one > 0"
-    if args.task == "retrieval" and args.dsl_temperature <= 0:
-        return "--dsl_temperature must be > 0"
-    if args.task == "caption":
-        if args.beam_size < 1:
-            return "--beam_size must be >= 1"
-        if args.length_penalty < 0:
-            return "--length_penalty must be >= 0"
-        if args.eval_split is None:
-            args.eval_split = "val" if args.do_train else "test"
-    return None
+        flags = " ".join(f"--{loss}_weight" for loss in definition.loss_weights)
+        return f"the loss weights ({flags}) must be >= 0, one > 0"
+    return definition.check_flags(args) if definition.check_flags is not None else None
 
 
 def local_batch_sizes(batch_size: int, world_size: int, gradient_accumulation_steps: int) -> tuple[int, int]:
@@ -409,22 +316,18 @@ def local_batch_sizes(batch_size: int, world_size: int, gradient_accumulation_st
     return per_process, per_process // gradient_accumulation_steps
 
 
-class ModelLimitError(InputError, ValueError):
-    """Flags asking for sizes the model cannot take (bad input: one line, exit 2)."""
-
-
 def check_model_limits(args: argparse.Namespace, *, context_length: int, num_frames: int | None = None,
                        fusion_extra_tokens: int | None = None) -> None:
-    """Raise ModelLimitError naming the flag when the model cannot take these sizes.
+    """Raise ModelConfigError naming the flag when the model cannot take these sizes.
 
     `context_length`: rows of the text positional table (77 for CLIP). `num_frames`: frames per clip the joint
     attention is built for. `fusion_extra_tokens`: non-text positions of the fusion sequence (1 + frames +
     centers, +1 for QA), when the fusion encoder is used; it shares the same positional table length.
     """
     if args.max_words > context_length:
-        raise ModelLimitError(f"--max_words {args.max_words} exceeds the text context length {context_length}")
+        raise ModelConfigError(f"--max_words {args.max_words} exceeds the text context length {context_length}")
     if num_frames is not None and args.max_frames != num_frames:
-        raise ModelLimitError(
+        raise ModelConfigError(
             f"--max_frames {args.max_frames} must equal the model's frames per clip ({num_frames}): the joint "
             f"attention of the last ViT blocks is built for that many frames"
         )
@@ -432,7 +335,7 @@ def check_model_limits(args: argparse.Namespace, *, context_length: int, num_fra
         room = context_length - fusion_extra_tokens
         fix = (f"use --max_words <= {room}" if room >= 2 else
                f"use fewer --max_frames (now {args.max_frames}; the original recipes use 12)")
-        raise ModelLimitError(
+        raise ModelConfigError(
             f"the fusion sequence needs {fusion_extra_tokens} video positions + --max_words {args.max_words} "
             f"> {context_length} positions; {fix}"
         )
@@ -455,23 +358,15 @@ def resolve_clip_path(args: argparse.Namespace) -> str:
                      f"fetch it with 'python CLIP-modules/fetch_clip.py' or pass --visual_pretrain_path")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on CUDA (fp16 where bf16 is unsupported), 'fp32' elsewhere; other values unchanged."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def _ignored_flag_messages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+def _ignored_flag_messages(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           read_by_task: frozenset[str]) -> list[str]:
     messages = []
-    used = USED_BY_TASK.get(getattr(args, "task", ""), set())
-    for dest, hint in IGNORED_FLAGS.items():
-        if dest in used:
+    for action in parser._actions:
+        hint = getattr(action, IGNORED_HINT, None)
+        if hint is None or action.dest in read_by_task:
             continue
-        if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest):
-            messages.append(f"--{dest} {getattr(args, dest)!r} is ignored: {hint}")
+        if getattr(args, action.dest) != action.default:
+            messages.append(f"--{action.dest} {getattr(args, action.dest)!r} is ignored: {hint}")
     if not args.loose_type:
         messages.append("--loose_type is not set, but the tight (cross-encoder) type is not implemented: "
                         "using loose meanP similarity")

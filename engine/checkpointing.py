@@ -1,4 +1,5 @@
-"""Checkpoint files (METHOD §10.4, ARCHITECTURE §2): atomic writes, model checkpoints, restore.bin, RNG state."""
+"""Checkpoints (METHOD §10.4, ARCHITECTURE §2): atomic writes, model checkpoints, restore.bin and RNG state, what
+may change when a run resumes, and model selection (`best_checkpoint.json`)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,40 @@ def save_model_checkpoint(
     return save_atomic(payload, checkpoint_path(output_dir, global_step))
 
 
+class BestCheckpoint:
+    """Tracks the best value of one metric (higher is better; the earlier step wins a tie)."""
+
+    def __init__(self, output_dir: str | os.PathLike, metric: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.metric = metric
+        self.path = self.output_dir / BEST_CHECKPOINT_NAME
+        self.best: dict[str, Any] | None = None
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("metric") == metric:
+                self.best = saved
+
+    def update(self, value: float, step: int, epoch: int) -> bool:
+        """Record `value` at `step`; returns whether it is the new best (then the file is rewritten)."""
+        if self.best is not None and value <= self.best["value"]:
+            logger.info("model selection: %s %.4g at step %d; the best is still %.4g at step %d (%s)", self.metric,
+                        value, step, self.best["value"], self.best["step"], self.best["checkpoint"] or "no checkpoint")
+            return False
+        checkpoint = checkpoint_path(self.output_dir, step)
+        self.best = {
+            "metric": self.metric, "value": value, "step": step, "epoch": epoch,
+            "checkpoint": str(checkpoint.resolve()) if checkpoint.is_file() else None,
+        }
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps(self.best, indent=1) + "\n", encoding="utf-8")
+        temporary.replace(self.path)
+        where = self.best["checkpoint"] or f"no checkpoint was saved at step {step} (see --save_steps)"
+        logger.info("model selection: new best %s %.4g at step %d (epoch %d): %s", self.metric, value, step, epoch, where)
+        return True
+
+
 def best_checkpoint_step(output_dir: str | os.PathLike) -> int | None:
-    """The step that model selection (`engine.selection`) recorded as best, if any."""
+    """The step that model selection (`BestCheckpoint`) recorded as best, if any."""
     path = Path(output_dir) / BEST_CHECKPOINT_NAME
     try:
         return int(json.loads(path.read_text(encoding="utf-8"))["step"])
@@ -192,3 +225,57 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         )
         return
     torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+# ----------------------------------------------------------------------------------------------- resume policy
+
+# Settings a resumed run may change freely; every other one (and the run's model/data configuration) is fixed by
+# restore.bin unless --allow_changed_settings is given. The global batch is compared, not the per-process one, so a
+# run may resume on another number of processes.
+MAY_CHANGE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_steps", "save_steps", "n_display", "keep_checkpoints",
+                                  "num_workers", "max_bad_steps", "allow_changed_settings"})
+RESTORE_KEYS = frozenset({"model_state_dict", "progress", "optim_state_dict"})
+
+
+def read_restore_for_resume(output_dir: str | os.PathLike, path: str | None = None) -> dict[str, Any] | None:
+    """The restore.bin a run resumes from: `path` (an explicit --resume_model: it must exist), else
+    `<output_dir>/restore.bin` when present; None when there is none. Refuses a file that is no restore.bin."""
+    if path is not None and not Path(path).is_file():
+        raise InputError(f"--resume_model {path} does not exist (omit it to resume from "
+                         f"{Path(output_dir) / RESTORE_NAME} when present)")
+    state = load_restore(output_dir, path=path)
+    if state is None:
+        return None
+    if not isinstance(state, dict) or not RESTORE_KEYS <= state.keys():
+        raise InputError(f"{path or Path(output_dir) / RESTORE_NAME} is not a restore.bin of this project "
+                         f"(a model checkpoint? pass it as --init_model)")
+    return state
+
+
+def resume_setting_changes(state: Mapping[str, Any], settings: Mapping[str, Any], world_size: int,
+                           run_config: Mapping[str, Any], *, source: str) -> dict[str, tuple[Any, Any]]:
+    """{name: (saved, now)} of the settings restore.bin fixes that differ now (the training settings other than
+    MAY_CHANGE_ON_RESUME, the global batch, the run configuration). A change is refused with the list of
+    differences unless `settings["allow_changed_settings"]`: then the new values take effect."""
+    def fixed(values: Mapping[str, Any], processes: int) -> dict[str, Any]:
+        kept = {k: v for k, v in values.items() if k not in MAY_CHANGE_ON_RESUME and k != "micro_batch_size"}
+        kept["global_batch"] = values["micro_batch_size"] * values["accumulation_steps"] * processes
+        return kept
+
+    saved = state.get("settings")
+    if saved is None:
+        return {}
+    before = {**fixed(saved, state.get("world_size", 1)), **state.get("run_config", {})}
+    now = {**fixed(settings, world_size), **run_config}
+    changes = {key: (before.get(key), now.get(key)) for key in sorted(now)
+               if before.get(key) != now.get(key) and key in before}
+    if changes and not settings.get("allow_changed_settings"):
+        raise InputError(
+            f"{source} was saved with other settings: {describe_changes(changes)}. Rerun with the saved values, use "
+            f"another --output_dir for a new run, or pass --allow_changed_settings to resume with the new values"
+        )
+    return changes
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())

@@ -1,20 +1,16 @@
-"""Datasets of a run, built from the original command-line flags."""
+"""The datasets of a run that more than one task reads, built from the original command-line flags: the
+pre-training data (WebVid TFRecords or MSR-VTT videos), the MSR-VTT 1k-A evaluation split, and the start-up checks."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from dataloaders.didemo import didemo_dataset
-from dataloaders.lsmdc import lsmdc_dataset
-from dataloaders.msrvtt import MSRVTTFullTestDataset, MSRVTTTestDataset, MSRVTTTrainDataset
-from dataloaders.msvd import msvd_dataset
+from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset
 from dataloaders.raw_video_text import RawVideoTextDataset
-from dataloaders.video import SLICE_UNIFORM
 from dataloaders.webvid import WebVidDataset
 from modules.errors import InputError
 
@@ -123,58 +119,3 @@ class _quiet_skips:
 
     def __exit__(self, *exc: object) -> None:
         logging.getLogger("t2vlp.data").setLevel(self.level)
-
-
-RETRIEVAL_DATASETS = ("msrvtt", "msvd", "lsmdc", "didemo")
-
-
-def build_retrieval_datasets(
-    args: argparse.Namespace, dataset: str, image_size: int
-) -> tuple[Callable[[], Dataset], RawVideoTextDataset | None]:
-    """(training-set factory, evaluation split or None) of a retrieval dataset from the original flags.
-
-    MSR-VTT: `--train_csv` (9k/7k list), `--data_path` (MSRVTT_data.json), `--val_csv` (1k-A) or `--msrvtt_test
-    full`; its downstream loader always samples 12 frames with linspace, repeating frames of short videos (METHOD
-    §9.8). MSVD, LSMDC, DiDeMo: `--data_path` is the folder of annotation files, `--eval_split` picks val or test;
-    short videos are zero-padded. Videos under `--features_path`.
-    """
-    if dataset not in RETRIEVAL_DATASETS:
-        raise ValueError(f"dataset must be one of {RETRIEVAL_DATASETS}, got {dataset!r}")
-    common = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
-                  image_size=image_size, seed=args.seed, frame_store=args.frame_store)
-    train_options = {**common, "frame_order": args.train_frame_order}
-    eval_options = {**common, "frame_order": args.eval_frame_order}
-    if dataset == "msrvtt":
-        if args.slice_framepos != SLICE_UNIFORM:
-            logger.warning("--slice_framepos %d is ignored for MSR-VTT retrieval: its loader always samples frames "
-                           "uniformly (linspace), as the original's did", args.slice_framepos)
-        frames = {"pad_mode": "repeat", "slice_framepos": SLICE_UNIFORM}
-        train = lambda: build_checked(lambda: MSRVTTTrainDataset(  # noqa: E731
-            args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
-            **train_options, **frames), "--train_csv / --data_path")
-        if args.msrvtt_test == "full":
-            evaluation = build_checked(lambda: MSRVTTFullTestDataset(args.data_path, args.features_path, **eval_options,
-                                                                **frames), "--data_path")
-            source = f"the full test split of --data_path {args.data_path}"
-        elif args.val_csv:
-            evaluation = build_checked(lambda: MSRVTTTestDataset(args.val_csv, args.features_path, **eval_options,
-                                                            **frames), "--val_csv")
-            source = f"--val_csv {args.val_csv}"
-        else:
-            evaluation, source = None, ""
-    else:
-        build = {"msvd": msvd_dataset, "lsmdc": lsmdc_dataset, "didemo": didemo_dataset}[dataset]
-        frames = {"pad_mode": "zero", "slice_framepos": args.slice_framepos}
-        if not Path(args.data_path).is_dir():
-            raise InputError(f"--data_path {args.data_path} must be the folder of the {dataset.upper()} annotation "
-                             f"files (see README)")
-        train = lambda: build_checked(lambda: build(args.data_path, args.features_path, "train",  # noqa: E731
-                                               **train_options, **frames), "--data_path")
-        evaluation = build_checked(lambda: build(args.data_path, args.features_path, args.eval_split, **eval_options,
-                                            **frames), "--data_path")
-        source = f"the {args.eval_split} split of --data_path {args.data_path}"
-    if evaluation is not None:
-        if len(evaluation) == 0:
-            raise InputError(f"{source} has no captions")
-        check_eval_videos(evaluation, source, args.features_path)
-    return train, evaluation

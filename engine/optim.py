@@ -22,20 +22,6 @@ _ALWAYS_TRAINABLE_PREFIXES = ("ln_final.", "text_projection", "logit_scale", "vi
 _BLOCK_PREFIXES = ("visual.transformer.resblocks.", "transformer.resblocks.")
 _NEW_NAME_PARTS = ("fusion", "local")
 
-# The "new" parameter group of each task (substrings of the full parameter name; METHOD §5.3, §6.6, §7).
-FUSION_PARAM_PATTERNS = (
-    "fusion_positional_embedding", "fusion_proj_embedding", "fusion_logit_bias", "fusion_match_matrix",
-    "fusion_unmatch_matrix", "fusion_transformer",
-)
-NEW_PARAM_PATTERNS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "clip": ("fusion", "local"),
-    "fusion": FUSION_PARAM_PATTERNS,
-    "retrieval": FUSION_PARAM_PATTERNS,
-    "caption": (*FUSION_PARAM_PATTERNS, "local_visual"),
-    "qa": FUSION_PARAM_PATTERNS,
-}
-
-
 def _stays_trainable(clip_name: str, freeze_layer_num: int) -> bool:
     if clip_name.startswith(_ALWAYS_TRAINABLE_PREFIXES):
         return True

@@ -97,6 +97,20 @@ class RunLogger:
         self._handlers = []
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (none when it does not exist); a line cut short by a kill is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _open_tensorboard(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter

@@ -3,12 +3,13 @@ accumulation, clipping, skipping of non-finite steps, periodic evaluation, check
 
 from __future__ import annotations
 
+import enum
 import itertools
-import json
 import logging
 import math
 import signal
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,20 +25,20 @@ from dataloaders.video import normalize_video
 from engine import distributed
 from engine.checkpointing import (
     capture_rng_state,
-    load_restore,
+    describe_changes,
     prune_model_checkpoints,
+    read_restore_for_resume,
     remove_stale_temporary_files,
     restore_rng_state,
+    resume_setting_changes,
     save_model_checkpoint,
     save_restore,
 )
-from engine.evaluation.retrieval import autocast_context
 from engine.optim import apply_freeze_rule, build_optimizer, build_scheduler, clamp_logit_scale
-from engine.run_logging import RunLogger
+from engine.precision import autocast_context
+from engine.run_logging import RunLogger, read_metrics
 from engine.sampler import ResumableDistributedSampler
-from engine.tasks.base import EvaluateFn, ObjectiveModule, StepContext, Task
-from engine.tasks.clip_pretraining import clip_pretraining_task
-from modules.errors import InputError
+from engine.tasks.base import ObjectiveModule, StepContext, Task
 
 logger = logging.getLogger("t2vlp.train")
 
@@ -69,11 +70,13 @@ class TrainSettings:
     allow_changed_settings: bool = False  # resume even if fixed settings changed (the new ones take effect)
 
 
-# Settings a resumed run may change freely; every other one (and the run's model/data configuration) is fixed by
-# restore.bin unless --allow_changed_settings is given. The global batch is compared, not the per-process one, so a
-# run may resume on another number of processes.
-MAY_CHANGE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_steps", "save_steps", "n_display", "keep_checkpoints",
-                                  "num_workers", "max_bad_steps", "allow_changed_settings"})
+class Outcome(enum.Enum):
+    """How a stretch of training ended (an epoch, or `Trainer.fit`)."""
+
+    EPOCH_END = "the epoch's data is used up"
+    MAX_STEPS = "--max_steps reached"
+    SIGNAL = "stopped by a signal after saving restore.bin"
+    ALREADY_FINISHED = "the run was already finished: nothing trained"
 
 
 @dataclass
@@ -131,23 +134,19 @@ class Trainer:
         run: RunLogger,
         dist_info: distributed.DistInfo,
         output_dir: str,
-        evaluate: EvaluateFn | None = None,
+        task: Task,
         freeze_layer_num: int = 0,
-        task: Task | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        """`task` (default: stage-1 contrastive pre-training) supplies the objective, the fixed-LR parameter
-        patterns and the evaluation; `evaluate`, when given, replaces the task's evaluation. `run_config` holds
-        the flags that shape the model and data (compared on resume like the fixed settings)."""
+        """`task` supplies the objective, the fixed-LR parameter patterns and the evaluation. `run_config` holds the
+        flags that shape the model and data (compared on resume like the fixed settings)."""
         self.settings = settings
         self.run_config = dict(run_config or {})
-        self.stopped_by_signal = False
         self.run = run
         self.dist = dist_info
         self.device = dist_info.device
         self.output_dir = output_dir
-        self.task = task or clip_pretraining_task()
-        self.evaluate = evaluate if evaluate is not None else self.task.evaluate
+        self.task = task
         if dist_info.is_main:
             for path in remove_stale_temporary_files(output_dir):
                 logger.info("removed %s, left by an interrupted save", path)
@@ -206,34 +205,20 @@ class Trainer:
         }
 
     def resume_if_possible(self, path: str | None = None) -> bool:
-        """Load `path` (an explicit --resume_model: it must exist), else `<output_dir>/restore.bin` when present;
-        return whether the run resumed. Settings that restore.bin fixes must not have changed (see
-        MAY_CHANGE_ON_RESUME) unless `allow_changed_settings`, in which case the new values take effect."""
-        if path is not None and not Path(path).is_file():
-            raise InputError(f"--resume_model {path} does not exist (omit it to resume from "
-                             f"{Path(self.output_dir) / 'restore.bin'} when present)")
-        state = load_restore(self.output_dir, path=path)
+        """Resume from `path` (an explicit --resume_model: it must exist), else from `<output_dir>/restore.bin` when
+        present; return whether the run resumed. What may change on resume is decided in engine.checkpointing."""
+        state = read_restore_for_resume(self.output_dir, path)
         if state is None:
             return False
-        if not isinstance(state, dict) or not {"model_state_dict", "progress", "optim_state_dict"} <= state.keys():
-            raise InputError(f"{path or Path(self.output_dir) / 'restore.bin'} is not a restore.bin of this project "
-                             f"(a model checkpoint? pass it as --init_model)")
-        changes = self._fixed_setting_changes(state)
-        if changes and not self.settings.allow_changed_settings:
-            raise InputError(
-                f"{path or Path(self.output_dir) / 'restore.bin'} was saved with other settings: "
-                + "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())
-                + ". Rerun with the saved values, use another --output_dir for a new run, or pass "
-                  "--allow_changed_settings to resume with the new values"
-            )
+        changes = resume_setting_changes(state, asdict(self.settings), self.dist.world_size, self.run_config,
+                                         source=path or str(Path(self.output_dir) / "restore.bin"))
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optim_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
         self.progress = Progress(**state["progress"])
         if changes:
-            logger.warning("resuming with changed settings (--allow_changed_settings): %s",
-                           "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()))
+            logger.warning("resuming with changed settings (--allow_changed_settings): %s", describe_changes(changes))
             self._apply_learning_rates()
         for key in ("epochs", "max_steps"):
             before = state.get("settings", {}).get(key)
@@ -250,21 +235,6 @@ class Trainer:
         )
         self.resumed = True
         return True
-
-    def _fixed_setting_changes(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        """{name: (saved, now)} of every setting restore.bin fixes that differs now."""
-        def fixed(settings: dict[str, Any], world_size: int) -> dict[str, Any]:
-            kept = {k: v for k, v in settings.items() if k not in MAY_CHANGE_ON_RESUME and k != "micro_batch_size"}
-            kept["global_batch"] = settings["micro_batch_size"] * settings["accumulation_steps"] * world_size
-            return kept
-
-        saved = state.get("settings")
-        if saved is None:
-            return {}
-        before = {**fixed(saved, state.get("world_size", 1)), **state.get("run_config", {})}
-        now = {**fixed(asdict(self.settings), self.dist.world_size), **self.run_config}
-        return {key: (before.get(key), now.get(key)) for key in sorted(now) if before.get(key) != now.get(key)
-                and key in before}
 
     def _apply_learning_rates(self) -> None:
         """Make the groups' base rates and weight decay those of the current settings (after a changed resume)."""
@@ -296,6 +266,74 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
 
+    def fit(self) -> Outcome:
+        """Train to the end of the last epoch or to `max_steps` (both end the run with a checkpoint and an
+        evaluation), or until a stop signal (restore.bin saved: `Outcome.SIGNAL`)."""
+        settings, progress = self.settings, self.progress
+        if self.resumed and progress.pending_evaluation and not self._evaluated_at(progress.global_step):
+            logger.info("the evaluation after step %d did not finish before the run stopped: evaluating now",
+                        progress.global_step)
+            self._evaluate()
+        if self._finished():
+            logger.info("this run is already finished at step %d (epoch %d of %d%s): nothing to train; its last "
+                        "checkpoint is in %s", progress.global_step, progress.epoch, settings.epochs,
+                        f", --max_steps {settings.max_steps}" if settings.max_steps else "",
+                        Path(self.output_dir) / "ckpt")
+            return Outcome.ALREADY_FINISHED
+        logger.info(
+            "training: %d epochs x %d optimiser steps (global batch %d = %d processes x %d x %d accumulation)",
+            settings.epochs, self.steps_per_epoch,
+            self.dist.world_size * settings.micro_batch_size * settings.accumulation_steps,
+            self.dist.world_size, settings.micro_batch_size, settings.accumulation_steps,
+        )
+        outcome = Outcome.EPOCH_END
+        with StopRequest() as stop:
+            while not self._finished():
+                outcome = self.train_epoch(stop)
+                if outcome is Outcome.SIGNAL:
+                    return outcome
+                if outcome is Outcome.EPOCH_END or self._epoch_complete():
+                    self.progress.epoch += 1
+                    self.progress.samples_in_epoch = 0
+                self._save_and_evaluate()
+        if outcome is Outcome.MAX_STEPS:
+            logger.info("reached --max_steps %d: the run is finished (checkpoint %s)", settings.max_steps,
+                        Path(self.output_dir) / "ckpt" / f"pytorch_model.bin.{self.progress.global_step}")
+        return outcome
+
+    def train_epoch(self, stop: StopRequest) -> Outcome:
+        """Train from the saved position to the end of the epoch (`Outcome.EPOCH_END`), to `max_steps`, or to a
+        stop signal (restore.bin saved). One optimiser step per accumulation window; a save or evaluation when
+        their step counts come round."""
+        settings = self.settings
+        micro_batches = AgreedMicroBatches(iter(self._loader()), self._batch_flags)
+        window: list[dict[str, torch.Tensor]] = []
+        while (item := micro_batches.next(settings.accumulation_steps - len(window))) is not None:
+            batch, (skipped, empty_ranks) = item
+            self.progress.samples_in_epoch += settings.micro_batch_size * self.dist.world_size
+            self.progress.skipped_videos += int(skipped)  # all ranks
+            if empty_ranks > 0:
+                logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
+                continue
+            window.append(self._forward_backward(batch, micro=len(window)))
+            if len(window) < settings.accumulation_steps:
+                continue
+            upcoming = micro_batches.fetch(settings.accumulation_steps)
+            summary = self._window_summary(window, stop, upcoming)
+            micro_batches.agree(upcoming, summary.upcoming_flags)
+            window = []
+            if self._optimizer_step(summary):
+                self._save_and_evaluate_on_schedule()
+            if settings.max_steps and self.progress.global_step >= settings.max_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                return Outcome.MAX_STEPS
+            if summary.stop_requested:
+                return self._stop_for_signal()
+        self.optimizer.zero_grad(set_to_none=True)  # an incomplete last accumulation window is dropped
+        if distributed.all_reduce_sum(float(stop.requested)) > 0:  # once per epoch: before its checkpoint/eval
+            return self._stop_for_signal()
+        return Outcome.EPOCH_END
+
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.progress.epoch)
         if hasattr(self.train_dataset, "set_epoch"):
@@ -316,52 +354,6 @@ class Trainer:
             generator=generator,
         )
 
-    def _forward(self, batch: dict[str, Any], micro: int = 0) -> dict[str, torch.Tensor]:
-        """The task's objective on one micro-batch: tensors moved to the device, uint8 video normalised there."""
-        on_device = batch_to_device(batch, self.device)
-        on_device["video"] = normalize_video(on_device["video"])
-        context = StepContext(
-            seed=self.settings.seed, step=self.progress.global_step, micro=micro, epoch=self.progress.epoch
-        )
-        with autocast_context(self.device, self.settings.precision):
-            return self.ddp(on_device, context)
-
-    def fit(self) -> Progress:
-        """Train to the end of the last epoch or to `max_steps` (both end the run with a checkpoint and an
-        evaluation), or until a stop signal (restore.bin saved, `stopped_by_signal` set)."""
-        settings = self.settings
-        if self.resumed and self.progress.pending_evaluation and not self._evaluated_at(self.progress.global_step):
-            logger.info("the evaluation after step %d did not finish before the run stopped: evaluating now",
-                        self.progress.global_step)
-            self._evaluate()
-        if self._finished():
-            logger.info("this run is already finished at step %d (epoch %d of %d%s): nothing to train; its last "
-                        "checkpoint is in %s", self.progress.global_step, self.progress.epoch, settings.epochs,
-                        f", --max_steps {settings.max_steps}" if settings.max_steps else "",
-                        Path(self.output_dir) / "ckpt")
-            return self.progress
-        logger.info(
-            "training: %d epochs x %d optimiser steps (global batch %d = %d processes x %d x %d accumulation)",
-            settings.epochs, self.steps_per_epoch,
-            self.dist.world_size * settings.micro_batch_size * settings.accumulation_steps,
-            self.dist.world_size, settings.micro_batch_size, settings.accumulation_steps,
-        )
-        with StopRequest() as stop:
-            while self.progress.epoch < settings.epochs:
-                outcome = self._run_epoch(stop)
-                if outcome == "signal":
-                    self.stopped_by_signal = True
-                    return self.progress
-                if outcome == "epoch_end" or self._epoch_complete():
-                    self.progress.epoch += 1
-                    self.progress.samples_in_epoch = 0
-                self._save_and_evaluate()
-                if outcome == "max_steps":
-                    logger.info("reached --max_steps %d: the run is finished (checkpoint %s)", settings.max_steps,
-                                Path(self.output_dir) / "ckpt" / f"pytorch_model.bin.{self.progress.global_step}")
-                    return self.progress
-        return self.progress
-
     def _finished(self) -> bool:
         max_steps = self.settings.max_steps
         return self.progress.epoch >= self.settings.epochs or bool(max_steps and self.progress.global_step >= max_steps)
@@ -379,78 +371,48 @@ class Trainer:
             self._evaluate()
         self.progress.pending_evaluation = False
 
+    def _save_and_evaluate_on_schedule(self) -> None:
+        step = self.progress.global_step
+        if self.settings.save_steps and step % self.settings.save_steps == 0:
+            self.save(with_checkpoint=True)
+        if self.settings.eval_steps and step % self.settings.eval_steps == 0:
+            self._evaluate()
+
     def _evaluated_at(self, step: int) -> bool:
-        metrics = Path(self.output_dir) / "metrics.jsonl"
-        if self.evaluate is None or not metrics.is_file():
-            return self.evaluate is None
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step") == step:
-                    return True
-            except json.JSONDecodeError:
-                continue  # a line cut by the stop
-        return False
-
-    def _run_epoch(self, stop: StopRequest) -> str:
-        """One epoch from the saved position: "epoch_end", "max_steps", or "signal" (restore.bin saved).
-
-        The host waits for the device once per optimiser step, at the one collective of `_window_summary`: it
-        carries the window's finiteness, logged values and stop request, and the skipped-video counts of the next
-        window's micro-batches, fetched ahead so that every rank agrees on dropping an empty one before its
-        forward. A micro-batch counts as consumed only when it is processed, so a save never includes one
-        fetched ahead (resume is exact)."""
-        settings, progress = self.settings, self.progress
-        batches = iter(self._loader())
-        ready: deque = deque()  # (micro-batch, (skipped videos, ranks with an empty batch)), agreed by all ranks
-        pending: list[dict[str, torch.Tensor]] = []
-        while True:
-            if not ready:  # the epoch's start, or empty micro-batches used up the look-ahead
-                upcoming = list(itertools.islice(batches, settings.accumulation_steps - len(pending)))
-                if not upcoming:
-                    break
-                ready.extend(zip(upcoming, self._batch_flags(upcoming)))
-            batch, (skipped, empty_ranks) = ready.popleft()
-            progress.samples_in_epoch += self.settings.micro_batch_size * self.dist.world_size
-            progress.skipped_videos += int(skipped)  # all ranks
-            if empty_ranks > 0:
-                logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
-                continue
-            self._accumulate(batch, len(pending) + 1 == settings.accumulation_steps, pending)
-            if len(pending) < settings.accumulation_steps:
-                continue
-            upcoming = list(itertools.islice(batches, settings.accumulation_steps))
-            summary = self._window_summary(pending, stop, upcoming)
-            ready.extend(zip(upcoming, summary.upcoming_flags))
-            self._optimizer_step(summary)
-            pending = []
-            if settings.max_steps and progress.global_step >= settings.max_steps:
-                self.optimizer.zero_grad(set_to_none=True)
-                return "max_steps"
-            if summary.stop_requested:
-                return self._stop_for_signal()
-        self.optimizer.zero_grad(set_to_none=True)  # an incomplete last accumulation window is dropped
-        if distributed.all_reduce_sum(float(stop.requested)) > 0:  # once per epoch: before its checkpoint/eval
-            return self._stop_for_signal()
-        return "epoch_end"
+        if self.task.evaluate is None:
+            return True
+        return any(row.get("step") == step for row in read_metrics(Path(self.output_dir) / "metrics.jsonl"))
 
     @staticmethod
     def _batch_flags(batches: list[dict[str, Any]]) -> list[tuple[float, float]]:
         """(skipped videos, ranks whose micro-batch is empty) of each micro-batch, summed over ranks."""
         return pair_up(distributed.all_reduce_sums(batch_flag_values(batches)))
 
-    def _stop_for_signal(self) -> str:
+    def _stop_for_signal(self) -> Outcome:
         self.save(with_checkpoint=False)
         logger.info("stopped at step %d by a signal; rerun the same command to resume", self.progress.global_step)
-        return "signal"
+        return Outcome.SIGNAL
 
-    def _accumulate(self, batch: dict[str, Any], last_in_window: bool, pending: list) -> None:
-        """Forward + backward of one micro-batch, without waiting for the device. A non-finite loss back-propagates
-        like any other; `_window_summary` then finds it and the whole step is skipped, its gradients dropped."""
+    def _forward_backward(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch, without waiting for the device; returns its detached loss terms.
+        A non-finite loss back-propagates like any other; `_window_summary` then finds it and the whole step is
+        skipped, its gradients dropped. DDP synchronises gradients on the window's last micro-batch only."""
+        last_in_window = micro + 1 == self.settings.accumulation_steps
         syncing = last_in_window or not isinstance(self.ddp, DistributedDataParallel)
         with nullcontext() if syncing else self.ddp.no_sync():
-            losses = self._forward(batch, micro=len(pending))
+            losses = self._forward(batch, micro)
             self.scaler.scale(losses["loss"] / self.settings.accumulation_steps).backward()
-        pending.append({k: v.detach().float() for k, v in losses.items()})
+        return {k: v.detach().float() for k, v in losses.items()}
+
+    def _forward(self, batch: dict[str, Any], micro: int = 0) -> dict[str, torch.Tensor]:
+        """The task's objective on one micro-batch: tensors moved to the device, uint8 video normalised there."""
+        on_device = batch_to_device(batch, self.device)
+        on_device["video"] = normalize_video(on_device["video"])
+        context = StepContext(
+            seed=self.settings.seed, step=self.progress.global_step, micro=micro, epoch=self.progress.epoch
+        )
+        with autocast_context(self.device, self.settings.precision):
+            return self.ddp(on_device, context)
 
     def _window_summary(self, pending: list[dict[str, torch.Tensor]], stop: StopRequest,
                         upcoming: list[dict[str, Any]]) -> WindowSummary:
@@ -472,7 +434,9 @@ class Trainer:
         n_non_finite, scale_sum, n_stop, *flags = sums[len(keys):]
         return WindowSummary(values, n_non_finite == 0, scale_sum / world, n_stop > 0, pair_up(flags))
 
-    def _optimizer_step(self, summary: WindowSummary) -> None:
+    def _optimizer_step(self, summary: WindowSummary) -> bool:
+        """The optimiser step of one window, or its skipping when a loss was not finite; returns whether it
+        stepped."""
         settings, progress = self.settings, self.progress
         if not summary.finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -486,7 +450,7 @@ class Trainer:
                     f"{progress.bad_steps} consecutive non-finite losses; stopping. The last checkpoint and "
                     f"restore.bin in {self.output_dir} are from before them."
                 )
-            return
+            return False
         progress.bad_steps = 0
         if settings.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -498,10 +462,7 @@ class Trainer:
         clamp_logit_scale(self.model)
         progress.global_step += 1
         self._log_step(summary)
-        if settings.save_steps and progress.global_step % settings.save_steps == 0:
-            self.save(with_checkpoint=True)
-        if settings.eval_steps and progress.global_step % settings.eval_steps == 0:
-            self._evaluate()
+        return True
 
     def _log_step(self, summary: WindowSummary) -> None:
         step = self.progress.global_step
@@ -519,12 +480,42 @@ class Trainer:
 
     def _evaluate(self) -> None:
         self._last_evaluated_step = self.progress.global_step
-        if self.evaluate is None:
+        if self.task.evaluate is None:
             return
         if self.dist.is_main or self.task.evaluate_on_all_ranks:
-            self.evaluate(self.model, self.progress.global_step, self.progress.epoch)
+            self.task.evaluate(self.model, self.progress.global_step, self.progress.epoch)
             self.model.train()
         distributed.barrier()
+
+
+class AgreedMicroBatches:
+    """An epoch's micro-batches, each with its (skipped videos, ranks with an empty micro-batch) summed over the
+    ranks, so that every rank drops an empty one together before its forward. The counts of a window's
+    micro-batches travel in the collective of the step before (`fetch` + `agree`); at the epoch's start, or when
+    empty micro-batches used up that look-ahead, `next` fetches and agrees on them in a collective of their own.
+    A micro-batch is consumed when `next` returns it, so a save never counts one fetched ahead (resume is exact)."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]],
+                 agree_on: Callable[[list[dict[str, Any]]], list[tuple[float, float]]]) -> None:
+        self._batches = batches
+        self._agree_on = agree_on
+        self._ready: deque = deque()
+
+    def fetch(self, count: int) -> list[dict[str, Any]]:
+        """Up to `count` micro-batches from the loader, to be agreed on (`agree`)."""
+        return list(itertools.islice(self._batches, count))
+
+    def agree(self, batches: list[dict[str, Any]], flags: list[tuple[float, float]]) -> None:
+        self._ready.extend(zip(batches, flags))
+
+    def next(self, wanted: int) -> tuple[dict[str, Any], tuple[float, float]] | None:
+        """The next agreed micro-batch (fetching up to `wanted` when none is ready), or None at the epoch's end."""
+        if not self._ready:
+            upcoming = self.fetch(wanted)
+            if not upcoming:
+                return None
+            self.agree(upcoming, self._agree_on(upcoming))
+        return self._ready.popleft()
 
 
 def batch_flag_values(batches: list[dict[str, Any]]) -> list[float]:

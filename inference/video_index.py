@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dataloaders.collate import collate_clips, is_empty_batch
 from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
 from engine.evaluation.rerank import rerank_scores
-from engine.evaluation.retrieval import autocast_context
+from engine.precision import autocast_context
 from inference.trained_model import TrainedModel
 from modules.errors import InputError
 from modules.similarity import mean_pool_frames

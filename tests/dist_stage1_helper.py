@@ -15,6 +15,7 @@ import torch
 
 from engine import distributed
 from engine.run_logging import RunLogger
+from engine.tasks.clip_pretraining import clip_pretraining_task
 from engine.trainer import Trainer, TrainSettings
 from modules.model import T2VLP
 
@@ -47,9 +48,9 @@ def loss_and_gradients(clip_path: str, output_dir: Path) -> tuple[float, dict[st
         new_params_lr=1e-3, weight_decay=0.2, warmup_proportion=0.1,
     )
     run = RunLogger(output_dir / f"logs{dist_info.world_size}", dist_info.is_main, tensorboard=False)
-    trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), freeze_layer_num=-1)
-    pending: list = []
-    trainer._accumulate(local, last_in_window=True, pending=pending)
+    trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), clip_pretraining_task(),
+                      freeze_layer_num=-1)
+    pending = [trainer._forward_backward(local, micro=0)]
     summary = trainer._window_summary(pending, SimpleNamespace(requested=False), [])  # the trainer's one collective
     assert summary.finite and not summary.stop_requested
     loss = summary.values["loss"]

@@ -62,10 +62,9 @@ def loss_and_gradients(clip_path: str, output_dir: Path, task: str = "fusion") -
     run = RunLogger(output_dir / f"logs{task}{dist_info.world_size}", dist_info.is_main, tensorboard=False)
     objective = (fusion_pretraining_task(FusionLossWeights()) if task == "fusion"
                  else retrieval_task(RetrievalLossWeights()))
-    trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), freeze_layer_num=0,
-                      task=objective)
-    pending: list = []
-    trainer._accumulate(local, last_in_window=True, pending=pending)
+    trainer = Trainer(model, range(GLOBAL_BATCH), settings, run, dist_info, str(output_dir), objective,
+                      freeze_layer_num=0)
+    pending = [trainer._forward_backward(local, micro=0)]
     summary = trainer._window_summary(pending, SimpleNamespace(requested=False), [])  # the trainer's one collective
     assert summary.finite and not summary.stop_requested
     losses = summary.values

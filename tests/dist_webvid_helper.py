@@ -15,7 +15,8 @@ import torch
 from dataloaders.webvid import WebVidDataset
 from engine import distributed
 from engine.run_logging import RunLogger
-from engine.trainer import Trainer, TrainSettings
+from engine.tasks.clip_pretraining import clip_pretraining_task
+from engine.trainer import Outcome, Trainer, TrainSettings
 from modules.model import T2VLP
 
 
@@ -42,8 +43,10 @@ def train(out_dir: Path, clip: str, labels: str, index: str, dist_info: distribu
         weight_decay=0.2, warmup_proportion=0.1, num_workers=2,
     )
     run = RunLogger(out_dir / "run", dist_info.is_main, tensorboard=False, rank=dist_info.rank)
-    trainer = Trainer(model, dataset, settings, run, dist_info, str(out_dir / "run"), freeze_layer_num=0)
-    progress = trainer.fit()
+    trainer = Trainer(model, dataset, settings, run, dist_info, str(out_dir / "run"), clip_pretraining_task(),
+                      freeze_layer_num=0)
+    assert trainer.fit() is Outcome.EPOCH_END
+    progress = trainer.progress
     assert progress.epoch == 2 and progress.global_step == 2 * len(dataset) // 8, progress
     run.close()
 

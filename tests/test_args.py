@@ -9,8 +9,8 @@ from engine.args import (
     local_batch_sizes,
     parse_args,
     report_ignored_flags,
-    resolve_precision,
 )
+from engine.precision import resolve_precision
 from modules.errors import InputError
 
 # The stage-1 command line of the original start_clip.sh (launcher removed).

@@ -13,6 +13,7 @@ from bench import feed_rate
 from dataloaders.collate import clip_sample
 from engine.distributed import DistInfo
 from engine.run_logging import RunLogger
+from engine.tasks.clip_pretraining import clip_pretraining_task
 from engine.trainer import TrainSettings
 
 
@@ -74,7 +75,8 @@ def test_resident_phase_reads_no_data_and_the_fed_phase_reads_each_step(tmp_path
     run = RunLogger(tmp_path, is_main=True, tensorboard=False)
     cpu = torch.device("cpu")
     model = feed_rate.bench_model(feed_rate.TINY, "stage1", "fp32", cpu)
-    trainer = feed_rate.FeedTrainer(model, dataset, settings, run, DistInfo(0, 1, 0, cpu), str(tmp_path))
+    trainer = feed_rate.FeedTrainer(model, dataset, settings, run, DistInfo(0, 1, 0, cpu), str(tmp_path),
+                                    clip_pretraining_task())
     trainer.resident_batch = feed_rate.resident_batch(dataset, 2, cpu)
     dataset.reads = 0
     rate, waited = feed_rate.step_rate(trainer, steps=3, warmup=1, batch_size=2)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.evaluation.caption_metrics import METRIC_NAMES
-from engine.optim import NEW_PARAM_PATTERNS_BY_TASK, apply_freeze_rule
+from engine.optim import apply_freeze_rule
+from engine.tasks.base import task_definition
 from engine.tasks.captioning import caption_loss_terms
 from modules.checkpoint import original_format_state_dict, write_random_clip_checkpoint
 from modules.fusion_objectives import TextParts, VideoParts
@@ -108,7 +109,8 @@ def test_captioning_reports_val_selects_by_cider_and_tests_the_selected_checkpoi
         return sum(1 for name, param in model.named_parameters()
                    if param.requires_grad and any(pattern in name for pattern in patterns))
 
-    assert in_log == count(NEW_PARAM_PATTERNS_BY_TASK["caption"]) > count(NEW_PARAM_PATTERNS_BY_TASK["retrieval"])
+    assert in_log == count(task_definition("caption").new_param_patterns) > count(
+        task_definition("retrieval").new_param_patterns)
 
 
 def test_do_eval_of_the_selected_checkpoint_reproduces_the_test_row(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import distributed
-from engine.args import resolve_precision
+from engine.precision import resolve_precision
 from tests import dist_contrastive_helper as helper
 from tests.torchrun import ROOT, run_torchrun
 

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from engine.optim import (
-    FUSION_PARAM_PATTERNS,
     apply_freeze_rule,
     build_optimizer,
     build_param_groups,
@@ -14,6 +13,7 @@ from engine.optim import (
     total_optimizer_steps,
     warmup_cosine,
 )
+from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS
 
 PARAM_NAMES = [
     "clip.visual.conv1.weight",

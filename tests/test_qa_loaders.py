@@ -19,7 +19,8 @@ from dataloaders.video_qa import (
     read_qa_file,
     read_youtube_mapping,
 )
-from engine.tasks.video_qa import qa_record, rank_share
+from engine.sampler import eval_shard
+from engine.tasks.video_qa import qa_record
 from modules.tokenization import ClipTokenizer
 from tests.real_fixtures import REAL_FIXTURES, needs_real
 from tests.test_video import write_index_video
@@ -152,6 +153,6 @@ def test_majority_answer_and_rank_shares():
     assert majority_answer(items) == "a"  # a tie goes to the alphabetically first
     for count in (0, 1, 7, 10):
         for world in (1, 2, 3):
-            shares = [rank_share(count, rank, world) for rank in range(world)]
+            shares = [eval_shard(count, world, rank) for rank in range(world)]
             assert [i for share in shares for i in share] == list(range(count))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -17,7 +17,7 @@ from dataloaders.msrvtt import MSRVTTFullTestDataset
 from dataloaders.msvd import msvd_dataset, msvd_pairs, read_id_list
 from dataloaders.raw_video_text import AnnotationError
 from engine.args import parse_args
-from engine.data import build_retrieval_datasets
+from engine.tasks.retrieval import build_retrieval_datasets
 from modules.errors import InputError
 from modules.tokenization import ClipTokenizer
 from tests.real_fixtures import REAL_FIXTURES, needs_real

@@ -3,7 +3,7 @@
 Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
     torchrun --nproc_per_node=8 video_captioning/msvd_captioning.py --do_train ...
     python video_captioning/msvd_captioning.py --do_eval --init_model CKPT ...
-The implementation is engine/caption_main.py; flags and data layout are in the README.
+The implementation is engine/tasks/captioning.py; flags and data layout are in the README.
 """
 
 import sys
@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import caption_main  # noqa: E402
+from engine.entry import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return caption_main.main("msvd", argv)
+    return run_main("caption", argv, dataset="msvd")
 
 
 if __name__ == "__main__":

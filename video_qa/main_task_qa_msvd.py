@@ -4,7 +4,7 @@ head with --qa_head first_token).
 Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
     torchrun --nproc_per_node=8 video_qa/main_task_qa_msvd.py --do_train ...
     python video_qa/main_task_qa_msvd.py --do_eval --init_model CKPT ...
-The implementation is engine/qa_main.py; flags and data layout are in the README.
+The implementation is engine/tasks/video_qa.py; flags and data layout are in the README.
 """
 
 import sys
@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import qa_main  # noqa: E402
+from engine.entry import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return qa_main.main("msvd", argv)
+    return run_main("qa", argv, dataset="msvd")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
     torchrun --nproc_per_node=8 video_text_retrieval/main_task_retrieval_didemo.py --do_train ...
     python video_text_retrieval/main_task_retrieval_didemo.py --do_eval --init_model CKPT ...
-The implementation is engine/retrieval_main.py; flags and data layout are in the README.
+The implementation is engine/tasks/retrieval.py; flags and data layout are in the README.
 """
 
 import sys
@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import retrieval_main  # noqa: E402
+from engine.entry import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return retrieval_main.main("didemo", argv)
+    return run_main("retrieval", argv, dataset="didemo")
 
 
 if __name__ == "__main__":

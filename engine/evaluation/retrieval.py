@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,15 +22,9 @@ from engine.evaluation.metrics import (
     metrics_from_ranks,
 )
 from engine.evaluation.rerank import rerank_scores
+from engine.precision import autocast_context
 
 logger = logging.getLogger("t2vlp.eval")
-
-
-def autocast_context(device: torch.device, precision: str):
-    """Autocast for bf16/fp16 over fp32 weights; nothing for fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -278,10 +270,3 @@ def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: i
         )
         records.append(record)
     return records
-
-
-def evaluated_checkpoint(args: Any) -> dict[str, Any]:
-    """`{"checkpoint": path}` for a `--do_eval` run (what its metrics rows evaluated), else nothing."""
-    if args.do_train:
-        return {}
-    return {"checkpoint": str(Path(args.init_model).resolve()) if args.init_model else None}

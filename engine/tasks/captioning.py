@@ -1,9 +1,15 @@
-"""Video captioning (METHOD §7b): caption loss (prefix-masked fusion, tied head) + contrastive + local alignment,
-and its evaluation: decode every video of a split, score with pycocoevalcap, write the predictions, select the
-model by CIDEr."""
+"""Video captioning (METHOD §7b) on MSVD and MSR-VTT: caption loss (prefix-masked fusion, tied head) + contrastive +
+local alignment, and its evaluation: decode every video of a split, score with pycocoevalcap, write the
+predictions, select the model by CIDEr. The entry scripts are video_captioning/{msvd,msrvtt}_captioning.py.
+
+Training evaluates the validation split (a step-0 row, every `--eval_steps` and after each epoch) and keeps the
+best CIDEr's checkpoint (`best_checkpoint.json`); at the end the test split is decoded with that checkpoint.
+`--do_eval` decodes and scores `--eval_split` (default test) with `--init_model`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -13,17 +19,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from dataloaders.captioning import references_by_video
-from engine.evaluation.caption_metrics import METRIC_NAMES, shared_scorer
-from engine.evaluation.retrieval import autocast_context, encoded_video_batches
-from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
-from engine.selection import BestCheckpoint
-from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
+from dataloaders.captioning import caption_dataset, references_by_video
+from engine.checkpointing import BEST_CHECKPOINT_NAME, BestCheckpoint
+from engine.data import build_checked, check_eval_videos
+from engine.evaluation.caption_metrics import METRIC_NAMES, require_java, shared_scorer
+from engine.evaluation.retrieval import encoded_video_batches
+from engine.precision import autocast_context
+from engine.run_logging import read_metrics
+from engine.tasks.base import (
+    EvalContext,
+    EvalSplitFlag,
+    EvaluateFn,
+    PreparedRun,
+    RunContext,
+    StepContext,
+    Task,
+    TaskDefinition,
+    global_mean_scale,
+    register_task,
+)
+from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS
 from modules.caption_decoding import decode_captions
+from modules.checkpoint import load_state_dict_checked, read_model_state_dict
+from modules.errors import InputError
 from modules.fusion_objectives import TextParts, VideoParts, prefix_lm_terms
 from modules.similarity import symmetric_contrastive_loss
 
 logger = logging.getLogger("t2vlp.caption")
+
+NAME = "caption"
+DATASETS = ("msvd", "msrvtt")
+NEW_PARAM_PATTERNS = (*FUSION_PARAM_PATTERNS, "local_visual")  # the original's captioning list (METHOD §7b)
 
 SELECTION_METRIC = "CIDEr"
 EXAMPLES_LOGGED = 5
@@ -74,8 +100,8 @@ def caption_objective(weights: CaptionLossWeights):
 
 
 def caption_task(weights: CaptionLossWeights, evaluate: EvaluateFn | None = None) -> Task:
-    return Task("caption", caption_objective(weights), NEW_PARAM_PATTERNS_BY_TASK["caption"],
-                find_unused_parameters=True, evaluate=evaluate)
+    return Task(NAME, caption_objective(weights), NEW_PARAM_PATTERNS, find_unused_parameters=True,
+                evaluate=evaluate)
 
 
 @dataclass(frozen=True)
@@ -126,9 +152,8 @@ def caption_texts(
 
 
 def make_caption_evaluator(
-    dataset: Any, split_name: str, run: Any, output_dir: str | Path, device: torch.device, precision: str, *,
-    decode: DecodeSettings, protocol: str, batch_size: int, num_workers: int, best: BestCheckpoint | None = None,
-    extra: dict[str, Any] | None = None,
+    dataset: Any, split_name: str, settings: EvalContext, *, decode: DecodeSettings, protocol: str,
+    best: BestCheckpoint | None = None,
 ) -> EvaluateFn:
     """Evaluate a captioning split: a metrics.jsonl row {"task": "caption", ...} (scores in percent, as papers
     report them), `predictions_<split>_step<N>.json` ([{"video_id", "caption"}]), the scores and a few examples in
@@ -136,22 +161,24 @@ def make_caption_evaluator(
     split = dataset.video_dataset().split
     references = references_by_video(split)
     tokenizer = dataset.tokenizer
+    run, extra = settings.run, dict(settings.extra)
 
     def evaluate(model: nn.Module, step: int, epoch: int) -> dict[str, Any]:
-        tokens, skipped = decode_split(model, dataset.video_dataset(), decode, batch_size=batch_size, device=device,
-                                       precision=precision, num_workers=num_workers)
+        tokens, skipped = decode_split(model, dataset.video_dataset(), decode, batch_size=settings.batch_size,
+                                       device=settings.device, precision=settings.precision,
+                                       num_workers=settings.num_workers)
         if not tokens:
             raise RuntimeError(f"no video of the {split_name} split could be decoded ({skipped} skipped)")
         hypotheses, scored_references = caption_texts(tokens, references, tokenizer, protocol, dataset.max_words)
         scores = shared_scorer().score(hypotheses, scored_references, protocol)
         record = {"task": "caption", "split": split_name, "step": step, "epoch": epoch,
                   **{name: 100.0 * scores[name] for name in METRIC_NAMES}, "decode": decode.label,
-                  "protocol": protocol, "n_videos": len(tokens), "n_skipped": skipped, **(extra or {})}
+                  "protocol": protocol, "n_videos": len(tokens), "n_skipped": skipped, **extra}
         run.log_metrics(record)
         run.scalars({name: record[name] for name in METRIC_NAMES}, step, prefix=f"eval_{split_name}/")
         predictions = [{"video_id": video_id, "caption": tokenizer.decode(tokens[video_id])}
                        for video_id in split.video_ids if video_id in tokens]
-        path = Path(output_dir) / f"predictions_{split_name}_step{step}.json"
+        path = Path(settings.output_dir) / f"predictions_{split_name}_step{step}.json"
         path.write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         logger.info("captioning (%s, %s protocol) on %s at step %d, epoch %d: %d videos%s\n  %s\n%s\npredictions: %s",
                     decode.label, protocol, split_name, step, epoch, len(tokens),
@@ -177,3 +204,94 @@ def format_examples(predictions: list[dict[str, str]], references: dict[str, lis
 
 def best_checkpoint_for(output_dir: str | Path) -> BestCheckpoint:
     return BestCheckpoint(output_dir, f"val {SELECTION_METRIC}")
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+
+def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
+    args, dataset = context.args, context.dataset
+    logger.info("Java for the caption metrics: %s", require_java())  # before any training
+    options = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
+                   image_size=model.image_resolution, seed=args.seed, slice_framepos=args.slice_framepos,
+                   frame_store=args.frame_store)
+
+    def split(subset: str, frame_order: int):
+        data = build_checked(lambda: caption_dataset(dataset, args.data_path, args.features_path, subset,
+                                                     frame_order=frame_order, **options), "--data_path")
+        if len(data) == 0:
+            raise InputError(f"the {subset} split of --data_path {args.data_path} has no captions (check "
+                             f"--data_path / --features_path)")
+        if subset != "train":
+            check_eval_videos(data, f"the {subset} split of --data_path {args.data_path}", args.features_path)
+        return data
+
+    def evaluator(subset: str, best: BestCheckpoint | None = None) -> EvaluateFn:
+        return make_caption_evaluator(
+            split(subset, args.eval_frame_order), subset, context.eval_context(),
+            decode=DecodeSettings(args.beam_size, args.length_penalty, args.max_words - 1),
+            protocol=args.caption_protocol, best=best,
+        )
+
+    selecting = args.do_train and args.eval_split == "val"
+    evaluate = evaluator(args.eval_split, best_checkpoint_for(args.output_dir) if selecting else None)
+    after_training = None
+    if selecting and args.test_after_training:
+        test_evaluate = evaluator("test")
+        after_training = lambda trained: test_selected_checkpoint(args.output_dir, trained, test_evaluate)  # noqa: E731
+    task = caption_task(CaptionLossWeights(args.caption_weight, args.sim_weight, args.align_weight), evaluate)
+    return PreparedRun(task, lambda: split("train", args.train_frame_order), after_training)
+
+
+def test_selected_checkpoint(output_dir: str, model: nn.Module, test_evaluate: EvaluateFn) -> None:
+    """Evaluate the test split with the checkpoint selected on val (once per selected step)."""
+    best = best_checkpoint_for(output_dir).best
+    if best is None:
+        logger.warning("no %s (no evaluation after step 0): the test split is not evaluated", BEST_CHECKPOINT_NAME)
+        return
+    if best["checkpoint"] is None or not Path(best["checkpoint"]).is_file():
+        logger.warning("the best val step %d has no checkpoint on disk (see --save_steps / --keep_checkpoints): the "
+                       "test split is not evaluated", best["step"])
+        return
+    if any(row.get("task") == "caption" and row.get("split") == "test" and row.get("step") == best["step"]
+           for row in read_metrics(Path(output_dir) / "metrics.jsonl")):
+        logger.info("the test split was already evaluated with the step-%d checkpoint", best["step"])
+        return
+    logger.info("evaluating the test split with the checkpoint selected on val: %s (%s %.2f)",
+                best["checkpoint"], best["metric"], best["value"])
+    load_state_dict_checked(model, read_model_state_dict(best["checkpoint"]))
+    test_evaluate(model, best["step"], best["epoch"])
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("captioning")
+    add = group.add_argument
+    add("--beam_size", type=int, default=1,
+        help="Captions are decoded greedily (1, the original) or by beam search with this many hypotheses.")
+    add("--length_penalty", type=float, default=1.0,
+        help="Beam search ranks hypotheses by summed log-probability / length ** this (0: the plain model score).")
+    add("--caption_protocol", choices=["standard", "original"], default="standard",
+        help="'standard': references and hypotheses through pycocoevalcap's PTB tokenizer (published numbers); "
+             "'original': the T2VLP script's un-tokenised scoring (references re-decoded from CLIP ids), for "
+             "comparison with its logs.")
+    add("--test_after_training", action=argparse.BooleanOptionalAction, default=True,
+        help="With --do_train, evaluate the test split with the selected (best-on-val) checkpoint at the end.")
+
+
+def check_flags(args: argparse.Namespace) -> str | None:
+    if args.beam_size < 1:
+        return "--beam_size must be >= 1"
+    if args.length_penalty < 0:
+        return "--length_penalty must be >= 0"
+    return None
+
+
+DEFINITION = register_task(TaskDefinition(
+    name=NAME, prepare=prepare, new_param_patterns=NEW_PARAM_PATTERNS,
+    defaults={"eval_steps": 1000, "save_steps": 1000, "new_params_lr": 1e-6},  # the original script's (METHOD §8)
+    head_dropout=0.5, loss_weights=("caption", "sim", "align"), add_flags=add_flags, check_flags=check_flags,
+    eval_split=EvalSplitFlag(lambda args: "val" if args.do_train else "test",
+                             "The split evaluated during training (default val, which selects the model) or by "
+                             "--do_eval (default test)."),
+    datasets=DATASETS,
+))

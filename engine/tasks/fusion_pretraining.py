@@ -1,8 +1,10 @@
-"""Stage 2 (METHOD §6): MLM + prefix LM + video-text matching with hard negatives + local alignment, and its
-evaluation (meanP and reranked retrieval, MLM and VTM accuracy on the held-out split)."""
+"""Stage 2 (METHOD §6): the fusion encoder on a stage-1 checkpoint: MLM + prefix LM + video-text matching with hard
+negatives + local alignment, and its evaluation (meanP and reranked retrieval, MLM and VTM accuracy on the held-out
+split)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -10,16 +12,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from dataloaders.lm_targets import sample_targets
-from engine.evaluation.retrieval import (
-    autocast_context,
-    encode_split,
-    log_retrieval_rows,
-    retrieval_rows,
-    similarity_matrix,
+from dataloaders.lm_targets import WithLanguageModelTargets, sample_targets
+from engine.args import add_rerank_flags, rerank_flag_error
+from engine.data import build_eval_dataset, build_train_dataset
+from engine.evaluation.retrieval import encode_split, log_retrieval_rows, retrieval_rows, similarity_matrix
+from engine.precision import autocast_context
+from engine.tasks.base import (
+    EvalContext,
+    EvaluateFn,
+    PreparedRun,
+    RunContext,
+    StepContext,
+    Task,
+    TaskDefinition,
+    global_mean_scale,
+    register_task,
 )
-from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
-from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
 from modules.fusion_objectives import (
     MatchingTerms,
     TextParts,
@@ -31,6 +39,13 @@ from modules.fusion_objectives import (
 )
 
 logger = logging.getLogger("t2vlp.fusion")
+
+NAME = "fusion"
+# The fusion encoder and its heads: the fixed-rate group of stage 2 and of every downstream task (METHOD §6.6, §7).
+FUSION_PARAM_PATTERNS = (
+    "fusion_positional_embedding", "fusion_proj_embedding", "fusion_logit_bias", "fusion_match_matrix",
+    "fusion_unmatch_matrix", "fusion_transformer",
+)
 
 
 @dataclass(frozen=True)
@@ -119,10 +134,8 @@ def fusion_pretraining_objective(weights: FusionLossWeights, detach_encoders: bo
 def fusion_pretraining_task(
     weights: FusionLossWeights, detach_encoders: bool = True, evaluate: EvaluateFn | None = None
 ) -> Task:
-    return Task(
-        "fusion", fusion_pretraining_objective(weights, detach_encoders), NEW_PARAM_PATTERNS_BY_TASK["fusion"],
-        find_unused_parameters=True, evaluate=evaluate,
-    )
+    return Task(NAME, fusion_pretraining_objective(weights, detach_encoders), FUSION_PARAM_PATTERNS,
+                find_unused_parameters=True, evaluate=evaluate)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -221,21 +234,21 @@ def _matching_accuracy(
             "pairwise": 100.0 * pairwise_correct / (2 * count)}
 
 
-def make_fusion_evaluator(
-    dataset: Any, run: Any, device: torch.device, precision: str, *, batch_size: int, num_workers: int,
-    rerank_top_k: int, rerank_batch_size: int, mask_ratio: float, seed: int, extra: dict[str, Any] | None = None,
-) -> EvaluateFn:
+def make_fusion_evaluator(dataset: Any, settings: EvalContext, *, rerank_top_k: int, rerank_batch_size: int,
+                          mask_ratio: float, seed: int) -> EvaluateFn:
     """Stage-2 evaluation: meanP and reranked retrieval rows, then the fusion row (MLM / VTM accuracy)."""
+    run, extra = settings.run, dict(settings.extra)
 
     def evaluate(model: nn.Module, step: int, epoch: int) -> dict[str, Any]:
-        encoded = encode_split(model, dataset, batch_size=batch_size, device=device, precision=precision,
-                               num_workers=num_workers, keep_fusion_inputs=True)
+        encoded = encode_split(model, dataset, batch_size=settings.batch_size, device=settings.device,
+                               precision=settings.precision, num_workers=settings.num_workers,
+                               keep_fusion_inputs=True)
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
-                              precision=precision, show_progress=True)
+                              precision=settings.precision, show_progress=True)
         log_retrieval_rows(run, rows, step, epoch, extra=extra)
-        heads = evaluate_fusion_heads(model, encoded, mask_ratio=mask_ratio, seed=seed, batch_size=batch_size,
-                                      precision=precision)
-        record = {"task": "fusion", "split": "test", "step": step, "epoch": epoch, **heads, **(extra or {})}
+        heads = evaluate_fusion_heads(model, encoded, mask_ratio=mask_ratio, seed=seed,
+                                      batch_size=settings.batch_size, precision=settings.precision)
+        record = {"task": "fusion", "split": "test", "step": step, "epoch": epoch, **heads, **extra}
         run.log_metrics(record)
         run.scalars({"mlm_acc": heads["mlm_acc"], "vtm_acc": heads["vtm_acc"]}, step, prefix="eval/")
         logger.info(
@@ -250,3 +263,36 @@ def make_fusion_evaluator(
         return record
 
     return evaluate
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+
+def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
+    """The fusion encoder's blocks and positional table start from the original CLIP text tower (read from
+    `--visual_pretrain_path`, default ./CLIP-modules/ViT-B-16.pt, the path the original hard-coded)."""
+    args, image_size = context.args, model.image_resolution
+    eval_dataset = build_eval_dataset(args, image_size)
+    evaluate = None
+    if eval_dataset is not None:
+        evaluate = make_fusion_evaluator(eval_dataset, context.eval_context(), rerank_top_k=args.rerank_top_k,
+                                         rerank_batch_size=args.rerank_batch_size, mask_ratio=args.mask_ratio,
+                                         seed=args.seed)
+    weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
+    task = fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate)
+    return PreparedRun(task, lambda: WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio,
+                                                              args.seed))
+
+
+def check_flags(args: argparse.Namespace) -> str | None:
+    if not 0 <= args.mask_ratio <= 1:
+        return "--mask_ratio must be in [0, 1]"
+    return rerank_flag_error(args)
+
+
+DEFINITION = register_task(TaskDefinition(
+    name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
+    defaults={"eval_steps": 1000, "save_steps": 2000, "new_params_lr": 1e-5},  # the original script's (METHOD §8)
+    head_dropout=0.2, loss_weights=("mlm", "plm", "vtm", "align"), add_flags=add_rerank_flags,
+    check_flags=check_flags, run_config_flags=("mask_ratio",), reads_compat_flags=frozenset({"mask_ratio"}),
+))

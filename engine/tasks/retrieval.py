@@ -1,24 +1,50 @@
-"""Text-video retrieval fine-tuning (METHOD §7a): contrastive + VTM with hard negatives (on detached inputs) +
-local alignment, and its evaluation (meanP, fusion rerank, DSL on request) with model selection."""
+"""Text-video retrieval fine-tuning (METHOD §7a) on MSR-VTT, MSVD, LSMDC and DiDeMo: contrastive + VTM with hard
+negatives (on detached inputs) + local alignment, and its evaluation (meanP, fusion rerank, DSL on request) with
+model selection. The entry scripts are video_text_retrieval/main_task_retrieval_{msrvtt,msvd,lsmdc,didemo}.py."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from dataloaders.didemo import didemo_dataset
+from dataloaders.lsmdc import lsmdc_dataset
+from dataloaders.msrvtt import MSRVTTFullTestDataset, MSRVTTTestDataset, MSRVTTTrainDataset
+from dataloaders.msvd import msvd_dataset
+from dataloaders.raw_video_text import RawVideoTextDataset
+from dataloaders.video import SLICE_UNIFORM
+from engine.args import add_rerank_flags, rerank_flag_error
+from engine.checkpointing import BestCheckpoint
+from engine.data import build_checked, check_eval_videos
 from engine.evaluation.retrieval import encode_split, log_retrieval_rows, retrieval_rows
-from engine.optim import NEW_PARAM_PATTERNS_BY_TASK
-from engine.selection import BestCheckpoint
-from engine.tasks.base import EvaluateFn, StepContext, Task
-from engine.tasks.fusion_pretraining import matching_with_hard_negatives
+from engine.tasks.base import (
+    EvalContext,
+    EvalSplitFlag,
+    EvaluateFn,
+    PreparedRun,
+    RunContext,
+    StepContext,
+    Task,
+    TaskDefinition,
+    register_task,
+)
+from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS, matching_with_hard_negatives
+from modules.errors import InputError
 from modules.fusion_objectives import TextParts, VideoParts
 from modules.similarity import symmetric_contrastive_loss
 
 logger = logging.getLogger("t2vlp.retrieval")
+
+NAME = "retrieval"
+DATASETS = ("msrvtt", "msvd", "lsmdc", "didemo")
 
 SELECTION_METRIC = "t2v R1"
 
@@ -56,8 +82,8 @@ def retrieval_objective(weights: RetrievalLossWeights):
 
 
 def retrieval_task(weights: RetrievalLossWeights, evaluate: EvaluateFn | None = None) -> Task:
-    return Task("retrieval", retrieval_objective(weights), NEW_PARAM_PATTERNS_BY_TASK["retrieval"],
-                find_unused_parameters=True, evaluate=evaluate)
+    return Task(NAME, retrieval_objective(weights), FUSION_PARAM_PATTERNS, find_unused_parameters=True,
+                evaluate=evaluate)
 
 
 def selection_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -67,19 +93,20 @@ def selection_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_retrieval_evaluator(
-    dataset: Any, run: Any, device: torch.device, precision: str, *, batch_size: int, num_workers: int,
-    rerank_top_k: int, rerank_batch_size: int, dsl: bool = False, dsl_temperature: float = 1.0,
-    best: BestCheckpoint | None = None, extra: dict[str, Any] | None = None,
+    dataset: Any, settings: EvalContext, *, rerank_top_k: int, rerank_batch_size: int, dsl: bool = False,
+    dsl_temperature: float = 1.0, best: BestCheckpoint | None = None,
 ) -> EvaluateFn:
     """Evaluate the split: meanP, rerank and (with `dsl`) DSL rows in metrics.jsonl and log.txt; with `best`, model
     selection by text->video R@1 of the rerank (meanP when `rerank_top_k` is 0)."""
 
     def evaluate(model: nn.Module, step: int, epoch: int) -> dict[str, Any]:
-        encoded = encode_split(model, dataset, batch_size=batch_size, device=device, precision=precision,
-                               num_workers=num_workers, keep_fusion_inputs=rerank_top_k > 0)
+        encoded = encode_split(model, dataset, batch_size=settings.batch_size, device=settings.device,
+                               precision=settings.precision, num_workers=settings.num_workers,
+                               keep_fusion_inputs=rerank_top_k > 0)
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
-                              precision=precision, show_progress=True, dsl=dsl, dsl_temperature=dsl_temperature)
-        records = log_retrieval_rows(run, rows, step, epoch, extra=extra)
+                              precision=settings.precision, show_progress=True, dsl=dsl,
+                              dsl_temperature=dsl_temperature)
+        records = log_retrieval_rows(settings.run, rows, step, epoch, extra=dict(settings.extra))
         selected = selection_row(records)
         if best is not None and step > 0:  # selection among this run's checkpoints, not the starting one
             best.update(selected["t2v"]["R1"], step, epoch)
@@ -90,3 +117,110 @@ def make_retrieval_evaluator(
 
 def best_checkpoint_for(output_dir: str, rerank_top_k: int) -> BestCheckpoint:
     return BestCheckpoint(output_dir, f"{'rerank' if rerank_top_k > 0 else 'meanP'} {SELECTION_METRIC}")
+
+
+# ----------------------------------------------------------------------------------------------- the datasets
+
+
+def build_retrieval_datasets(
+    args: argparse.Namespace, dataset: str, image_size: int
+) -> tuple[Callable[[], Dataset], RawVideoTextDataset | None]:
+    """(training-set factory, evaluation split or None) of a retrieval dataset from the original flags.
+
+    MSR-VTT: `--train_csv` (9k/7k list), `--data_path` (MSRVTT_data.json), `--val_csv` (1k-A) or `--msrvtt_test
+    full`; its downstream loader always samples 12 frames with linspace, repeating frames of short videos (METHOD
+    §9.8). MSVD, LSMDC, DiDeMo: `--data_path` is the folder of annotation files, `--eval_split` picks val or test;
+    short videos are zero-padded. Videos under `--features_path`.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    common = dict(max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
+                  image_size=image_size, seed=args.seed, frame_store=args.frame_store)
+    train_options = {**common, "frame_order": args.train_frame_order}
+    eval_options = {**common, "frame_order": args.eval_frame_order}
+    if dataset == "msrvtt":
+        if args.slice_framepos != SLICE_UNIFORM:
+            logger.warning("--slice_framepos %d is ignored for MSR-VTT retrieval: its loader always samples frames "
+                           "uniformly (linspace), as the original's did", args.slice_framepos)
+        frames = {"pad_mode": "repeat", "slice_framepos": SLICE_UNIFORM}
+        train = lambda: build_checked(lambda: MSRVTTTrainDataset(  # noqa: E731
+            args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
+            **train_options, **frames), "--train_csv / --data_path")
+        if args.msrvtt_test == "full":
+            evaluation = build_checked(lambda: MSRVTTFullTestDataset(args.data_path, args.features_path, **eval_options,
+                                                                **frames), "--data_path")
+            source = f"the full test split of --data_path {args.data_path}"
+        elif args.val_csv:
+            evaluation = build_checked(lambda: MSRVTTTestDataset(args.val_csv, args.features_path, **eval_options,
+                                                            **frames), "--val_csv")
+            source = f"--val_csv {args.val_csv}"
+        else:
+            evaluation, source = None, ""
+    else:
+        build = {"msvd": msvd_dataset, "lsmdc": lsmdc_dataset, "didemo": didemo_dataset}[dataset]
+        frames = {"pad_mode": "zero", "slice_framepos": args.slice_framepos}
+        if not Path(args.data_path).is_dir():
+            raise InputError(f"--data_path {args.data_path} must be the folder of the {dataset.upper()} annotation "
+                             f"files (see README)")
+        train = lambda: build_checked(lambda: build(args.data_path, args.features_path, "train",  # noqa: E731
+                                               **train_options, **frames), "--data_path")
+        evaluation = build_checked(lambda: build(args.data_path, args.features_path, args.eval_split, **eval_options,
+                                            **frames), "--data_path")
+        source = f"the {args.eval_split} split of --data_path {args.data_path}"
+    if evaluation is not None:
+        if len(evaluation) == 0:
+            raise InputError(f"{source} has no captions")
+        check_eval_videos(evaluation, source, args.features_path)
+    return train, evaluation
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+
+def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
+    args, dataset = context.args, context.dataset
+    train_factory, eval_dataset = build_retrieval_datasets(args, dataset, model.image_resolution)
+    evaluate = None
+    if eval_dataset is not None:
+        evaluate = make_retrieval_evaluator(
+            eval_dataset, context.eval_context(), rerank_top_k=args.rerank_top_k,
+            rerank_batch_size=args.rerank_batch_size, dsl=args.dsl, dsl_temperature=args.dsl_temperature,
+            best=best_checkpoint_for(args.output_dir, args.rerank_top_k) if args.do_train else None,
+        )
+
+    def train_dataset() -> Dataset:
+        train = train_factory()
+        if len(train) == 0:
+            raise InputError(f"no {dataset} training samples (check --data_path / --train_csv / --features_path)")
+        return train
+
+    return PreparedRun(retrieval_task(RetrievalLossWeights(args.sim_weight, args.vtm_weight, args.align_weight),
+                                      evaluate), train_dataset)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add_rerank_flags(parser)
+    group = parser.add_argument_group("retrieval")
+    group.add_argument("--dsl", action="store_true",
+                       help="Also report dual-softmax (DSL) rows, on meanP and on the rerank (labelled 'dsl'; DSL uses "
+                            "every query of the split at once, so it is not comparable with plain retrieval).")
+    group.add_argument("--dsl_temperature", type=float, default=1.0,
+                       help="Temperature of the DSL prior over the meanP logits.")
+    group.add_argument("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
+                       help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); "
+                            "'full' the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
+
+
+def check_flags(args: argparse.Namespace) -> str | None:
+    if args.dsl_temperature <= 0:
+        return "--dsl_temperature must be > 0"
+    return rerank_flag_error(args)
+
+
+DEFINITION = register_task(TaskDefinition(
+    name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
+    defaults={"eval_steps": 500, "save_steps": 500, "new_params_lr": 5e-6},  # the original script's (METHOD §8)
+    head_dropout=0.2, loss_weights=("sim", "vtm", "align"), add_flags=add_flags, check_flags=check_flags,
+    eval_split=EvalSplitFlag(lambda args: "test", "MSVD, LSMDC, DiDeMo: the split evaluated (default test)."),
+    datasets=DATASETS,
+))
