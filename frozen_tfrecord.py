@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import csv
 import functools
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -25,6 +24,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from dataloaders.files import file_sha256
 from dataloaders.frame_store import FrameStoreManifest, manifest_path
 from dataloaders.tfrecord_io import write_record
 from dataloaders.video import VideoDecodeError, read_sampled_frames, resize_center_crop
@@ -223,10 +223,6 @@ class EncodeOptions:
         return options
 
 
-class VideoReadError(RuntimeError):
-    """A video or frame folder is missing, unreadable, or yields no frame."""
-
-
 def sample_positions(n_available: int, n_wanted: int) -> list[int]:
     """The middle of each of `n_wanted` equal segments; every position when there are not more than that."""
     if n_wanted <= 0 or n_available <= n_wanted:
@@ -237,7 +233,7 @@ def sample_positions(n_available: int, n_wanted: int) -> list[int]:
 def read_video_frames(path: str, num_frames: int) -> tuple[list[np.ndarray], list[int]]:
     """Uniformly sampled BGR frames of a video and their frame positions."""
     if not os.path.exists(path):
-        raise VideoReadError(f"file not found: {path}")
+        raise VideoDecodeError(f"file not found: {path}")
     frame_count = _open_video(path, lambda capture: int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
     if frame_count <= 0:  # no (or a bogus) count in the container: count by decoding
         frame_count = _open_video(path, lambda capture: _grab_positions(capture, [])[1])
@@ -245,12 +241,12 @@ def read_video_frames(path: str, num_frames: int) -> tuple[list[np.ndarray], lis
     frames, n_decoded = _open_video(path, lambda capture: _grab_positions(capture, positions))
     if len(frames) < len(positions):  # the container over-reported its frame count
         if n_decoded == 0:
-            raise VideoReadError(f"no frame could be decoded: {path}")
+            raise VideoDecodeError(f"no frame could be decoded: {path}")
         positions = sample_positions(n_decoded, num_frames)
         frames, _ = _open_video(path, lambda capture: _grab_positions(capture, positions))
         positions = positions[: len(frames)]
     if not frames:
-        raise VideoReadError(f"no frame could be decoded: {path}")
+        raise VideoDecodeError(f"no frame could be decoded: {path}")
     return frames, positions
 
 
@@ -259,7 +255,7 @@ def _open_video(path: str, use: Callable[[cv2.VideoCapture], object]):
     capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG, params)
     try:
         if not capture.isOpened():
-            raise VideoReadError(f"cannot open video (corrupt or not a video?): {path}")
+            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {path}")
         return use(capture)
     finally:
         capture.release()
@@ -285,16 +281,16 @@ def _grab_positions(capture: cv2.VideoCapture, positions: list[int]) -> tuple[li
 def read_folder_frames(folder: str, num_frames: int) -> tuple[list[np.ndarray], list[int]]:
     """Uniformly sampled BGR frames of a frame folder (sorted file names) and their positions in that order."""
     if not os.path.isdir(folder):
-        raise VideoReadError(f"frame folder not found: {folder}")
+        raise VideoDecodeError(f"frame folder not found: {folder}")
     names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS)
     if not names:
-        raise VideoReadError(f"no image files in {folder}")
+        raise VideoDecodeError(f"no image files in {folder}")
     positions = sample_positions(len(names), num_frames)
     frames = []
     for position in positions:
         frame = cv2.imread(os.path.join(folder, names[position]), cv2.IMREAD_COLOR)
         if frame is None:
-            raise VideoReadError(f"unreadable image {names[position]} in {folder}")
+            raise VideoDecodeError(f"unreadable image {names[position]} in {folder}")
         frames.append(frame)
     return frames, positions
 
@@ -316,10 +312,7 @@ def encode_clip(video_id: str, frames_bgr: list[np.ndarray], positions: list[int
 def encode_frame_store_clip(video_id: str, path: str, options: EncodeOptions) -> tuple[bytes, int]:
     """A frame-store record: the frames the raw-video loader samples at `--feature_framerate`, resized and
     center-cropped exactly as it does (so reading them back gives its clips), with their positions and fps."""
-    try:
-        sampled = read_sampled_frames(path, options.feature_framerate)
-    except VideoDecodeError as error:
-        raise VideoReadError(str(error)) from error
+    sampled = read_sampled_frames(path, options.feature_framerate)
     clip = resize_center_crop(sampled.frames, options.image_size).permute(0, 2, 3, 1).numpy()
     images = [encode_image(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), options) for frame in clip]
     payload = encode_image_clip_record(video_id, images, options.image_size, options.image_size,
@@ -333,7 +326,7 @@ def encode_image(frame_bgr: np.ndarray, options: EncodeOptions) -> bytes:
     else:
         ok, encoded = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality])
     if not ok:
-        raise VideoReadError(f"{options.frame_format.upper()} encoding failed")
+        raise VideoDecodeError(f"{options.frame_format.upper()} encoding failed")
     return encoded.tobytes()
 
 
@@ -450,14 +443,6 @@ def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOp
         return None
     state.records = [tuple(record) for record in state.records]
     return state
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[VideoResult], options: EncodeOptions,

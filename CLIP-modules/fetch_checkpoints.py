@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_clip import sha256_of  # noqa: E402
+from fetch_clip import FetchError, file_sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "checkpoints" / "released"
@@ -67,10 +67,6 @@ PUBLISHED_EMPTY = ("WebVid-2.5M pre-trained model (stage 2)", "MSVD text-video r
 Download = Callable[[str, Path], None]
 
 
-class FetchError(RuntimeError):
-    pass
-
-
 def gdown_download(url: str, destination: Path) -> None:
     """gdown, resuming `destination` when it exists; Drive's refusals become a FetchError that says what happened."""
     import gdown
@@ -107,7 +103,7 @@ def verify(entry: Released, folder: Path, manifest: dict[str, dict]) -> str:
     recorded = manifest.get(entry.filename)
     if recorded is None:
         return "unrecorded"
-    if path.stat().st_size != recorded["size"] or sha256_of(path) != recorded["sha256"]:
+    if path.stat().st_size != recorded["size"] or file_sha256(path) != recorded["sha256"]:
         return "corrupt"
     return "ok"
 
@@ -136,7 +132,7 @@ def fetch(entry: Released, folder: Path, download: Download = gdown_download, ur
         part.unlink(missing_ok=True)
         raise FetchError(f"{entry.name}: the download is not a checkpoint (Drive answers with a web page when its "
                          f"download quota is exhausted); nothing was kept")
-    size, digest = part.stat().st_size, sha256_of(part)
+    size, digest = part.stat().st_size, file_sha256(part)
     recorded = manifest.get(entry.filename)
     if recorded is not None and (recorded["size"], recorded["sha256"]) != (size, digest):
         part.unlink()

@@ -9,7 +9,6 @@ progress bar and checks the SHA-256 that OpenAI publishes in the URL. Nothing el
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import urllib.error
@@ -18,6 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataloaders.files import file_sha256  # noqa: E402
+
 VIT_B16_SHA256 = "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
 VIT_B16_URL = f"https://openaipublic.azureedge.net/clip/models/{VIT_B16_SHA256}/ViT-B-16.pt"
 DEFAULT_OUT = Path(__file__).resolve().parent / "ViT-B-16.pt"
@@ -25,15 +27,7 @@ CHUNK = 1 << 20
 
 
 class FetchError(RuntimeError):
-    pass
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """A download that failed or gave the wrong file; the message says what happened."""
 
 
 def fetch(
@@ -41,7 +35,7 @@ def fetch(
 ) -> Path:
     """Download `url` to `out` unless it is already there with the right checksum; resume a `.part` file."""
     out = Path(out)
-    if out.is_file() and sha256_of(out) == sha256:
+    if out.is_file() and file_sha256(out) == sha256:
         print(f"{out} is present and its SHA-256 matches")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +53,7 @@ def fetch(
         raise FetchError(f"cannot reach {url}: {error.reason}") from error
     if response is not None:
         _write_body(response, part, done)
-    actual = sha256_of(part)
+    actual = file_sha256(part)
     if actual != sha256:
         part.unlink()
         raise FetchError(

@@ -18,20 +18,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dataloaders.msrvtt import read_msrvtt_sentences, read_msrvtt_video_splits
+from dataloaders.msrvtt import MSRVTT_EXCLUDED_VIDEOS, read_msrvtt_sentences, read_msrvtt_video_splits
 from dataloaders.msvd import SPLIT_FILES, msvd_pairs
-from dataloaders.raw_video_text import AnnotationError, PairsDataset, keep_pairs_with_videos
-from dataloaders.retrieval_split import RetrievalSplit, index_video_files
+from dataloaders.raw_video_text import AnnotationError, PairsDataset, subset_dataset
+from dataloaders.retrieval_split import RetrievalSplit
 from modules.errors import InputError
 
 CAPTION_DATASETS = ("msvd", "msrvtt")
 SUBSETS = ("train", "val", "test")
 MSRVTT_SPLIT_NAMES = {"train": "train", "val": "validate", "test": "test"}
-# Videos the original's MSR-VTT captioning and QA loaders leave out of training (METHOD §7b).
-MSRVTT_EXCLUDED_TRAIN_VIDEOS = frozenset({
-    "video710", "video1054", "video1975", "video3023", "video3071", "video5009", "video5397", "video5858",
-    "video5992",
-})
 
 
 def msrvtt_caption_pairs(json_path: str | Path, subset: str) -> list[tuple[str, str]]:
@@ -40,7 +35,7 @@ def msrvtt_caption_pairs(json_path: str | Path, subset: str) -> list[tuple[str, 
     splits = read_msrvtt_video_splits(json_path)
     wanted = [video_id for video_id, split in splits.items() if split == MSRVTT_SPLIT_NAMES[subset]]
     if subset == "train":
-        wanted = [video_id for video_id in wanted if video_id not in MSRVTT_EXCLUDED_TRAIN_VIDEOS]
+        wanted = [video_id for video_id in wanted if video_id not in MSRVTT_EXCLUDED_VIDEOS]
     if not wanted:
         raise AnnotationError(f"{json_path}: no video has split {MSRVTT_SPLIT_NAMES[subset]!r}")
     captions: dict[str, list[str]] = defaultdict(list)
@@ -73,12 +68,9 @@ def caption_dataset(
 ) -> PairsDataset:
     """Training pairs (`subset="train"`; videos without a file left out with a warning) or an evaluation split
     (val/test: every video once with all its references; an undecodable video is skipped and counted)."""
-    pairs = caption_pairs(dataset, data_path, subset)
-    files = index_video_files(features_path, key="stem")
-    if subset == "train":
-        pairs = keep_pairs_with_videos(pairs, files, f"{dataset} {subset} ({data_path})", features_path)
     options.setdefault("pad_mode", "repeat")
-    return PairsDataset(pairs, features_path, video_files=files, as_split=subset != "train", **options)
+    return subset_dataset(caption_pairs(dataset, data_path, subset), features_path, subset,
+                          f"{dataset} {subset} ({data_path})", **options)
 
 
 def references_by_video(split: RetrievalSplit) -> dict[str, list[str]]:

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dataloaders.msvd import read_id_list
-from dataloaders.raw_video_text import AnnotationError, PairsDataset, keep_pairs_with_videos, read_json_file
-from dataloaders.retrieval_split import index_video_files
+from dataloaders.raw_video_text import AnnotationError, PairsDataset, read_json_file, subset_dataset
 
 SPLITS = ("train", "val", "test")
 WINDOW_SECONDS = (0, 31)
@@ -54,9 +53,6 @@ def didemo_pairs(data_path: str | Path, subset: str) -> list[tuple[str, str]]:
 def didemo_dataset(data_path: str | Path, features_path: str | Path, subset: str, **options: Any) -> PairsDataset:
     """One paragraph per video, read over seconds 0-31. Training leaves out videos without a file (with a
     warning); val/test form a single-sentence split whose missing videos are skipped and counted."""
-    pairs = didemo_pairs(data_path, subset)
-    files = index_video_files(features_path, key="name")
-    if subset == "train":
-        pairs = keep_pairs_with_videos(pairs, files, str(Path(data_path) / f"{subset}_list.txt"), features_path)
-    return PairsDataset(pairs, features_path, video_files=files, window=WINDOW_SECONDS, as_split=subset != "train",
-                        **options)
+    return subset_dataset(didemo_pairs(data_path, subset), features_path, subset,
+                          str(Path(data_path) / f"{subset}_list.txt"), file_key="name", window=WINDOW_SECONDS,
+                          **options)

@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dataloaders.raw_video_text import AnnotationError, PairsDataset, keep_pairs_with_videos
-from dataloaders.retrieval_split import index_video_files
+from dataloaders.raw_video_text import AnnotationError, PairsDataset, subset_dataset
 
 SPLIT_FILES = {
     "train": "LSMDC16_annos_training.csv",
@@ -74,7 +73,4 @@ def lsmdc_dataset(data_path: str | Path, features_path: str | Path, subset: str,
         raise ValueError(f"subset must be one of {sorted(SPLIT_FILES)}, got {subset!r}")
     path = Path(data_path) / SPLIT_FILES[subset]
     pairs = [(row.clip_id, row.sentence) for row in read_lsmdc_rows(path)]
-    files = index_video_files(features_path, key="stem")
-    if subset == "train":
-        pairs = keep_pairs_with_videos(pairs, files, str(path), features_path)
-    return PairsDataset(pairs, features_path, video_files=files, as_split=subset != "train", **options)
+    return subset_dataset(pairs, features_path, subset, str(path), **options)

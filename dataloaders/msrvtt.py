@@ -23,6 +23,13 @@ from dataloaders.retrieval_split import RetrievalSplit
 
 logger = logging.getLogger("t2vlp.data")
 
+# Videos the original's MSR-VTT captioning loader leaves out of training and its QA loader drops from every split,
+# which also drops video8528 (METHOD §7b, §7c).
+MSRVTT_EXCLUDED_VIDEOS = frozenset({
+    "video710", "video1054", "video1975", "video3023", "video3071", "video5009", "video5397", "video5858",
+    "video5992",
+})
+
 
 def read_csv_columns(path: str | Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
     """Rows of a headed CSV file as dicts restricted to `columns` (selected by name, all required)."""

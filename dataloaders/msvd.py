@@ -12,8 +12,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from dataloaders.raw_video_text import AnnotationError, PairsDataset, keep_pairs_with_videos
-from dataloaders.retrieval_split import index_video_files
+from dataloaders.raw_video_text import AnnotationError, PairsDataset, subset_dataset
 
 SPLIT_FILES = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
 CAPTIONS_FILE = "raw-captions.pkl"
@@ -75,8 +74,5 @@ def msvd_pairs(data_path: str | Path, subset: str) -> list[tuple[str, str]]:
 def msvd_dataset(data_path: str | Path, features_path: str | Path, subset: str, **options: Any) -> PairsDataset:
     """Training (`subset="train"`: one sample per caption, clips without a video file left out with a warning) or
     evaluation (val/test: a multi-sentence split; a missing video is skipped and counted at evaluation)."""
-    pairs = msvd_pairs(data_path, subset)
-    files = index_video_files(features_path, key="stem")
-    if subset == "train":
-        pairs = keep_pairs_with_videos(pairs, files, str(Path(data_path) / SPLIT_FILES[subset]), features_path)
-    return PairsDataset(pairs, features_path, video_files=files, as_split=subset != "train", **options)
+    return subset_dataset(msvd_pairs(data_path, subset), features_path, subset,
+                          str(Path(data_path) / SPLIT_FILES[subset]), **options)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.collate import clip_sample
 from dataloaders.frame_store import FrameStore
-from dataloaders.retrieval_split import RetrievalSplit, SplitCaptions, SplitVideos
+from dataloaders.retrieval_split import RetrievalSplit, SplitCaptions, SplitVideos, index_video_files
 from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
 from modules.errors import InputError
 
@@ -199,6 +199,18 @@ class PairsDataset(RawVideoTextDataset):
         if path is None:
             raise VideoDecodeError(f"no file for video {video_id} under {self.features_path}")
         return path, self.window
+
+
+def subset_dataset(pairs: Sequence[tuple[str, str]], features_path: str | Path, subset: str, source: str, *,
+                   file_key: str = "stem", **options: Any) -> PairsDataset:
+    """One subset of an annotation set whose videos are files under `features_path` (found by name without
+    extension, or by full name with `file_key="name"`): "train" keeps the pairs whose video has a file (the rest
+    left out with a warning naming `source`); val/test form an evaluation split of every pair (a missing video is
+    skipped and counted when evaluated). `options` go to `PairsDataset`."""
+    files = index_video_files(features_path, key=file_key)
+    if subset == "train":
+        pairs = keep_pairs_with_videos(pairs, files, source, features_path)
+    return PairsDataset(pairs, features_path, video_files=files, as_split=subset != "train", **options)
 
 
 def keep_pairs_with_videos(

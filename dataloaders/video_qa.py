@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dataloaders.msrvtt import MSRVTT_EXCLUDED_VIDEOS
 from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset, read_json_file
 from dataloaders.retrieval_split import RetrievalSplit, SplitVideos, index_video_files
 from dataloaders.video import VideoDecodeError
@@ -33,10 +34,7 @@ logger = logging.getLogger("t2vlp.data")
 IGNORE_LABEL = -100
 QA_HEADS = ("classifier", "first_token")
 # Videos the original's MSRVTT-QA loader drops from every split (METHOD §7c).
-MSRVTT_QA_EXCLUDED_VIDEOS = frozenset({
-    "video710", "video1054", "video1975", "video3023", "video3071", "video5009", "video5397", "video5858",
-    "video5992", "video8528",
-})
+MSRVTT_QA_EXCLUDED_VIDEOS = MSRVTT_EXCLUDED_VIDEOS | {"video8528"}
 
 
 @dataclass(frozen=True)

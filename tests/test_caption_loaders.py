@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from dataloaders.captioning import (
-    MSRVTT_EXCLUDED_TRAIN_VIDEOS,
     caption_dataset,
     caption_pairs,
     references_by_video,
 )
+from dataloaders.msrvtt import MSRVTT_EXCLUDED_VIDEOS
 from dataloaders.raw_video_text import AnnotationError
 from modules.errors import InputError
 from modules.tokenization import ClipTokenizer
@@ -50,7 +50,7 @@ def test_msrvtt_standard_split_with_the_training_exclusions(tmp_path):
     data = write_msrvtt_caption_json(tmp_path / "MSRVTT_data.json", NUMBERS)
     train = caption_pairs("msrvtt", data, "train")
     assert sorted({video for video, _ in train}) == ["video0", "video6512"]  # video710 and video1054 left out
-    assert {"video710", "video1054"} <= MSRVTT_EXCLUDED_TRAIN_VIDEOS and len(MSRVTT_EXCLUDED_TRAIN_VIDEOS) == 9
+    assert {"video710", "video1054"} <= MSRVTT_EXCLUDED_VIDEOS and len(MSRVTT_EXCLUDED_VIDEOS) == 9
     assert len(train) == 2 * 3
     val = caption_pairs("msrvtt", data, "val")
     assert [video for video, _ in val] == ["video6513"] * 3 + ["video7009"] * 3  # grouped by video, file order

@@ -74,7 +74,7 @@ def test_fresh_download_records_the_manifest_and_a_rerun_skips(drive, tmp_path, 
         path = out / f"t2vlp_{name}.bin"
         assert path.read_bytes() == checkpoint_bytes(seed)
         assert manifest[path.name]["size"] == path.stat().st_size
-        assert manifest[path.name]["sha256"] == fetch_checkpoints.sha256_of(path)
+        assert manifest[path.name]["sha256"] == fetch_checkpoints.file_sha256(path)
         assert manifest[path.name]["drive_id"] == drive["entries"][name].drive_id
     assert not list(out.glob("*.part"))
     requests = len(DriveStandIn.requests)
