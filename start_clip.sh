@@ -20,33 +20,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 source tools/launch.sh
-
-if [[ -z "${DATA_PATH:-}" ]]; then
-  DEMO_DATA=${DEMO_DATA:-./demo_data}
-  OUTPUT_PATH=${OUTPUT_PATH:-./output/demo_stage1_$(date +%Y%m%d_%H%M%S)}
-  echo "DATA_PATH is not set: running the stage-1 demo on synthetic data in $DEMO_DATA -> $OUTPUT_PATH"
-  "$PYTHON" -m tools.demo prepare --out "$DEMO_DATA"
-  "${launch[@]}" main_task_clip.py --do_train --num_thread_reader=2 --epochs=6 --batch_size=32 --n_display=50 \
-    --train_csv "$DEMO_DATA/MSRVTT/MSRVTT_train.9k.csv" --val_csv "$DEMO_DATA/MSRVTT/MSRVTT_JSFUSION_test.csv" \
-    --data_path "$DEMO_DATA/WebVid_TFRecord/frozen_train_labels.json" --dir_path "$DEMO_DATA/WebVid_TFRecord" \
-    --features_path "$DEMO_DATA/MSRVTT/videos/all" --output_dir "$OUTPUT_PATH" \
-    --lr 1e-3 --coef_lr 1 --new_params_lr 1e-3 --max_words 32 --max_frames 4 --batch_size_val 50 \
-    --datatype msrvtt --feature_framerate 2 --freeze_layer_num -1 --slice_framepos 2 --eval_steps 0 --keep_checkpoints 2 \
-    --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$DEMO_DATA/ViT-demo.pt" \
-    --cross_config_path ./CLIP-modules "$@"
-  "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
-  exit 0
-fi
-
-check_real_run_inputs start_clip.sh
-OUTPUT_PATH=${OUTPUT_PATH:-./output/stage1}
-WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
-BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}
-"${launch[@]}" main_task_clip.py --do_train --num_thread_reader=2 --epochs=5 --batch_size="$BATCH_SIZE" --n_display=50 \
-  --train_csv "$DATA_PATH/MSRVTT_train.9k.csv" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv" \
-  --data_path "$DATA_PATH/frozen_train_labels.json" --dir_path "$WEBVID_PATH" \
-  --features_path "$DATA_PATH/MSRVTT_Videos" --output_dir "$OUTPUT_PATH" \
-  --lr 1e-4 --max_words 32 --max_frames 12 --batch_size_val 32 --datatype msrvtt --expand_msrvtt_sentences \
-  --feature_framerate 1 --coef_lr 1e-3 --freeze_layer_num 0 --slice_framepos 2 \
-  --loose_type --linear_patch 2d --sim_header meanP --pretrained_clip_name ViT-B/16 \
-  --visual_pretrain_path "$CLIP_PATH" --cross_config_path ./CLIP-modules "$@"
+run_recipe clip start_clip.sh "$@"

@@ -1,6 +1,7 @@
 # Sourced by the start_*.sh launchers (run from the repository root): the interpreter, the torchrun command for
-# this node (the plain interpreter for one process on one node), and checks of the launcher's inputs.
-# Sets PYTHON, NPROC_PER_NODE, OMP_NUM_THREADS and `launch`.
+# this node (the plain interpreter for one process on one node), checks of the launcher's inputs, and
+# `run_recipe`, which runs a stage's or task's recipe (tools/recipes.sh). Sets PYTHON, NPROC_PER_NODE,
+# OMP_NUM_THREADS and `launch`.
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -67,3 +68,37 @@ require_folder() {
     exit 2
   fi
 }
+
+# choose_dataset LAUNCHER DEFAULT OTHER...: DATASET (default DEFAULT) must be one of the names; exit 2 naming them.
+choose_dataset() {
+  local launcher=$1; shift
+  DATASET=${DATASET:-$1}
+  local name
+  for name in "$@"; do
+    if [[ "$DATASET" == "$name" ]]; then return 0; fi
+  done
+  local names=("$@") last=${*: -1}
+  local listed; listed=$(IFS=,; echo "${names[*]:0:$# - 1}")
+  echo "$launcher: DATASET must be ${listed//,/, } or $last, not '$DATASET'" >&2
+  exit 2
+}
+
+# run_recipe TASK LAUNCHER ARG...: without DATA_PATH the demo recipe of TASK on the embedded demo data, then its
+# summary; with DATA_PATH (checked, with CLIP_PATH) the original recipe. ARG... go after the recipe's flags.
+run_recipe() {
+  local task=$1
+  LAUNCHER=$2
+  shift 2
+  if [[ -z "${DATA_PATH:-}" ]]; then
+    "demo_$task"
+    "${launch[@]}" "$SCRIPT" "${flags[@]}" "$@"
+    "$PYTHON" -m tools.demo summary --output_dir "$OUTPUT_PATH"
+    exit 0
+  fi
+  check_real_run_inputs "$LAUNCHER"
+  BATCH_SIZE=${BATCH_SIZE:-$(( 32 * NNODES ))}
+  "original_$task"
+  "${launch[@]}" "$SCRIPT" "${flags[@]}" "$@"
+}
+
+source tools/recipes.sh
