@@ -158,13 +158,14 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="Autocast precision over fp32 master weights: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a "
              "GradScaler.")
-    add("--new_params_lr", type=float,
+    add("--new_params_lr", type=float, default=1e-5,
         help="Fixed LR of the new tube/alignment/fusion parameters, independent of --lr (the original "
              "hard-coded it per script; default %(default)s for this task). The schedule still applies.")
     add("--weight_decay", type=float, default=0.2, help="Decoupled weight decay of the non-bias parameters.")
     add("--max_grad_norm", type=float, default=1.0, help="Global gradient-norm clipping; 0 disables.")
-    add("--eval_steps", type=int, help="Evaluate every n optimiser steps and after each epoch; 0: epochs only.")
-    add("--save_steps", type=int, help="Checkpoint every n optimiser steps; 0: only after each epoch.")
+    add("--eval_steps", type=int, default=0,
+        help="Evaluate every n optimiser steps and after each epoch; 0: epochs only.")
+    add("--save_steps", type=int, default=0, help="Checkpoint every n optimiser steps; 0: only after each epoch.")
     add("--max_bad_steps", type=int, default=20,
         help="Stop the run after this many consecutive non-finite losses (those steps are skipped).")
     add("--keep_checkpoints", type=int, default=0,
