@@ -1,4 +1,5 @@
-"""Command-line flags shared by every entry script.
+"""Command-line flags shared by every entry script; each task adds its own (`TaskDefinition.add_flags`, its loss
+weights and defaults, engine/tasks/).
 
 Every flag of the original scripts (CLIP4Clip's parser plus T2VLP's additions, METHOD §8) is accepted verbatim,
 with CLIP4Clip's defaults. Flags that only mattered to the original's internals are accepted and ignored: if one
