@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from engine.tasks.base import TaskDefinition, task_definition
+from engine.tasks.registry import TaskDefinition, task_definition
 from modules.errors import InputError, ModelConfigError
 
 logger = logging.getLogger("t2vlp.args")

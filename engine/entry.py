@@ -25,7 +25,8 @@ from engine.args import (
 )
 from engine.precision import resolve_precision
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
-from engine.tasks.base import RunContext, Task, TaskDefinition, task_definition
+from engine.tasks.base import Task
+from engine.tasks.registry import RunContext, TaskDefinition, task_definition
 from engine.trainer import Outcome, Trainer, TrainSettings
 from modules.clip import compile_blocks, set_grad_checkpointing
 from modules.errors import InputError

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from engine.evaluation.caption_metrics import METRIC_NAMES
 from engine.optim import apply_freeze_rule
-from engine.tasks.base import task_definition
 from engine.tasks.captioning import caption_loss_terms
+from engine.tasks.registry import task_definition
 from modules.checkpoint import original_format_state_dict, write_random_clip_checkpoint
 from modules.fusion_objectives import TextParts, VideoParts
 from modules.model import T2VLP, T2VLPConfig

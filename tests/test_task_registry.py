@@ -17,8 +17,10 @@ from dataloaders.collate import clip_sample
 from dataloaders.video import normalize_video
 from engine.checkpointing import load_restore
 from engine.entry import run_main
-from engine.tasks import base
-from engine.tasks.base import EvalContext, PreparedRun, RunContext, Task, TaskDefinition, register_task
+from engine.evaluation import EvalContext
+from engine.tasks import registry
+from engine.tasks.base import Task
+from engine.tasks.registry import PreparedRun, RunContext, TaskDefinition, register_task
 from modules.checkpoint import read_model_state_dict
 from modules.model import T2VLP
 
@@ -97,7 +99,7 @@ TOY = TaskDefinition(
 
 @pytest.fixture()
 def toy_registered(monkeypatch):
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the registration ends with the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registration ends with the test
     register_task(TOY)
 
 

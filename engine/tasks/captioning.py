@@ -22,23 +22,14 @@ from torch import nn
 from dataloaders.captioning import caption_dataset, references_by_video
 from engine.checkpointing import BEST_CHECKPOINT_NAME, BestCheckpoint
 from engine.data import build_checked, check_eval_videos
+from engine.evaluation import EvalContext
 from engine.evaluation.caption_metrics import METRIC_NAMES, require_java, shared_scorer
 from engine.evaluation.retrieval import encoded_video_batches
 from engine.precision import autocast_context
 from engine.run_logging import read_metrics
-from engine.tasks.base import (
-    EvalContext,
-    EvalSplitFlag,
-    EvaluateFn,
-    PreparedRun,
-    RunContext,
-    StepContext,
-    Task,
-    TaskDefinition,
-    global_mean_scale,
-    register_task,
-)
+from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS
+from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
 from modules.caption_decoding import decode_captions
 from modules.checkpoint import load_state_dict_checked, read_model_state_dict
 from modules.errors import InputError

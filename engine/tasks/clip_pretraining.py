@@ -9,17 +9,10 @@ import torch
 from torch import nn
 
 from engine.data import build_eval_dataset, build_train_dataset
+from engine.evaluation import EvalContext
 from engine.evaluation.retrieval import evaluate_retrieval, log_retrieval_rows
-from engine.tasks.base import (
-    EvalContext,
-    EvaluateFn,
-    PreparedRun,
-    RunContext,
-    StepContext,
-    Task,
-    TaskDefinition,
-    register_task,
-)
+from engine.tasks.base import EvaluateFn, StepContext, Task
+from engine.tasks.registry import PreparedRun, RunContext, TaskDefinition, register_task
 
 NAME = "clip"
 NEW_PARAM_PATTERNS = ("fusion", "local")  # the tube encoder, its centers and the alignment projections

@@ -15,19 +15,11 @@ from torch import nn
 from dataloaders.lm_targets import WithLanguageModelTargets, sample_targets
 from engine.args import add_rerank_flags, rerank_flag_error
 from engine.data import build_eval_dataset, build_train_dataset
+from engine.evaluation import EvalContext
 from engine.evaluation.retrieval import encode_split, log_retrieval_rows, retrieval_rows, similarity_matrix
 from engine.precision import autocast_context
-from engine.tasks.base import (
-    EvalContext,
-    EvaluateFn,
-    PreparedRun,
-    RunContext,
-    StepContext,
-    Task,
-    TaskDefinition,
-    global_mean_scale,
-    register_task,
-)
+from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
+from engine.tasks.registry import PreparedRun, RunContext, TaskDefinition, register_task
 from modules.fusion_objectives import (
     MatchingTerms,
     TextParts,

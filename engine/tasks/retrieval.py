@@ -24,19 +24,11 @@ from dataloaders.video import SLICE_UNIFORM
 from engine.args import add_rerank_flags, rerank_flag_error
 from engine.checkpointing import BestCheckpoint
 from engine.data import build_checked, check_eval_videos
+from engine.evaluation import EvalContext
 from engine.evaluation.retrieval import encode_split, log_retrieval_rows, retrieval_rows
-from engine.tasks.base import (
-    EvalContext,
-    EvalSplitFlag,
-    EvaluateFn,
-    PreparedRun,
-    RunContext,
-    StepContext,
-    Task,
-    TaskDefinition,
-    register_task,
-)
+from engine.tasks.base import EvaluateFn, StepContext, Task
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS, matching_with_hard_negatives
+from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
 from modules.errors import InputError
 from modules.fusion_objectives import TextParts, VideoParts
 from modules.similarity import symmetric_contrastive_loss

@@ -36,22 +36,13 @@ from engine import distributed
 from engine.args import add_ignored_flag
 from engine.checkpointing import BestCheckpoint
 from engine.data import build_checked, check_eval_videos
+from engine.evaluation import EvalContext
 from engine.evaluation.retrieval import encoded_video_batches
 from engine.precision import autocast_context
 from engine.sampler import eval_shard
-from engine.tasks.base import (
-    EvalContext,
-    EvalSplitFlag,
-    EvaluateFn,
-    PreparedRun,
-    RunContext,
-    StepContext,
-    Task,
-    TaskDefinition,
-    global_mean_scale,
-    register_task,
-)
+from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS
+from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
 from modules.errors import InputError
 from modules.similarity import symmetric_contrastive_loss
 from modules.tokenization import ClipTokenizer
