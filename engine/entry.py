@@ -60,9 +60,9 @@ def train_settings(args: argparse.Namespace, world_size: int, precision: str) ->
 # Flags of every stage and task that shape the model or the data: restore.bin fixes them (engine.checkpointing).
 RUN_CONFIG_FLAGS = (
     "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num", "slice_framepos",
-    "train_frame_order", "feature_framerate", "expand_msrvtt_sentences",
+    "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers",
 )
-FUSION_RUN_CONFIG_FLAGS = ("fusion_layers", "head_dropout", "match_norm", "train_encoders")
+FUSION_RUN_CONFIG_FLAGS = ("head_dropout", "match_norm", "train_encoders")
 
 
 def run_config(args: argparse.Namespace) -> dict[str, object]:

@@ -138,3 +138,23 @@ def test_clip_path_found_like_the_original(tmp_path, monkeypatch):
     assert resolve_clip_path(args) == "CLIP-modules/ViT-B-16.pt"
     explicit = parse_args(["--do_eval", "--output_dir", "o", "--visual_pretrain_path", "a.pt"], task="retrieval")
     assert resolve_clip_path(explicit) == "a.pt"
+
+
+SHARED_RUN_CONFIG = ["task", "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num",
+                     "slice_framepos", "train_frame_order", "feature_framerate", "expand_msrvtt_sentences",
+                     "fusion_layers"]
+FUSION_RUN_CONFIG = ["head_dropout", "match_norm", "train_encoders"]
+
+
+@pytest.mark.parametrize("task, own", [
+    ("clip", []),
+    ("fusion", [*FUSION_RUN_CONFIG, "mask_ratio", "mlm_weight", "plm_weight", "vtm_weight", "align_weight"]),
+    ("retrieval", [*FUSION_RUN_CONFIG, "sim_weight", "vtm_weight", "align_weight"]),
+    ("caption", [*FUSION_RUN_CONFIG, "caption_weight", "sim_weight", "align_weight"]),
+    ("qa", [*FUSION_RUN_CONFIG, "qa_head", "qa_weight", "sim_weight"]),
+])
+def test_restore_bin_fixes_the_flags_that_shape_each_task(task, own):
+    from engine.entry import run_config
+
+    config = run_config(parse_args(["--do_eval", "--output_dir", "o"], task=task, world_size=1))
+    assert list(config) == [*SHARED_RUN_CONFIG, *own] and config["task"] == task
