@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataloaders.files import walk_files
 from dataloaders.video import VideoDecodeError
 from modules.errors import InputError
 
@@ -97,12 +98,10 @@ def index_video_files(features_path: str | Path, key: str = "stem") -> dict[str,
     if not root.is_dir():
         raise InputError(f"--features_path {features_path} is not a folder of videos")
     found: dict[str, Path] = {}
-    for folder, _, files in os.walk(root, followlinks=True):
-        for name in sorted(files):
-            path = Path(folder) / name
-            video_id = name if key == "name" else os.path.splitext(name)[0]
-            if video_id in found and found[video_id] != path:
-                logger.warning("two files for video %s: %s and %s (using the first)", video_id, found[video_id], path)
-                continue
-            found[video_id] = path
+    for path in walk_files(root):
+        video_id = path.name if key == "name" else os.path.splitext(path.name)[0]
+        if video_id in found:
+            logger.warning("two files for video %s: %s and %s (using the first)", video_id, found[video_id], path)
+            continue
+        found[video_id] = path
     return found

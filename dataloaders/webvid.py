@@ -7,7 +7,9 @@ Two record layouts are read:
   `frame_format` bytes[1] (b"jpeg" or b"png"), `frame_indices` int64[num_frames] (position of each stored frame
   in the source video or frame folder), `frames` bytes[num_frames] (one image per frame, RGB content, all frames
   of a record the same size: shorter side `--short_side` for WebVid; for a downstream frame store
-  (dataloaders/frame_store.py) the loader's resized and center-cropped frames, with `fps` int64[1] added);
+  (dataloaders/frame_store.py) the loader's resized and center-cropped frames, with `fps` int64[1] added; for a
+  clip of a longer video (a Panda-70M or InternVid window) `frame_indices` are frame numbers of the source and
+  `clip_start`, `clip_end` float[1] (seconds) and `source_id` bytes[1] are added);
 * the original's (`frozen_tfrecord.py --raw`), whose only feature is `image` bytes[1]: N x 256 x 256 x 3 raw BGR
   uint8 pixels, C order, N = len / 196608.
 
@@ -64,10 +66,12 @@ class ClipRecordError(ValueError):
 
 def encode_image_clip_record(
     video_id: str, encoded_frames: list[bytes], height: int, width: int, frame_indices: list[int],
-    frame_format: bytes = JPEG_FORMAT, fps: int | None = None,
+    frame_format: bytes = JPEG_FORMAT, fps: int | None = None, window: tuple[float, float] | None = None,
+    source_id: str | None = None,
 ) -> bytes:
     """Our record: encoded frames (JPEG or PNG) plus the id, count, size and source positions (see the module
-    docstring); `fps` (the source's integer frame rate) is stored when given, so positions map to seconds."""
+    docstring); `fps` (the source's integer frame rate) is stored when given, so positions map to seconds; a clip
+    of a longer video stores its `window` (start, end seconds) and `source_id`."""
     if len(encoded_frames) != len(frame_indices):
         raise ValueError("one source position per frame is needed")
     if frame_format not in IMAGE_FORMATS:
@@ -83,6 +87,10 @@ def encode_image_clip_record(
     }
     if fps is not None:
         features["fps"] = fps
+    if window is not None:
+        features["clip_start"], features["clip_end"] = float(window[0]), float(window[1])
+    if source_id is not None:
+        features["source_id"] = source_id
     return encode_example(features)
 
 
@@ -103,6 +111,8 @@ class ClipRecord:
     raw_bgr: np.ndarray | None = None  # [N, H, W, 3] view on the payload
     frame_indices: np.ndarray | None = None  # int64 [N], position of each frame in its source, when recorded
     fps: int | None = None  # the source's integer frame rate, when recorded (downstream frame stores)
+    window: tuple[float, float] | None = None  # a clip of a longer video: its start and end in the source (s)
+    source_id: str | None = None  # ... and the source video's id
 
     def frames(self, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
         """RGB uint8 [n, H, W, 3] of the frames at `indices` (all by default), in that order."""
@@ -132,8 +142,12 @@ def parse_clip_record(payload: bytes) -> ClipRecord:
             raise ClipRecordError(f"record of video {video_id}: {len(positions)} frame_indices for {len(encoded)} "
                                   f"frames")
         fps = features["fps"][0] if features.get("fps") else None
+        window = (features["clip_start"][0], features["clip_end"][0]) if features.get("clip_start") and \
+            features.get("clip_end") else None
+        source_id = features["source_id"][0].decode("utf-8") if features.get("source_id") else None
         return ClipRecord(video_id, len(encoded), encoded_frames=encoded,
-                          frame_indices=None if positions is None else np.asarray(positions, dtype=np.int64), fps=fps)
+                          frame_indices=None if positions is None else np.asarray(positions, dtype=np.int64), fps=fps,
+                          window=window, source_id=source_id)
     if "image" in features:
         return ClipRecord(video_id, *_raw_frames(features))
     raise ClipRecordError(f"record has neither 'frames' nor 'image' (keys: {sorted(features)})")

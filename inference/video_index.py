@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.files import is_video_file, walk_files
 from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
 from engine.evaluation.rerank import rerank_scores
 from engine.precision import autocast_context
@@ -36,8 +37,6 @@ from modules.similarity import mean_pool_frames
 logger = logging.getLogger("t2vlp.predict")
 
 INDEX_FORMAT = 1
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
-                              ".3gp", ".ogv", ".ts"})
 ARRAYS = ("clip_features", "frames", "video_mask", "tubes")
 SEARCH_CHUNK = 1 << 18  # rows scored per matrix product
 
@@ -46,10 +45,7 @@ def find_videos(folder: Path) -> list[Path]:
     """Every file with a video extension under `folder` (recursively, following links), sorted."""
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder of videos")
-    found = []
-    for root, _, files in os.walk(folder, followlinks=True):
-        found += [Path(root) / name for name in files if Path(name).suffix.lower() in VIDEO_EXTENSIONS]
-    return sorted(Path(os.path.abspath(path)) for path in found)  # the user's paths, links not resolved
+    return sorted(Path(os.path.abspath(path)) for path in walk_files(folder, is_video_file))  # links not resolved
 
 
 def sampling_settings(trained: TrainedModel) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import frozen_tfrecord as ft
+from conversion.convert import ConversionConfig, ConversionSummary
+from conversion.encoding import EncodeOptions
 from dataloaders.frame_store import FrameStore, manifest_path
 from dataloaders.raw_video_text import PairsDataset
 from dataloaders.video import VideoDecodeError, load_video_clip
@@ -54,9 +56,9 @@ def video_dir(tmp_path_factory) -> Path:
     return root
 
 
-def convert_store(video_dir: Path, output_dir: Path, **options) -> ft.ConversionSummary:
-    config = ft.ConversionConfig(output_dir=str(output_dir), video_dir=str(video_dir), shard_size=3, workers=0,
-                                 progress=False, options=ft.EncodeOptions(num_frames=0, **options))
+def convert_store(video_dir: Path, output_dir: Path, **options) -> ConversionSummary:
+    config = ConversionConfig(output_dir=str(output_dir), video_dir=str(video_dir), shard_size=3, workers=0,
+                                 progress=False, options=EncodeOptions(num_frames=0, **options))
     return ft.convert(config)
 
 
@@ -175,10 +177,13 @@ def test_jpeg_store_is_close_but_not_claimed_lossless(video_dir, tmp_path):
     assert torch.equal(stored[1], decoded[1]) and 0 < difference.mean() < 8
 
 
-def test_webvid_sidecars_keep_their_options(tmp_path):
-    """Adding frame stores must not invalidate the sidecars of WebVid conversions already under way."""
-    assert set(ft.EncodeOptions().recorded()) == {"num_frames", "short_side", "jpeg_quality", "raw"}
-    assert ft.EncodeOptions(feature_framerate=1).recorded()["feature_framerate"] == 1
+def test_sidecars_record_the_options_that_shape_the_records(tmp_path):
+    """A rerun keeps a shard only if these match: the decoder and --min_frames decide which frames and clips a
+    WebVid shard holds; a frame store always decodes as the fine-tuning loaders do and keeps every video."""
+    assert set(EncodeOptions().recorded()) == {"num_frames", "short_side", "jpeg_quality", "raw", "decoder",
+                                               "min_frames"}
+    store = EncodeOptions(feature_framerate=1).recorded()
+    assert store["feature_framerate"] == 1 and "decoder" not in store and "min_frames" not in store
 
 
 def test_rerun_keeps_the_finished_shards(video_dir, stores, tmp_path):

@@ -14,7 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
+import conversion.convert
 import frozen_tfrecord as ft
+from conversion.decoders import sample_positions
+from conversion.tables import PRESETS, TableHeaderError, read_tables
 from dataloaders.tfrecord_io import iter_records
 from dataloaders.webvid import parse_clip_record, read_frames
 from tests.real_fixtures import REAL_FIXTURES, needs_real
@@ -64,7 +67,7 @@ def make_webvid_folder(root: Path) -> dict[str, int]:
 
 
 def assert_frames_match(frames: np.ndarray, video_number: int, n_source_frames: int) -> None:
-    positions = ft.sample_positions(n_source_frames, 12)
+    positions = sample_positions(n_source_frames, 12)
     assert len(frames) == len(positions)
     means = frames[:, 8:-8, 8:-8].reshape(len(frames), -1, 3).mean(axis=1)
     expected = np.stack([frame_colour(video_number, p) for p in positions])
@@ -91,7 +94,7 @@ def convert(output_dir: Path, *args: str) -> ft.ConversionSummary:
 
 @needs_real("webvid")
 def test_real_webvid_csvs_both_column_orders_and_multiline_captions():
-    labels = ft.read_webvid_csvs([REAL_WEBVID / "results_2M_val.csv", REAL_WEBVID / "results_10M_val.csv"])
+    labels = read_tables([REAL_WEBVID / "results_2M_val.csv", REAL_WEBVID / "results_10M_val.csv"], PRESETS["webvid"])
     assert labels.failures == []
     assert labels.n_rows == 9 + 31
     assert len(labels.captions) == 40
@@ -113,7 +116,7 @@ def test_malformed_rows_are_reported_with_file_and_line(tmp_path):
         "4 4,space in id,e\n5,,f\n6,last,g\n",
         encoding="utf-8",
     )
-    labels = ft.read_webvid_csvs([csv_path])
+    labels = read_tables([csv_path], PRESETS["webvid"])
     assert labels.captions == {"1": "first, ok", "3": "multi\nline", "6": "last"}
     reported = [(f.kind, f.video_id, f.where.rsplit(":", 1)[1]) for f in labels.failures]
     assert reported == [
@@ -128,14 +131,14 @@ def test_malformed_rows_are_reported_with_file_and_line(tmp_path):
 def test_csv_without_videoid_and_name_columns_is_rejected(tmp_path):
     csv_path = tmp_path / "no_header.csv"
     csv_path.write_text("1053841541,Travel blogger,27732\n", encoding="utf-8")
-    with pytest.raises(ft.CsvHeaderError, match="no_header.csv"):
-        ft.read_webvid_csvs([csv_path])
+    with pytest.raises(TableHeaderError, match="no_header.csv"):
+        read_tables([csv_path], PRESETS["webvid"])
 
 
 def test_sample_positions_are_segment_middles():
-    assert ft.sample_positions(24, 12) == list(range(1, 24, 2))
-    assert ft.sample_positions(7, 12) == list(range(7))
-    assert ft.sample_positions(30, 0) == list(range(30))
+    assert sample_positions(24, 12) == list(range(1, 24, 2))
+    assert sample_positions(7, 12) == list(range(7))
+    assert sample_positions(30, 0) == list(range(30))
 
 
 # ----------------------------------------------------------------------------------------------- round trips
@@ -162,7 +165,7 @@ def test_cli_round_trip_jpeg_with_failures_report(tmp_path):
     labels = json.loads((out / "frozen_train_labels.json").read_text())
     assert labels == [{"video_id": v, "caption": f"caption of {v}, with a comma"} for v in frame_counts]
     failures = [line.split("\t") for line in (out / "failures.tsv").read_text().splitlines()[1:]]
-    short = {("short_video", video_id) for video_id, n in frame_counts.items() if n < 12}
+    short = {("fewer_frames", video_id) for video_id, n in frame_counts.items() if n < 12}
     assert short  # a video with fewer frames than asked for is stored as it is, and reported
     assert {(kind, video_id) for kind, video_id, *_ in failures} == {
         ("malformed_row", "1007"), ("missing_video", "1006"), ("bad_video", "1005"), *short}
@@ -223,18 +226,18 @@ def test_injected_failure_then_rerun_gives_identical_files(tmp_path, monkeypatch
     args = ("--video_dir", str(videos), "--csv", str(tmp_path / "labels.csv"), "--shard_size", "2", "--workers", "0")
     convert(tmp_path / "reference", *args)
 
-    real_write_shard = ft.write_shard
+    real_write_shard = conversion.convert.write_unit_shard
 
     def write_two_shards_then_fail(layout, plan, *rest, **kwargs):
         if plan.number == 2:
             raise OSError("disk full (injected)")
         return real_write_shard(layout, plan, *rest, **kwargs)
 
-    monkeypatch.setattr(ft, "write_shard", write_two_shards_then_fail)
+    monkeypatch.setattr(conversion.convert, "write_unit_shard", write_two_shards_then_fail)
     with pytest.raises(OSError, match="injected"):
         convert(tmp_path / "resumed", *args)
     assert not (tmp_path / "resumed" / "path.index").exists()
-    monkeypatch.setattr(ft, "write_shard", real_write_shard)
+    monkeypatch.setattr(conversion.convert, "write_unit_shard", real_write_shard)
     summary = convert(tmp_path / "resumed", *args)
     assert (summary.n_shards, summary.n_shards_resumed) == (4, 2)
     assert output_bytes(tmp_path / "resumed") == output_bytes(tmp_path / "reference")

@@ -12,11 +12,12 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("modules", "dataloaders", "engine", "inference")
+PACKAGES = ("modules", "dataloaders", "conversion", "engine", "inference")
 # What each package may import from the project (besides the standard library and third-party packages).
 ALLOWED = {
     "modules": ("modules",),
     "dataloaders": ("dataloaders", "modules.tokenization", "modules.errors"),
+    "conversion": ("conversion", "dataloaders", "modules.errors"),  # the converter: reads files, writes the store
     "engine": ("engine", "dataloaders", "modules"),
     "inference": ("inference", "engine", "dataloaders", "modules"),
 }

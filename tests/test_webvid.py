@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import frozen_tfrecord as ft
+from conversion.decoders import sample_positions
 from dataloaders.collate import collate_clips
 from dataloaders.tfrecord_io import iter_records
 from dataloaders.webvid import WebVidDataset, WebVidIndex, read_frames
@@ -112,7 +113,7 @@ def test_sample_contract(store):
     assert sample["video"].dtype == torch.uint8 and sample["video"].shape == (12, 3, 32, 32)
     assert sample["video_mask"].dtype == torch.long and sample["video_mask"].tolist() == [1] * 12
     assert sample["input_ids"].dtype == torch.long and sample["input_ids"].shape == (16,)
-    positions = ft.sample_positions(N_FRAMES["3002"], 12)
+    positions = sample_positions(N_FRAMES["3002"], 12)
     assert np.abs(frame_means(sample["video"], sample["video_mask"]) - expected_colours(2, positions)).max() <= 8
 
 
@@ -135,7 +136,7 @@ def test_caption_drops_bpe_id_zero_before_padding(store):
 ])
 def test_slicing_and_frame_order(store, slice_framepos, frame_order, kept):
     sample = make_dataset(store, max_frames=4, slice_framepos=slice_framepos, frame_order=frame_order)[1]
-    stored_positions = ft.sample_positions(N_FRAMES["3001"], 12)
+    stored_positions = sample_positions(N_FRAMES["3001"], 12)
     expected = expected_colours(1, [stored_positions[i] for i in kept])
     assert np.abs(frame_means(sample["video"], sample["video_mask"]) - expected).max() <= 8
 

@@ -1,0 +1,368 @@
+"""A conversion, one part of one (`num_parts`, `part`), or the merge of the parts.
+
+Files and tables are planned from the sources sorted by id (a source's clips stay in one shard) and decoded by a
+pool of worker processes, one source per task, while the main process writes the shards in plan order.
+webdataset input gives one output shard per input shard, each converted whole by one worker (streamed, so memory
+stays bounded whatever the shards). Either way shard n of the plan is the same file whoever writes it, so parts
+write disjoint shards (n mod num_parts == part) into one folder or several, and the merge lists them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+from tqdm import tqdm
+
+from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips
+from conversion.encoding import EncodeOptions, encode_clip, encode_frame_store_clip
+from conversion.items import Failure, Unit
+from conversion.shards import (
+    OutputLayout,
+    PartManifest,
+    ShardPlan,
+    ShardState,
+    ShardWriter,
+    assemble,
+    load_complete_shard,
+    plan_inputs,
+    plan_units,
+    read_part_manifests,
+    state_of_shard,
+    write_part_manifest,
+)
+from conversion.sources import SampleFields, select_files
+from conversion.tables import PRESETS, TableLayout
+from conversion.webdataset_input import convert_input_shard, expand_shard_specs, fewer_frames, too_few_frames
+from modules.errors import InputError
+
+logger = logging.getLogger("frozen_tfrecord")
+
+DEFAULT_OUTPUT_DIR = "./WebVid_TFRecord"
+
+
+@dataclass
+class ConversionConfig:
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    video_dir: str | None = None
+    frames_dir: str | None = None
+    csv_paths: list[str] = field(default_factory=list)  # WebVid csv: tables with the "webvid" preset
+    output_name: str = "path"
+    labels_name: str = "frozen_train_labels.json"
+    shard_size: int = 1000
+    workers: int = 0
+    progress: bool = True
+    options: EncodeOptions = field(default_factory=EncodeOptions)
+    tables: list[tuple[str, TableLayout]] = field(default_factory=list)
+    webdataset: list[str] = field(default_factory=list)  # shard specs
+    fields: SampleFields = field(default_factory=SampleFields)
+    num_parts: int = 1
+    part: int = 0
+    merge_dirs: list[str] | None = None  # set: merge the parts in these folders (empty: --output_dir)
+
+    def all_tables(self) -> list[tuple[str, TableLayout]]:
+        return [(path, PRESETS["webvid"]) for path in self.csv_paths] + list(self.tables)
+
+
+@dataclass
+class ConversionSummary:
+    n_csv_rows: int = 0
+    n_sources_found: int = 0
+    n_selected: int = 0
+    n_written: int = 0
+    n_shards: int = 0
+    n_shards_resumed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    part: str = ""  # "part K of N" for one part of a conversion
+
+    def report(self) -> str:
+        failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.failures.items())) or "none"
+        where = f"{self.part}: " if self.part else ""
+        return (f"{where}csv rows: {self.n_csv_rows}; videos found: {self.n_sources_found}; selected: "
+                f"{self.n_selected}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
+                f"kept from an earlier run); failures: {failures}")
+
+    def count(self, failures: list[Failure]) -> None:
+        for failure in failures:
+            self.failures[failure.kind] = self.failures.get(failure.kind, 0) + 1
+
+
+@dataclass
+class Planned:
+    plans: list[ShardPlan]
+    input_failures: list[Failure]
+    has_captions: bool
+
+
+def convert(config: ConversionConfig) -> ConversionSummary:
+    """Run (or resume) a conversion or one part of it, or merge the parts; raises OSError if a shard cannot be
+    written (complete shards are kept)."""
+    if config.merge_dirs is not None:
+        return merge(config)
+    summary = ConversionSummary()
+    planned = plan_conversion(config, summary)
+    layout = OutputLayout(config.output_dir, config.output_name)
+    layout.dir.mkdir(parents=True, exist_ok=True)
+    mine = [plan for plan in planned.plans if plan.number % config.num_parts == config.part]
+    remove_stale_temporaries(layout, [plan.number for plan in mine])
+    states = {plan.number: state for plan in mine
+              if (state := load_complete_shard(layout, plan, config.options)) is not None}
+    summary.n_shards, summary.n_shards_resumed = len(mine), len(states)
+    todo = [plan for plan in mine if plan.number not in states]
+    if config.webdataset:
+        _convert_input_shards(todo, layout, config, states)
+    else:
+        _convert_units(todo, layout, config, planned.has_captions, states, done=sum(
+            len(plan.clip_ids) for plan in mine if plan.number in states), total=sum(len(p.clip_ids) for p in mine))
+    ordered = [(layout.dir, states[plan.number]) for plan in mine]
+    if config.num_parts > 1:
+        manifest = PartManifest(config.num_parts, config.part, [_plan_key(plan) for plan in planned.plans],
+                                config.options.recorded(), [list(asdict(f).values()) for f in planned.input_failures],
+                                planned.has_captions, config.labels_name,
+                                {"n_csv_rows": summary.n_csv_rows, "n_sources_found": summary.n_sources_found,
+                                 "n_selected": summary.n_selected})
+        write_part_manifest(layout, manifest)
+        summary.part = f"part {config.part} of {config.num_parts}"
+        summary.n_written = sum(len(state.records) for _, state in ordered)
+        summary.count([Failure(*f) for _, state in ordered for f in state.failures])
+        return summary
+    labels_path = layout.dir / config.labels_name if planned.has_captions else None
+    assembled = assemble(layout.dir, layout.index, ordered, planned.input_failures, config.options, labels_path)
+    summary.n_written = assembled.n_written
+    summary.count(assembled.failures)
+    for failure in planned.input_failures:
+        logger.warning("%s %s (%s): %s", failure.kind, failure.video_id or "-", failure.where, failure.detail)
+    return summary
+
+
+def plan_conversion(config: ConversionConfig, summary: ConversionSummary) -> Planned:
+    """The whole plan (every part computes the same one) and the failures found before decoding."""
+    if config.webdataset:
+        urls = expand_shard_specs(config.webdataset)
+        if not urls:
+            raise InputError("--webdataset names no shard")
+        summary.n_sources_found = len(urls)
+        return Planned(plan_inputs(urls), [], True)
+    if (config.video_dir is None) == (config.frames_dir is None):
+        raise InputError("give exactly one of --video_dir, --frames_dir and --webdataset")
+    flag, folder = ("--frames_dir", config.frames_dir) if config.frames_dir else ("--video_dir", config.video_dir)
+    if not Path(folder).is_dir():
+        raise InputError(f"{flag} {folder} is not a folder")
+    for path, _ in config.all_tables():
+        if not Path(path).is_file():
+            raise InputError(f"{'--csv' if path in config.csv_paths else '--table'} {path} does not exist")
+    selection = select_files(folder, "frames" if config.frames_dir else "video", config.all_tables(),
+                             use_captions_beside=not config.options.is_frame_store, fields=config.fields)
+    summary.n_csv_rows, summary.n_sources_found = selection.n_rows, selection.n_sources_found
+    summary.n_selected = sum(len(unit.clips) for unit in selection.units)
+    has_captions = selection.has_captions and not config.options.is_frame_store
+    return Planned(plan_units(selection.units, config.shard_size), selection.failures, has_captions)
+
+
+def remove_stale_temporaries(layout: OutputLayout, numbers: list[int]) -> None:
+    """Temp files of this run's shards left by an interrupted run (never another part's)."""
+    for number in numbers:
+        for final in (layout.shard(number), layout.sidecar(number)):
+            for stale in layout.dir.glob(f".{final.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+
+def _plan_key(plan: ShardPlan) -> list:
+    """A plan shard's identity, as a merge checks it against the shard's sidecar."""
+    return [plan.number, plan.input or _ids_digest(plan.clip_ids, plan.windows)]
+
+
+def _state_key(number: int, state: ShardState) -> list:
+    return [number, state.input or _ids_digest(state.video_ids, state.windows)]
+
+
+def _ids_digest(clip_ids: list[str], windows: list | None) -> str:
+    return hashlib.sha256(json.dumps([clip_ids, windows]).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+@dataclass
+class ClipResult:
+    clip_id: str
+    payload: bytes | None
+    failure: Failure | None  # why it was not stored, or a note on a stored clip (fewer_frames)
+
+
+def convert_unit(unit: Unit, options: EncodeOptions) -> list[ClipResult]:
+    """Worker entry point: read one source once, sample and encode each of its clips; failures come back in the
+    results, never raised."""
+    try:
+        if options.is_frame_store:
+            payload, _ = encode_frame_store_clip(unit.source_id, unit.location, options)
+            return [ClipResult(unit.clips[0].clip_id, payload, None)]
+        source = open_source(unit.location, unit.kind, options.decoder, threads=_decode_threads)
+        decoded = read_clips(source, options.num_frames, [clip.window for clip in unit.clips])
+    except Exception as error:  # the worker boundary: a failure on one source only skips its clips
+        return [ClipResult(clip.clip_id, None, Failure("bad_video", clip.clip_id, unit.location,
+                                                       f"{type(error).__name__}: {error}")) for clip in unit.clips]
+    return [_clip_result(unit, clip, result, options) for clip, result in zip(unit.clips, decoded)]
+
+
+def _clip_result(unit: Unit, clip, result: DecodedClip | Exception, options: EncodeOptions) -> ClipResult:
+    if isinstance(result, BadWindow):
+        return ClipResult(clip.clip_id, None, Failure("bad_window", clip.clip_id, clip.where, str(result)))
+    if isinstance(result, Exception):
+        return ClipResult(clip.clip_id, None, Failure("bad_video", clip.clip_id, unit.location,
+                                                      f"{type(result).__name__}: {result}"))
+    refusal = too_few_frames(result.source_frames, options, clip.clip_id, unit.location)
+    if refusal is not None:
+        return ClipResult(clip.clip_id, None, refusal)
+    windowed = clip.window is not None
+    payload = encode_clip(clip.clip_id, result.frames, result.positions, options,
+                          window=clip.window, source_id=unit.source_id if windowed else None)
+    return ClipResult(clip.clip_id, payload, fewer_frames(result, options, clip.clip_id, unit.location))
+
+
+_decode_threads = 0  # FFmpeg decoding threads per video; 0 = FFmpeg's choice (all cores)
+
+
+def _init_worker() -> None:
+    global _decode_threads
+    _decode_threads = 1  # parallelism comes from the worker processes
+    cv2.setNumThreads(1)
+
+
+def _convert_units(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig, has_captions: bool,
+                   states: dict[int, ShardState], done: int, total: int) -> None:
+    with (
+        tqdm(total=total, initial=done, unit="video", disable=not config.progress, dynamic_ncols=True) as bar,
+        contextlib.closing(_run_units(todo, config)) as shards,
+    ):
+        for plan, results in shards:
+            states[plan.number] = write_unit_shard(layout, plan, results, config.options, has_captions,
+                                                   lambda: bar.update(1))
+
+
+def write_unit_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[list[ClipResult]],
+                     options: EncodeOptions, has_captions: bool, on_clip=lambda: None) -> ShardState:
+    """Write one shard from its (ordered) results: a verified temp file renamed into place, then the sidecar."""
+    writer = ShardWriter(layout.shard(plan.number))
+    labels, failures = [], []
+    try:
+        for unit, unit_results in zip(plan.units, results, strict=True):
+            for clip, result in zip(unit.clips, unit_results, strict=True):
+                if result.failure is not None:
+                    failures.append(result.failure)
+                    if result.payload is None:
+                        logger.warning("skipping %s (%s): %s", clip.clip_id, result.failure.where,
+                                       result.failure.detail)
+                if result.payload is not None:
+                    writer.add(clip.clip_id, result.payload)
+                    if has_captions and clip.caption is not None:
+                        labels.append({"video_id": clip.clip_id, "caption": clip.caption})
+                on_clip()
+        return state_of_shard(layout, plan, writer, options, labels, failures)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tuple[ShardPlan, Iterator]]:
+    """(plan, ordered results) per shard; with workers, the next shard is already queued while one is written."""
+    work = functools.partial(convert_unit, options=config.options)
+    if config.workers <= 0:
+        for plan in todo:
+            yield plan, map(work, plan.units)
+        return
+    # Fresh interpreters: forking a parent whose OpenCV thread pool has run deadlocks cv2 in the children.
+    with multiprocessing.get_context("spawn").Pool(config.workers, initializer=_init_worker) as pool:
+        queued: deque = deque()
+        for plan in todo:
+            queued.append((plan, pool.imap(work, plan.units, chunksize=1)))
+            if len(queued) == 2:
+                yield queued.popleft()
+        while queued:
+            yield queued.popleft()
+
+
+# ----------------------------------------------------------------------------------------------- webdataset
+
+
+def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig,
+                          states: dict[int, ShardState]) -> None:
+    work = functools.partial(convert_input_shard, layout=layout, options=config.options, fields=config.fields)
+    with tqdm(total=len(todo), unit="shard", disable=not config.progress, dynamic_ncols=True) as bar:
+        if config.workers <= 0:
+            results = map(work, todo)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(todo)) or 1,
+                                                             initializer=_init_worker)
+            results = pool.imap(work, todo, chunksize=1)
+        try:
+            for plan, state in zip(todo, results):
+                states[plan.number] = state
+                bar.update(1)
+        finally:
+            if config.workers > 0:
+                pool.close()
+                pool.join()
+
+
+# ----------------------------------------------------------------------------------------------- merge
+
+
+def merge(config: ConversionConfig) -> ConversionSummary:
+    """path.index, labels and failures.tsv in --output_dir over the parts in the merge folders, from their
+    sidecars and part manifests (no shard is read or copied; each must exist with its recorded size)."""
+    out = Path(config.output_dir)
+    folders = [Path(folder) for folder in (config.merge_dirs or [config.output_dir])]
+    for folder in folders:
+        if not folder.is_dir():
+            raise InputError(f"--merge: {folder} is not a folder")
+    manifests = read_part_manifests(folders, config.output_name)
+    manifest = manifests[0][1]
+    options = EncodeOptions(**{**asdict(EncodeOptions()), **manifest.options})
+    ordered, missing = [], []
+    for number, key in manifest.shards:
+        found = _find_part_shard(folders, config.output_name, number, key, manifest.options)
+        if found is None:
+            missing.append(number)
+        else:
+            ordered.append(found)
+    if missing:
+        parts = sorted({number % manifest.parts for number in missing})
+        raise InputError(f"--merge: {len(missing)} of {len(manifest.shards)} shard(s) are missing or incomplete "
+                         f"(e.g. shard {missing[0]}); rerun part(s) {', '.join(map(str, parts))} of "
+                         f"{manifest.parts}, then merge again")
+    out.mkdir(parents=True, exist_ok=True)
+    layout = OutputLayout(out, config.output_name)
+    labels_path = out / manifest.labels_name if manifest.has_captions else None
+    input_failures = [Failure(*f) for f in manifest.input_failures]
+    assembled = assemble(out, layout.index, ordered, input_failures, options, labels_path)
+    summary = ConversionSummary(**manifest.summary, n_written=assembled.n_written, n_shards=len(ordered),
+                                n_shards_resumed=len(ordered), part=f"merged {manifest.parts} parts")
+    summary.count(assembled.failures)
+    return summary
+
+
+def _find_part_shard(folders: list[Path], name: str, number: int, key: str, options: dict
+                     ) -> tuple[Path, ShardState] | None:
+    for folder in folders:
+        layout = OutputLayout(folder, name)
+        try:
+            state = ShardState(**json.loads(layout.sidecar(number).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            continue
+        shard = layout.shard(number)
+        if (_state_key(number, state) == [number, key] and state.options == options and shard.is_file()
+                and os.path.getsize(shard) == state.size):
+            state.records = [tuple(record) for record in state.records]
+            return folder, state
+    return None

@@ -1,0 +1,296 @@
+"""Which frames a stored clip holds (one rule, `clip_positions`), and the decoders that read them.
+
+Every decoder reads a video sequentially from its first frame, keeping the frames at the positions asked for,
+so positions are exact (no keyframe seeking). They differ only in where the bytes come from and which FFmpeg
+build decodes them:
+
+* `OpenCVVideo`: a file, through OpenCV's FFmpeg backend (the default for files: it reproduces the original's
+  frames);
+* `PyAVVideo`: a file or bytes in memory (a webdataset member), through PyAV;
+* `FrameFolder`: the original's pre-extracted frame folders, in sorted file-name order.
+
+All give BGR uint8 frames. `read_clips` applies the rule to every clip of one source, opening it once for all of
+them (a second pass only when the container over-reported its frame count).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from dataloaders.video import VideoDecodeError
+
+FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+DECODERS = ("opencv", "pyav")
+WINDOW_EPSILON = 1e-6  # seconds * fps products within this of an integer count as that integer
+
+
+class BadWindow(ValueError):
+    """A clip window that holds no frame of its source (starts past the end, empty, or ends before it starts)."""
+
+
+# ----------------------------------------------------------------------------------------------- the rule
+
+
+def sample_positions(n_available: int, n_wanted: int) -> list[int]:
+    """The middle of each of `n_wanted` equal segments; every position when there are not more than that."""
+    if n_wanted <= 0 or n_available <= n_wanted:
+        return list(range(n_available))
+    return [int((i + 0.5) * n_available / n_wanted) for i in range(n_wanted)]
+
+
+def window_frames(window: tuple[float, float], fps: float, frame_count: int) -> range:
+    """The frames f of a source with `frame_count` frames whose time f / fps lies in [start, end)."""
+    start, end = window
+    if end < start:
+        raise BadWindow(f"the window ends before it starts ({start:g} s to {end:g} s)")
+    first = math.ceil(start * fps - WINDOW_EPSILON)
+    if first >= frame_count:
+        raise BadWindow(f"the window starts at {start:g} s, past the end of the video ({frame_count} frames at "
+                        f"{fps:g} fps: {frame_count / fps:.3f} s)")
+    stop = min(math.ceil(end * fps - WINDOW_EPSILON), frame_count)
+    if stop <= first:
+        raise BadWindow(f"the window {start:g} s to {end:g} s holds no frame at {fps:g} fps")
+    return range(first, stop)
+
+
+def clip_positions(frame_count: int, fps: float, num_frames: int, window: tuple[float, float] | None) -> list[int]:
+    """Frame numbers a clip stores: `num_frames` sampled uniformly (`sample_positions`) over the whole source, or
+    over the frames inside `window` (seconds) as absolute frame numbers of the source."""
+    frames = range(frame_count) if window is None else window_frames(window, fps, frame_count)
+    return [frames[i] for i in sample_positions(len(frames), num_frames)]
+
+
+# ----------------------------------------------------------------------------------------------- decoders
+
+
+class VideoSource(Protocol):
+    """A source of frames. `frame_count` is what the container reports (counted by decoding when it reports
+    nothing); `read` decodes sequentially and returns the frames at `positions` (sorted) and how many frames it
+    decoded before stopping (all of them, or the position past the last one asked for)."""
+
+    fps: float
+
+    def frame_count(self) -> int: ...
+
+    def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]: ...
+
+
+def _keep_positions(frames: Callable[[], object], positions: Sequence[int],
+                    to_bgr: Callable[[object], np.ndarray | None]) -> tuple[dict[int, np.ndarray], int]:
+    """Walk the decoded frames in order up to the last position (all of them when `positions` is empty)."""
+    wanted = set(positions)
+    last = max(positions) if positions else None
+    kept: dict[int, np.ndarray] = {}
+    position = 0
+    for frame in frames():
+        if last is not None and position > last:
+            break
+        if position in wanted:
+            image = to_bgr(frame)
+            if image is None:
+                break
+            kept[position] = image
+        position += 1
+    return kept, position
+
+
+class OpenCVVideo:
+    """A video file through OpenCV's FFmpeg backend; `threads` 0 lets FFmpeg choose."""
+
+    def __init__(self, path: str, threads: int = 0) -> None:
+        if not os.path.exists(path):
+            raise VideoDecodeError(f"file not found: {path}")
+        self.path = path
+        self.threads = threads
+        capture = self._open()
+        try:
+            self.fps = capture.get(cv2.CAP_PROP_FPS)
+            self._reported = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        finally:
+            capture.release()
+
+    def _open(self) -> cv2.VideoCapture:
+        params = [cv2.CAP_PROP_N_THREADS, self.threads] if self.threads else []
+        capture = cv2.VideoCapture(self.path, cv2.CAP_FFMPEG, params)
+        if not capture.isOpened():
+            capture.release()
+            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {self.path}")
+        return capture
+
+    def frame_count(self) -> int:
+        if self._reported > 0:
+            return self._reported
+        return self.read([])[1]  # no (or a bogus) count in the container: count by decoding
+
+    def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+        capture = self._open()
+
+        def grabbed():
+            while capture.grab():
+                yield capture
+
+        def retrieve(grabbed_capture: cv2.VideoCapture) -> np.ndarray | None:
+            ok, frame = grabbed_capture.retrieve()
+            return frame if ok else None
+
+        try:
+            return _keep_positions(grabbed, positions, retrieve)
+        finally:
+            capture.release()
+
+
+class PyAVVideo:
+    """A video file or in-memory bytes through PyAV; `threads` 0 lets FFmpeg choose."""
+
+    def __init__(self, source: str | bytes, threads: int = 0, name: str | None = None) -> None:
+        self.source = source
+        self.name = name or (source if isinstance(source, str) else "video bytes")
+        self.threads = threads
+        if isinstance(source, str) and not os.path.exists(source):
+            raise VideoDecodeError(f"file not found: {source}")
+        with self._open() as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            self.fps = float(rate) if rate else 0.0
+            self._reported = stream.frames or self._estimated_count(container, stream)
+
+    def _open(self):
+        import av
+
+        try:
+            container = av.open(io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source)
+        except (av.FFmpegError, ValueError, OSError) as error:
+            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {self.name}: {error}") from error
+        if not container.streams.video:
+            container.close()
+            raise VideoDecodeError(f"no video stream in {self.name}")
+        return container
+
+    def _estimated_count(self, container, stream) -> int:
+        """OpenCV's estimate for containers without a frame count: duration x fps, rounded."""
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / 1e6
+        else:
+            return 0
+        return math.floor(seconds * self.fps + 0.5)
+
+    def frame_count(self) -> int:
+        if self._reported > 0:
+            return self._reported
+        return self.read([])[1]
+
+    def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+        import av
+
+        with self._open() as container:
+            stream = container.streams.video[0]
+            if self.threads:
+                stream.codec_context.thread_count = self.threads
+            stream.thread_type = "AUTO"
+
+            def decoded():
+                try:
+                    yield from container.decode(stream)
+                except av.FFmpegError:  # a damaged tail: keep what decoded before it, as OpenCV does
+                    return
+
+            return _keep_positions(decoded, positions, lambda frame: frame.to_ndarray(format="bgr24"))
+
+
+class FrameFolder:
+    """The original's input: a folder of frame images, in sorted file-name order (no frame rate)."""
+
+    fps = 0.0
+
+    def __init__(self, folder: str) -> None:
+        if not os.path.isdir(folder):
+            raise VideoDecodeError(f"frame folder not found: {folder}")
+        self.folder = folder
+        self.names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS)
+        if not self.names:
+            raise VideoDecodeError(f"no image files in {folder}")
+
+    def frame_count(self) -> int:
+        return len(self.names)
+
+    def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+        frames = {}
+        for position in positions:
+            frame = cv2.imread(os.path.join(self.folder, self.names[position]), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise VideoDecodeError(f"unreadable image {self.names[position]} in {self.folder}")
+            frames[position] = frame
+        return frames, len(self.names)
+
+
+def open_source(location: str | bytes, kind: str, decoder: str, threads: int = 0, name: str | None = None
+                ) -> VideoSource:
+    """A `VideoSource` for a video file or bytes (`kind` "video") or a frame folder (`kind` "frames")."""
+    if kind == "frames":
+        return FrameFolder(location)
+    if decoder == "pyav" or isinstance(location, bytes):
+        return PyAVVideo(location, threads, name)
+    if decoder != "opencv":
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    return OpenCVVideo(location, threads)
+
+
+# ----------------------------------------------------------------------------------------------- clips
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    frames: list[np.ndarray]  # BGR uint8, in position order
+    positions: list[int]  # frame numbers in the source
+    source_frames: int  # frames of the source (or of the window) the positions were sampled from
+
+
+def read_clips(source: VideoSource, num_frames: int, windows: Sequence[tuple[float, float] | None]
+               ) -> list[DecodedClip | BadWindow | VideoDecodeError]:
+    """Each window's clip (None: the whole source), decoding the source once for all of them; a window with no
+    frame is a `BadWindow`, a clip of which no frame decoded a `VideoDecodeError` (both returned, not raised)."""
+    count = source.frame_count()
+    if count <= 0:
+        raise VideoDecodeError("no frame could be decoded")
+    wanted = _positions_of(windows, count, source.fps, num_frames)
+    frames, decoded = source.read(sorted({p for positions in wanted if isinstance(positions, list) for p in positions}))
+    if any(isinstance(positions, list) and positions and positions[-1] >= decoded for positions in wanted):
+        # the container over-reported its frame count: sample again over the frames that exist
+        if decoded == 0:
+            raise VideoDecodeError("no frame could be decoded")
+        wanted = _positions_of(windows, decoded, source.fps, num_frames)
+        frames, _ = source.read(sorted({p for positions in wanted if isinstance(positions, list) for p in positions}))
+        count = decoded
+    clips: list[DecodedClip | BadWindow | VideoDecodeError] = []
+    for window, positions in zip(windows, wanted):
+        if not isinstance(positions, list):
+            clips.append(positions)
+            continue
+        kept = [p for p in positions if p in frames]
+        if not kept:
+            clips.append(VideoDecodeError("no frame could be decoded"))
+            continue
+        available = count if window is None else len(window_frames(window, source.fps, count))
+        clips.append(DecodedClip([frames[p] for p in kept], kept, available))
+    return clips
+
+
+def _positions_of(windows: Sequence[tuple[float, float] | None], count: int, fps: float, num_frames: int
+                  ) -> list[list[int] | BadWindow]:
+    wanted: list[list[int] | BadWindow] = []
+    for window in windows:
+        try:
+            wanted.append(clip_positions(count, fps, num_frames, window))
+        except BadWindow as error:
+            wanted.append(error)
+    return wanted

@@ -1,0 +1,58 @@
+"""What a conversion works on: the clips to store, the sources they are read from, and what went wrong."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+VALID_ID = re.compile(r"[^\s/\\]+")  # a video or clip id: no whitespace, no path separators
+
+
+@dataclass
+class Failure:
+    """One line of failures.tsv: why a row, a sample or a clip was not stored (or, for `fewer_frames`, stored with
+    fewer frames than asked for)."""
+
+    kind: str
+    video_id: str
+    where: str  # file:line of a table row, <shard>:<key> of a webdataset sample, or the video's path
+    detail: str
+
+    def tsv_line(self) -> str:
+        fields = (self.kind, self.video_id, self.where, self.detail)
+        return "\t".join(" ".join(str(f).split()) for f in fields)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A clip to store: its id and caption, and for a clip of a longer video the window (seconds) it covers."""
+
+    clip_id: str
+    caption: str | None
+    window: tuple[float, float] | None = None
+    where: str = ""  # the table row it came from, for failures
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One source opened once for all its clips: a video file or a frame folder."""
+
+    source_id: str
+    location: str
+    kind: str  # "video" or "frames"
+    clips: tuple[Clip, ...]
+
+    @property
+    def clip_ids(self) -> list[str]:
+        return [clip.clip_id for clip in self.clips]
+
+
+@dataclass
+class Selection:
+    """What a conversion of files or tables will store, and what was refused before any decoding."""
+
+    units: list[Unit] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    has_captions: bool = False  # write frozen_train_labels.json
+    n_rows: int = 0  # table rows read
+    n_sources_found: int = 0  # videos (or frame folders) found on disk

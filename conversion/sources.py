@@ -1,0 +1,169 @@
+"""What a conversion of files stores: videos under --video_dir (or the original's frame folders under --frames_dir),
+listed by tables (WebVid csv and the other layouts of tables.py), or captioned by the .txt / .json files beside
+them (video2dataset's `files` output), or every video found (frame stores, captionless stores)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conversion.items import VALID_ID, Clip, Failure, Selection, Unit
+from conversion.tables import TableLayout, TableRows, read_tables
+from dataloaders.files import is_video_file, walk_files
+from modules.errors import InputError
+
+logger = logging.getLogger("frozen_tfrecord")
+
+CAPTION_SUFFIXES = (".txt", ".json")
+SUCCESS = "success"  # video2dataset's status of a downloaded sample
+
+
+@dataclass(frozen=True)
+class SampleFields:
+    """Which fields of a sample's json give its caption and id (video2dataset's .json, webdataset or files)."""
+
+    caption_field: str | None = None  # None: the .txt, else the json's "caption"
+    id_field: str | None = None  # None: the sample key (file name without extension)
+
+
+def find_videos(video_dir: str | Path) -> dict[str, str]:
+    """`video_id -> path` for every video file under `video_dir` (one walk; id = file name without extension)."""
+    found: dict[str, str] = {}
+    for path in walk_files(video_dir, is_video_file):
+        if path.stem in found:
+            logger.warning("video id %s found twice: using %s, ignoring %s", path.stem, found[path.stem], path)
+        else:
+            found[path.stem] = str(path)
+    return found
+
+
+def find_frame_folders(frames_dir: str | Path) -> dict[str, str]:
+    """`video_id -> folder` for every sub-folder of `frames_dir` (the original's <input_dir>/<videoid>/)."""
+    return {entry.name: entry.path for entry in os.scandir(frames_dir) if entry.is_dir()}
+
+
+def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], *, use_captions_beside: bool,
+                 fields: SampleFields) -> Selection:
+    """The units to convert from `folder` (`kind` "video": --video_dir, "frames": --frames_dir), in id order.
+
+    With `tables` only the videos they name, with their clips and captions (a named video missing from the
+    folder is a `missing_video` failure); else, with `use_captions_beside` and caption files beside the videos,
+    the captioned videos; else every video or frame folder found, without captions."""
+    found = find_frame_folders(folder) if kind == "frames" else find_videos(folder)
+    selection = Selection(n_sources_found=len(found))
+    if tables:
+        rows = TableRows()
+        for path, layout in tables:
+            if kind == "frames" and layout.has_windows:
+                raise InputError(f"{path}: clip windows need videos (--video_dir), not frame folders")
+            read_tables([path], layout, rows)
+        selection.n_rows, selection.has_captions = rows.n_rows, True
+        selection.failures += rows.failures
+        _units_from_tables(rows, found, folder, kind, selection)
+    elif use_captions_beside and kind == "video" and _has_caption_files(folder):
+        selection.has_captions = True
+        _units_from_captions_beside(folder, found, fields, selection)
+    else:
+        selection.units = [Unit(video_id, found[video_id], kind, (Clip(video_id, None),)) for video_id in sorted(found)]
+    return selection
+
+
+def _units_from_tables(rows: TableRows, found: dict[str, str], folder: str, kind: str, selection: Selection) -> None:
+    missing = []
+    for video_id in sorted(rows.clips):
+        clips = rows.clips[video_id]
+        if not clips:
+            continue
+        relative = rows.video_paths.get(video_id)
+        location = str(Path(folder) / relative) if relative is not None else found.get(video_id)
+        if location is None or (relative is not None and not os.path.exists(location)):
+            where = clips[0].where if relative is not None else ""
+            detail = f"no file {relative} under {folder}" if relative is not None else \
+                "no video file or frame folder with this id"
+            missing.append(Failure("missing_video", video_id, where, detail))
+            continue
+        selection.units.append(Unit(video_id, location, kind, tuple(clips)))
+    selection.failures += missing
+
+
+def _has_caption_files(folder: str) -> bool:
+    return any(True for _ in walk_files(folder, lambda name: name.endswith(CAPTION_SUFFIXES)))
+
+
+def _units_from_captions_beside(folder: str, found: dict[str, str], fields: SampleFields,
+                                selection: Selection) -> None:
+    """video2dataset's `files` layout: `<key>.mp4` with `<key>.txt` and/or `<key>.json` in the same folder."""
+    samples: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
+    for path in walk_files(folder, lambda name: is_video_file(name) or name.endswith(CAPTION_SUFFIXES)):
+        samples[(str(path.parent), path.stem)]["video" if is_video_file(path.name) else path.suffix[1:]] = path
+    seen: set[str] = set()
+    units = []
+    for (_, key), members in sorted(samples.items(), key=lambda item: item[0][1]):
+        where = str(members.get("video") or members.get("json") or members.get("txt"))
+        meta = _read_json(members["json"]) if "json" in members else {}
+        clip_id, caption, failure = sample_clip(key, meta, _read_text(members.get("txt")), fields, where,
+                                                has_video="video" in members)
+        if failure is None and clip_id in seen:
+            failure = Failure("duplicate_id", clip_id, where, "id seen before; first kept")
+        if failure is not None:
+            selection.failures.append(failure)
+            continue
+        seen.add(clip_id)
+        units.append(Unit(clip_id, str(members["video"]), "video", (Clip(clip_id, caption),)))
+    selection.units = sorted(units, key=lambda unit: unit.source_id)
+
+
+def sample_clip(key: str, meta: dict[str, Any] | Failure, text: str | None, fields: SampleFields, where: str, *,
+                has_video: bool) -> tuple[str, str | None, Failure | None]:
+    """(clip id, caption, None) of a video2dataset sample (a webdataset sample or a files-layout triple), or the
+    Failure that keeps it out: a json that does not parse, a status other than success, no video, no caption or an
+    empty one, an id field that is missing."""
+    if isinstance(meta, Failure):
+        return key, None, Failure(meta.kind, key, where, meta.detail)
+    clip_id = key
+    if fields.id_field is not None:
+        clip_id = str(meta.get(fields.id_field, "")).strip()
+        if not VALID_ID.fullmatch(clip_id):
+            return key, None, Failure("no_id", key, where, f"json field {fields.id_field!r} missing or not an id "
+                                                           f"({meta.get(fields.id_field)!r})")
+    status = meta.get("status")
+    if status is not None and status != SUCCESS:
+        return clip_id, None, Failure("failed_download", clip_id, where,
+                                      f"status {status}: {meta.get('error_message') or 'no message'}")
+    if not has_video:
+        return clip_id, None, Failure("no_video", clip_id, where, "the sample has no video member")
+    if fields.caption_field is not None:
+        caption = meta.get(fields.caption_field)
+        source = f"json field {fields.caption_field!r}"
+    elif text is not None:
+        caption, source = text, ".txt"
+    else:
+        caption, source = meta.get("caption"), "json field 'caption'"
+    if caption is None:
+        return clip_id, None, Failure("no_caption", clip_id, where, f"no caption (no {source})")
+    if not str(caption).strip():
+        return clip_id, None, Failure("empty_caption", clip_id, where, f"the caption ({source}) is empty")
+    return clip_id, str(caption).strip(), None
+
+
+def _read_json(path: Path) -> dict[str, Any] | Failure:
+    return parse_sample_json(path.read_bytes())
+
+
+def parse_sample_json(data: bytes) -> dict[str, Any] | Failure:
+    try:
+        meta = json.loads(data.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as error:
+        return Failure("bad_json", "", "", f"the .json does not parse: {error}")
+    if not isinstance(meta, dict):
+        return Failure("bad_json", "", "", "the .json is not an object")
+    return meta
+
+
+def _read_text(path: Path | None) -> str | None:
+    return None if path is None else path.read_bytes().decode("utf-8", errors="replace")

@@ -1,0 +1,196 @@
+"""webdataset tar shards as video2dataset writes them (and as mirrored on Hugging Face): per sample `<key>.mp4`
+(or .webm, .mkv, .avi, ...), `<key>.txt` (the caption) and `<key>.json` (url, caption, key, status,
+error_message, extra columns).
+
+Shards are named by brace patterns (`shards/{00000..00099}.tar`), folders (their .tar files), files listing shards
+(one per line, relative to the list) or shard paths, local or `s3://` (boto3, configured by the usual environment
+as the TFRecord reader). Each is read as a stream, one sample at a time, parsed by the `webdataset` package's tar
+iterator and key grouping (member data is read into memory, never extracted to disk by its name); its video member
+is decoded from memory with PyAV.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from braceexpand import braceexpand
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from conversion.decoders import DecodedClip, open_source, read_clips
+from conversion.encoding import EncodeOptions, encode_clip
+from conversion.items import Failure
+from conversion.shards import OutputLayout, ShardPlan, ShardState, ShardWriter, state_of_shard
+from conversion.sources import SampleFields, parse_sample_json, sample_clip
+from dataloaders.files import VIDEO_EXTENSIONS
+from dataloaders.tfrecord_io import is_s3_url, s3_client, split_s3_url
+from dataloaders.video import VideoDecodeError
+from modules.errors import InputError
+
+SHARD_SUFFIX = ".tar"
+LIST_SUFFIXES = (".txt", ".list", ".lst")
+# The video member of a sample, by preference when a sample has several.
+VIDEO_SUFFIXES = tuple(dict.fromkeys(("mp4", "webm", "mkv", "avi", "mov", "m4v",
+                                      *sorted(e[1:] for e in VIDEO_EXTENSIONS))))
+
+
+def expand_shard_specs(specs: list[str]) -> list[str]:
+    """The shards named by --webdataset values, in order, each once."""
+    shards: list[str] = []
+    for spec in specs:
+        for name in braceexpand(spec):
+            shards += _shards_of(name)
+    return list(dict.fromkeys(shards))
+
+
+def _shards_of(name: str) -> list[str]:
+    if is_s3_url(name):
+        return _s3_folder(name) if name.endswith("/") else [name]
+    path = Path(name)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.iterdir() if p.suffix == SHARD_SUFFIX and p.is_file())
+        if not found:
+            raise InputError(f"--webdataset {name}: no {SHARD_SUFFIX} file in this folder")
+        return found
+    if path.suffix.lower() in LIST_SUFFIXES:
+        if not path.is_file():
+            raise InputError(f"--webdataset {name}: no such shard list")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return [line if is_s3_url(line) or os.path.isabs(line) else str(path.parent / line)
+                for line in lines if line and not line.startswith("#")]
+    return [name]  # a shard; a missing one is reported as a failure when it is read, the rest still converts
+
+
+def _s3_folder(prefix: str) -> list[str]:
+    bucket, key = split_s3_url(prefix)
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+    found = sorted(item["Key"] for page in pages for item in page.get("Contents", [])
+                   if item["Key"].endswith(SHARD_SUFFIX))
+    if not found:
+        raise InputError(f"--webdataset {prefix}: no {SHARD_SUFFIX} object under this prefix")
+    return [f"s3://{bucket}/{item}" for item in found]
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A stream of the shard's bytes: a local file, or the body of an S3 GET (read as it arrives)."""
+    if is_s3_url(url):
+        bucket, key = split_s3_url(url)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(url, "rb")
+
+
+def shard_name(url: str) -> str:
+    return posixpath.basename(url) if is_s3_url(url) else os.path.basename(url)
+
+
+class ShardErrors:
+    """The `handler` of webdataset's iterators: records what went wrong in the shard and goes on where it can."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, error: Exception) -> bool:
+        self.errors.append(f"{type(error).__name__}: {error.args[0] if error.args else error}")
+        return True
+
+
+def samples_of(url: str, stream: BinaryIO, errors: ShardErrors) -> Iterator[dict[str, Any]]:
+    """The shard's samples ({"__key__", suffix: bytes, ...}), grouped by key by webdataset."""
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=errors, eof_value=None)
+    return group_by_keys(files, handler=errors)
+
+
+def convert_input_shard(plan: ShardPlan, layout: OutputLayout, options: EncodeOptions, fields: SampleFields
+                        ) -> ShardState:
+    """Worker entry point: convert one webdataset shard into output shard `plan.number`, writing the shard and
+    its sidecar; every sample that cannot be stored is a failure naming the shard and key."""
+    url = plan.input
+    writer = ShardWriter(layout.shard(plan.number))
+    labels: list[dict[str, str]] = []
+    failures: list[Failure] = []
+    stored: list[str] = []
+    errors = ShardErrors()
+    try:
+        try:
+            stream = open_shard(url)
+        except Exception as error:  # noqa: BLE001 - a shard that cannot be opened is a failure, not a crash
+            failures.append(Failure("bad_shard", "", url, f"cannot read the shard: {type(error).__name__}: {error}"))
+            stream = None
+        if stream is not None:
+            try:
+                pending = None  # the last sample is held back: a truncated shard cuts it short
+                for sample in samples_of(url, stream, errors):
+                    if pending is not None:
+                        _store(pending, url, options, fields, writer, labels, failures, stored)
+                    pending = sample
+                if pending is not None:
+                    if errors.errors:
+                        key = Path(pending["__key__"]).name
+                        failures.append(Failure("bad_member", key, f"{url}:{key}", "the shard is cut short or "
+                                                "damaged in this sample: it is not stored"))
+                    else:
+                        _store(pending, url, options, fields, writer, labels, failures, stored)
+            finally:
+                stream.close()
+            if errors.errors:
+                failures.append(Failure("bad_shard", "", url, "; ".join(dict.fromkeys(errors.errors))))
+        return state_of_shard(layout, plan, writer, options, labels, failures, stored)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _store(sample: dict[str, Any], url: str, options: EncodeOptions, fields: SampleFields, writer: ShardWriter,
+           labels: list[dict[str, str]], failures: list[Failure], stored: list[str]) -> None:
+    key = Path(sample["__key__"]).name
+    where = f"{url}:{key}"
+    video_suffix = next((suffix for suffix in VIDEO_SUFFIXES if suffix in sample), None)
+    meta = parse_sample_json(sample["json"]) if "json" in sample else {}
+    text = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else None
+    clip_id, caption, failure = sample_clip(key, meta, text, fields, where, has_video=video_suffix is not None)
+    if failure is None and clip_id in stored:
+        failure = Failure("duplicate_id", clip_id, where, "id seen before in this shard; the first kept")
+    if failure is None:
+        payload, failure = encode_member(clip_id, sample[video_suffix], where, options)
+    if failure is not None:
+        failures.append(failure)
+        if payload is None:
+            return
+    writer.add(clip_id, payload)
+    stored.append(clip_id)
+    labels.append({"video_id": clip_id, "caption": caption})
+
+
+def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions) -> tuple[bytes | None,
+                                                                                           Failure | None]:
+    """The record payload of an in-memory video member and None; None and the Failure that keeps it out; or the
+    payload and a `fewer_frames` note (stored with fewer frames than asked for)."""
+    try:
+        source = open_source(data, "video", "pyav", threads=1, name=where)
+        clip = read_clips(source, options.num_frames, [None])[0]
+    except VideoDecodeError as error:
+        return None, Failure("bad_video", clip_id, where, str(error))
+    if isinstance(clip, Exception):
+        return None, Failure("bad_video", clip_id, where, str(clip))
+    refusal = too_few_frames(clip.source_frames, options, clip_id, where)
+    if refusal is not None:
+        return None, refusal
+    return encode_clip(clip_id, clip.frames, clip.positions, options), fewer_frames(clip, options, clip_id, where)
+
+
+def fewer_frames(clip: DecodedClip, options: EncodeOptions, clip_id: str, where: str) -> Failure | None:
+    if options.num_frames and len(clip.frames) < options.num_frames:
+        return Failure("fewer_frames", clip_id, where,
+                       f"stored {len(clip.frames)} of the {options.num_frames} frames asked for")
+    return None
+
+
+def too_few_frames(n_frames: int, options: EncodeOptions, clip_id: str, where: str) -> Failure | None:
+    """A source of one frame is a still image (`not_a_video`); one with fewer than --min_frames a `short_video`."""
+    if n_frames >= options.min_frames:
+        return None
+    kind = "not_a_video" if n_frames <= 1 else "short_video"
+    return Failure(kind, clip_id, where, f"{n_frames} decodable frame(s), fewer than --min_frames {options.min_frames}")
