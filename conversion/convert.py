@@ -84,12 +84,14 @@ class ConversionSummary:
     n_shards_resumed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     part: str = ""  # "part K of N" for one part of a conversion
+    n_input_shards: int = 0  # webdataset shards
 
     def report(self) -> str:
         failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.failures.items())) or "none"
         where = f"{self.part}: " if self.part else ""
-        return (f"{where}csv rows: {self.n_csv_rows}; videos found: {self.n_sources_found}; selected: "
-                f"{self.n_selected}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
+        inputs = (f"webdataset shards: {self.n_input_shards}" if self.n_input_shards else
+                  f"csv rows: {self.n_csv_rows}; videos found: {self.n_sources_found}; selected: {self.n_selected}")
+        return (f"{where}{inputs}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
                 f"kept from an earlier run); failures: {failures}")
 
     def count(self, failures: list[Failure]) -> None:
@@ -130,7 +132,7 @@ def convert(config: ConversionConfig) -> ConversionSummary:
                                 config.options.recorded(), [list(asdict(f).values()) for f in planned.input_failures],
                                 planned.has_captions, config.labels_name,
                                 {"n_csv_rows": summary.n_csv_rows, "n_sources_found": summary.n_sources_found,
-                                 "n_selected": summary.n_selected})
+                                 "n_selected": summary.n_selected, "n_input_shards": summary.n_input_shards})
         write_part_manifest(layout, manifest)
         summary.part = f"part {config.part} of {config.num_parts}"
         summary.n_written = sum(len(state.records) for _, state in ordered)
@@ -151,7 +153,7 @@ def plan_conversion(config: ConversionConfig, summary: ConversionSummary) -> Pla
         urls = expand_shard_specs(config.webdataset)
         if not urls:
             raise InputError("--webdataset names no shard")
-        summary.n_sources_found = len(urls)
+        summary.n_input_shards = len(urls)
         return Planned(plan_inputs(urls), [], True)
     if (config.video_dir is None) == (config.frames_dir is None):
         raise InputError("give exactly one of --video_dir, --frames_dir and --webdataset")

@@ -168,7 +168,8 @@ class PyAVVideo:
         try:
             container = av.open(io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source)
         except (av.FFmpegError, ValueError, OSError) as error:
-            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {self.name}: {error}") from error
+            reason = getattr(error, "strerror", None) or str(error)
+            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {self.name}: {reason}") from error
         if not container.streams.video:
             container.close()
             raise VideoDecodeError(f"no video stream in {self.name}")

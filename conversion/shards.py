@@ -226,7 +226,8 @@ def assemble(output_dir: Path, index: Path, states: Iterable[tuple[Path, ShardSt
         failures += [Failure(*f) for f in state.failures]
         for clip_id, offset in state.records:
             if clip_id in seen:
-                failures.append(Failure("duplicate_id", clip_id, state.input or shard_path,
+                where = f"{state.input}:{clip_id}" if state.input else shard_path
+                failures.append(Failure("duplicate_id", clip_id, where,
                                         "id stored before by an earlier shard; the first kept"))
                 continue
             seen.add(clip_id)

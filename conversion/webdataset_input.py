@@ -87,20 +87,32 @@ def shard_name(url: str) -> str:
 
 
 class ShardErrors:
-    """The `handler` of webdataset's iterators: records what went wrong in the shard and goes on where it can."""
+    """The `handler` of webdataset's iterators: records what went wrong in the shard (and after which member) and
+    goes on where it can."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.last_member: str | None = None
 
     def __call__(self, error: Exception) -> bool:
-        self.errors.append(f"{type(error).__name__}: {error.args[0] if error.args else error}")
+        message = str(error.args[0]) if error.args else str(error)
+        after = f" after member {self.last_member}" if self.last_member else " at its start"
+        self.errors.append(f"{type(error).__name__}{after}: {message.split(' @ ')[0]}")
         return True
+
+    def members(self, files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for member in files:
+            self.last_member = member.get("fname", self.last_member)
+            yield member
 
 
 def samples_of(url: str, stream: BinaryIO, errors: ShardErrors) -> Iterator[dict[str, Any]]:
-    """The shard's samples ({"__key__", suffix: bytes, ...}), grouped by key by webdataset."""
+    """The shard's samples ({"__key__", suffix: bytes, ...}), grouped by key by webdataset. A member that cannot
+    be read (a truncated or damaged tar) ends the shard; the samples before it are complete, and a sample it cut
+    short has lost that member and those after it (reported as such when that leaves it without video or
+    caption)."""
     files = tar_file_expander([{"url": url, "stream": stream}], handler=errors, eof_value=None)
-    return group_by_keys(files, handler=errors)
+    return group_by_keys(errors.members(files), handler=errors)
 
 
 def convert_input_shard(plan: ShardPlan, layout: OutputLayout, options: EncodeOptions, fields: SampleFields
@@ -121,22 +133,13 @@ def convert_input_shard(plan: ShardPlan, layout: OutputLayout, options: EncodeOp
             stream = None
         if stream is not None:
             try:
-                pending = None  # the last sample is held back: a truncated shard cuts it short
                 for sample in samples_of(url, stream, errors):
-                    if pending is not None:
-                        _store(pending, url, options, fields, writer, labels, failures, stored)
-                    pending = sample
-                if pending is not None:
-                    if errors.errors:
-                        key = Path(pending["__key__"]).name
-                        failures.append(Failure("bad_member", key, f"{url}:{key}", "the shard is cut short or "
-                                                "damaged in this sample: it is not stored"))
-                    else:
-                        _store(pending, url, options, fields, writer, labels, failures, stored)
+                    _store(sample, url, options, fields, writer, labels, failures, stored)
             finally:
                 stream.close()
             if errors.errors:
-                failures.append(Failure("bad_shard", "", url, "; ".join(dict.fromkeys(errors.errors))))
+                failures.append(Failure("bad_shard", "", url, "the shard is cut short or damaged, the samples "
+                                        "after this point are lost: " + "; ".join(dict.fromkeys(errors.errors))))
         return state_of_shard(layout, plan, writer, options, labels, failures, stored)
     except BaseException:
         writer.abort()
@@ -153,6 +156,7 @@ def _store(sample: dict[str, Any], url: str, options: EncodeOptions, fields: Sam
     clip_id, caption, failure = sample_clip(key, meta, text, fields, where, has_video=video_suffix is not None)
     if failure is None and clip_id in stored:
         failure = Failure("duplicate_id", clip_id, where, "id seen before in this shard; the first kept")
+    payload = None
     if failure is None:
         payload, failure = encode_member(clip_id, sample[video_suffix], where, options)
     if failure is not None:

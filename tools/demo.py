@@ -4,14 +4,17 @@
     python -m tools.demo summary --output_dir RUN    # the last evaluation next to chance level
     python -m tools.demo latest --stage 1            # the newest demo checkpoint of a stage
 
-`prepare` writes the MSR-VTT-layout dataset (dataloaders/demo_data.py), converts its training split into WebVid
-TFRecords with frozen_tfrecord.py (as real pre-training data is stored), and writes a randomly initialised
-CLIP in OpenAI's state-dict format, so the demo goes through the same loading path as real weights.
+`prepare` writes the MSR-VTT-layout dataset (dataloaders/demo_data.py), packs its WebVid-style pre-training set
+into webdataset tar shards as video2dataset writes them (<key>.mp4, .txt, .json; 1000 samples per shard), converts
+those shards into the TFRecord store with frozen_tfrecord.py (as real pre-training data is stored), and writes a
+randomly initialised CLIP in OpenAI's state-dict format, so the demo goes through the same loading path as real
+weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import subprocess
@@ -44,6 +47,8 @@ DEMO_CLIP = CLIPConfig(
 CHECKPOINT_NAME = "ViT-demo.pt"
 TFRECORD_DIR = "WebVid_TFRecord"
 TFRECORD_SOURCE = ".converted_from.json"  # the demo data marker the TFRecords were converted from
+WEBDATASET_DIR = "webdataset"  # beside the WebVid-style csv and videos
+SAMPLES_PER_SHARD = 1000
 
 
 def prepare(out_dir: Path) -> dict[str, Path]:
@@ -53,18 +58,45 @@ def prepare(out_dir: Path) -> dict[str, Path]:
     if not checkpoint.is_file() or CLIPConfig.from_state_dict(read_clip_state_dict(checkpoint)) != DEMO_CLIP:
         write_random_clip_checkpoint(checkpoint, DEMO_CLIP, seed=0)  # new, or left by an older demo
     tfrecords = out_dir / TFRECORD_DIR
-    source = (out_dir / MARKER_NAME).read_text()
+    shards = paths["webvid_dir"] / WEBDATASET_DIR
+    source = json.dumps({"demo_data": json.loads((out_dir / MARKER_NAME).read_text()), "from": "webdataset"})
     stamp = tfrecords / TFRECORD_SOURCE
     if not stamp.is_file() or stamp.read_text() != source:  # none yet, or converted from an older demo dataset
         shutil.rmtree(tfrecords, ignore_errors=True)
+        pattern = write_webdataset_shards(paths["webvid_csv"], paths["webvid_videos_dir"], shards)
         command = [
-            sys.executable, str(ROOT / "frozen_tfrecord.py"), "--video_dir", str(paths["webvid_videos_dir"]),
-            "--csv", str(paths["webvid_csv"]), "--output_dir", str(tfrecords), "--workers", "0",
+            sys.executable, str(ROOT / "frozen_tfrecord.py"), "--webdataset", pattern, "--id_field", "videoid",
+            "--output_dir", str(tfrecords), "--workers", "0",
         ]
         subprocess.run(command, check=True, cwd=ROOT)
         stamp.write_text(source)
-    return {**paths, "checkpoint": checkpoint, "tfrecord_dir": tfrecords,
+    return {**paths, "checkpoint": checkpoint, "tfrecord_dir": tfrecords, "webdataset_shards": shards,
             "webvid_labels": tfrecords / "frozen_train_labels.json"}
+
+
+def write_webdataset_shards(csv_path: Path, videos_dir: Path, out: Path, per_shard: int = SAMPLES_PER_SHARD) -> str:
+    """The WebVid-style csv's videos as video2dataset would download them into webdataset shards: per sample
+    `<key>.mp4`, `<key>.txt` (the caption) and `<key>.json` (url, caption, key, status, error_message and the
+    csv's videoid), keys of 5 shard + 4 sample digits, in csv order. Returns the shards' brace pattern."""
+    import webdataset
+
+    from conversion.sources import find_videos
+
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    videos = find_videos(videos_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    n_shards = max(1, -(-len(rows) // per_shard))
+    for shard in range(n_shards):
+        with webdataset.TarWriter(str(out / f"{shard:05d}.tar")) as writer:
+            for index, row in enumerate(rows[shard * per_shard:(shard + 1) * per_shard]):
+                key = f"{shard:05d}{index:04d}"
+                meta = {"url": row["contentUrl"], "caption": row["name"], "key": key, "status": "success",
+                        "error_message": None, "videoid": row["videoid"]}
+                writer.write({"__key__": key, "mp4": Path(videos[row["videoid"]]).read_bytes(), "txt": row["name"],
+                              "json": json.dumps(meta).encode()})
+    return str(out / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 
 def summary(output_dir: Path) -> str:
