@@ -223,13 +223,14 @@ def _clip_result(unit: Unit, clip, result: DecodedClip | Exception, options: Enc
     if isinstance(result, Exception):
         return ClipResult(clip.clip_id, None, Failure("bad_video", clip.clip_id, unit.location,
                                                       f"{type(result).__name__}: {result}"))
-    refusal = too_few_frames(result.source_frames, options, clip.clip_id, unit.location)
+    windowed = clip.window is not None
+    where = clip.where if windowed else unit.location  # a window: its table row
+    refusal = too_few_frames(result.source_frames, options, clip.clip_id, where)
     if refusal is not None:
         return ClipResult(clip.clip_id, None, refusal)
-    windowed = clip.window is not None
     payload = encode_clip(clip.clip_id, result.frames, result.positions, options,
                           window=clip.window, source_id=unit.source_id if windowed else None)
-    return ClipResult(clip.clip_id, payload, fewer_frames(result, options, clip.clip_id, unit.location))
+    return ClipResult(clip.clip_id, payload, fewer_frames(result, options, clip.clip_id, where))
 
 
 _decode_threads = 0  # FFmpeg decoding threads per video; 0 = FFmpeg's choice (all cores)
