@@ -13,7 +13,14 @@ import pytest
 
 import conversion.convert
 import frozen_tfrecord as ft
-from conversion.decoders import BadWindow, OpenCVVideo, PyAVVideo, clip_positions, read_clips, sample_positions
+from conversion.decoders import (
+    BadWindow,
+    OpenCVVideo,
+    PyAVVideo,
+    clip_positions,
+    read_clips,
+    sample_positions,
+)
 from conversion.tables import parse_timestamp
 from dataloaders.tfrecord_io import iter_records
 from dataloaders.webvid import parse_clip_record, read_frames

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ import main_task_clip
 from dataloaders.webvid import read_frames
 from tests.stage1_helpers import stage1_argv
 from tests.test_frozen_tfrecord import make_many_videos, output_bytes, run_cli
-from tests.test_webdataset_input import write_shards
 from tests.test_webdataset_input import videos as member_videos  # noqa: F401 (fixture)
+from tests.test_webdataset_input import write_shards
 
 
 def convert(*args: str) -> ft.ConversionSummary:

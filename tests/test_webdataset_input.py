@@ -144,7 +144,7 @@ def test_id_and_caption_fields_of_the_json(tmp_path, videos):
         {"video_id": "1066", "caption": "another caption"}]
 
 
-def test_an_s3_shard_converts_like_the_local_one(tmp_path, videos, s3_env):
+def test_an_s3_shard_converts_like_the_local_one(tmp_path, videos, s3_env):  # noqa: F811
     shards = tmp_path / "shards"
     write_shards(shards, videos)
     s3_env.create_bucket(Bucket=BUCKET)
