@@ -258,7 +258,7 @@ def report(config: ConversionConfig, summary: ConversionSummary) -> int:
         return 0
     logger.info("wrote %s, failures in %s", out / f"{config.output_name}.index", out / "failures.tsv")
     if summary.n_written == 0:
-        logger.error("no clip was written (%d selected): see %s", summary.n_selected, out / "failures.tsv")
+        logger.error("no video was written (%d selected): see %s", summary.n_selected, out / "failures.tsv")
         return 1
     return 0
 
