@@ -24,7 +24,7 @@ from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
 from engine.precision import autocast_context, resolve_precision
 from inference.results_page import write_results_page
 from inference.trained_model import TrainedModel, load_trained_model
-from inference.video_index import VideoIndex, sampling_settings, search, update_index
+from inference.video_index import VideoIndex, same_checkpoint, sampling_settings, search, update_index
 from modules.errors import InputError
 
 
@@ -82,9 +82,12 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    if not args.text.strip():
+        raise InputError("the query is empty: give the text to search for")
     index = VideoIndex.load(args.index)
     settings = index.meta["settings"]
-    trained = _load(args, args.init_model or settings["checkpoint"])
+    checkpoint = check_index_checkpoint(args.index, settings, args.init_model, args.allow_other_model)
+    trained = _load(args, checkpoint)
     if args.rerank:
         trained.require_fusion("--rerank")
     device = _device(args.device)
@@ -100,6 +103,28 @@ def run_query(args: argparse.Namespace) -> int:
         for rank, hit in enumerate(hits, start=1):
             print(f"{rank:3d}  {hit.score:9.4f}  {hit.path}")
     return 0
+
+
+def check_index_checkpoint(index: str, settings: dict, init_model: str | None, allow_other: bool) -> str:
+    """The checkpoint to encode queries with: the one that built the index, unchanged; another one only with
+    --allow_other_model (its text features would be scored against the other model's video features)."""
+    built_with = Path(settings["checkpoint"])
+    recorded = settings.get("checkpoint_identity")
+    if init_model is not None and Path(init_model).resolve() != built_with:
+        if not Path(init_model).is_file():
+            raise InputError(f"checkpoint {init_model} does not exist")
+        if not allow_other and not same_checkpoint(recorded, Path(init_model)):
+            raise InputError(f"index {index} was built with {built_with}, not with --init_model {init_model}: "
+                             f"query with the same checkpoint, index again with this one, or pass "
+                             f"--allow_other_model")
+        return init_model
+    if not built_with.is_file():
+        raise InputError(f"{built_with}, the checkpoint index {index} was built with, does not exist: pass "
+                         f"--init_model")
+    if recorded is not None and not allow_other and not same_checkpoint(recorded, built_with):
+        raise InputError(f"{built_with} has changed since index {index} was built with it: run `predict.py index` "
+                         f"again (or pass --allow_other_model)")
+    return str(built_with)
 
 
 @torch.no_grad()
@@ -183,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--rerank_top_k", type=int, default=32, help="candidates reranked (at least --top_k)")
     query.add_argument("--json", action="store_true", help="print one JSON list of {path, score}")
     query.add_argument("--html", help="also write an HTML page with frame thumbnails of each hit")
+    query.add_argument("--allow_other_model", action="store_true",
+                       help="encode the query with --init_model (or a changed checkpoint) although the index was "
+                            "built with another: scores then compare features of two models")
     _model_flags(query, required=False)
     query.set_defaults(run=run_query)
 

@@ -44,6 +44,7 @@ from conversion.shards import (
 from conversion.sources import SampleFields, select_files
 from conversion.tables import PRESETS, TableLayout
 from conversion.webdataset_input import convert_input_shard, expand_shard_specs, fewer_frames, too_few_frames
+from dataloaders.files import LOCK_NAME, FolderLock
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -107,10 +108,27 @@ class Planned:
 
 
 def convert(config: ConversionConfig) -> ConversionSummary:
-    """Run (or resume) a conversion or one part of it, or merge the parts; raises OSError if a shard cannot be
+    """Run (or resume) a conversion or one part of it, or merge the parts, holding the output folder against
+    other writers (`FolderInUseError`: the parts of one conversion share it); raises OSError if a shard cannot be
     written (complete shards are kept)."""
-    if config.merge_dirs is not None:
-        return merge(config)
+    with contextlib.ExitStack() as held:
+        for lock in output_locks(config):
+            held.enter_context(lock)
+        return merge(config) if config.merge_dirs is not None else _convert(config)
+
+
+def output_locks(config: ConversionConfig) -> list[FolderLock]:
+    """A whole conversion or a merge holds the output folder alone; a part shares it with the other parts and
+    holds its own part alone."""
+    what = "--output_dir"
+    if config.merge_dirs is not None or config.num_parts == 1:
+        return [FolderLock(config.output_dir, what=what)]
+    own = f"{LOCK_NAME}.part-{config.part:03d}-of-{config.num_parts:03d}"
+    return [FolderLock(config.output_dir, shared=True, what=what),
+            FolderLock(config.output_dir, own, what=f"part {config.part} of {config.num_parts} in")]
+
+
+def _convert(config: ConversionConfig) -> ConversionSummary:
     summary = ConversionSummary()
     planned = plan_conversion(config, summary)
     layout = OutputLayout(config.output_dir, config.output_name)

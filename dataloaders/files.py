@@ -1,12 +1,20 @@
-"""Files on disk that several tools read: the video extensions, the one folder walk, checksums."""
+"""Files on disk that several tools read or write: the video extensions, the one folder walk, checksums, and the
+lock that keeps a folder to one writer."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
 import os
+import socket
+import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+
+from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")
 
@@ -41,3 +49,103 @@ def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's contents, as hex (read in blocks: any size)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- one writer
+
+
+LOCK_NAME = ".t2vlp.lock"
+
+
+class FolderInUseError(InputError):
+    """Another process writes into the folder (bad input: one line naming it, exit code 2)."""
+
+
+class FolderLock:
+    """One writer per folder: an exclusive `flock` on `<folder>/.t2vlp.lock` (or on `name`) for the writer's
+    lifetime, the holder's host, pid, start time and command written into the file. The kernel releases it when
+    the process ends however it ends (a kill -9 leaves no stale lock), so a restarted run takes it again.
+
+    `shared=True` takes the lock shared instead (the parts of one conversion share the folder, each holding an
+    exclusive lock of its own) and writes nothing into the file."""
+
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_NAME, *, shared: bool = False,
+                 what: str = "folder") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.shared = shared
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder()
+            os.close(fd)
+            raise FolderInUseError(f"{self.what} {self.folder} is in use by {holder}: wait for it to end, or use "
+                                   f"another folder") from None
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder_record()).encode())
+            os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, as its file says (the parts of a conversion when it is held shared)."""
+        try:
+            record = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            record = {}
+        parts = [path for path in self.folder.glob(f"{self.path.name}.*") if _is_locked(path)]
+        if parts:
+            return f"{len(parts)} part(s) of a conversion (e.g. {describe_holder(_read_record(parts[0]))})"
+        return describe_holder(record) if record else "another process"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder_record() -> dict[str, object]:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+
+
+def describe_holder(record: dict[str, object]) -> str:
+    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} (started {record.get('started', '?')}: "
+            f"{record.get('command', '?')})")
+
+
+def _read_record(path: Path) -> dict[str, object]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_locked(path: Path) -> bool:
+    """Whether some process holds `path` locked exclusively right now."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from dataloaders.raw_video_text import (  # noqa: F401 (AnnotationError, TextTok
     TextTokenizer,
     read_json_file,
 )
-from dataloaders.retrieval_split import RetrievalSplit
+from dataloaders.retrieval_split import RetrievalSplit, clean_evaluation_pairs
 
 logger = logging.getLogger("t2vlp.data")
 
@@ -121,8 +121,9 @@ class MSRVTTTestDataset(RawVideoTextDataset):
     def __init__(self, csv_path: str | Path, features_path: str | Path, **options: Any) -> None:
         super().__init__(features_path, **options)
         rows = read_csv_columns(csv_path, ("video_id", "sentence"))
-        self.pairs = [(row["video_id"], row["sentence"]) for row in rows]
-        self.split = RetrievalSplit.from_pairs(self.pairs)
+        self.pairs, dropped = clean_evaluation_pairs([(row["video_id"], row["sentence"]) for row in rows],
+                                                     str(csv_path))
+        self.split = RetrievalSplit.from_pairs(self.pairs, dropped)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -168,4 +169,5 @@ class MSRVTTFullTestDataset(MSRVTTTestDataset):
             raise AnnotationError(f"{json_path}: {len(without)} test video(s) have no sentence, e.g. {without[:5]}")
         order = {video_id: position for position, video_id in enumerate(test_ids)}
         self.pairs.sort(key=lambda pair: order[pair[0]])  # grouped by video (stable: captions keep file order)
-        self.split = RetrievalSplit.from_pairs(self.pairs)
+        self.pairs, dropped = clean_evaluation_pairs(self.pairs, f"the test split of {json_path}")
+        self.split = RetrievalSplit.from_pairs(self.pairs, dropped)

@@ -33,14 +33,24 @@ def read_id_list(path: str | Path) -> list[str]:
     return ids
 
 
+class PlainDataUnpickler(pickle.Unpickler):
+    """An unpickler for plain data only: dicts, lists, tuples, strings and numbers. A pickle that names any class
+    or function (what a crafted file uses to run code when it is loaded) is refused before anything runs."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}: only plain data (dicts, lists, strings) is "
+                                     f"read from annotation files")
+
+
 def read_raw_captions(path: str | Path) -> dict[str, list[str]]:
-    """`raw-captions.pkl` -> {clip id: [caption, ...]} with each caption's words joined by single spaces."""
+    """`raw-captions.pkl` -> {clip id: [caption, ...]} with each caption's words joined by single spaces. Read with
+    `PlainDataUnpickler`: the file is a dict of lists of lists of strings, and nothing else is accepted."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
-            data = pickle.load(handle)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
-        raise AnnotationError(f"{path}: not a readable pickle ({error})") from error
+            data = PlainDataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, IndexError, KeyError) as error:
+        raise AnnotationError(f"{path}: not a readable pickle of captions ({error})") from error
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a dict {{video id: [caption words, ...]}}, got {type(data).__name__}")
     captions = {}

@@ -21,7 +21,13 @@ from torch.utils.data import Dataset
 
 from dataloaders.collate import clip_sample
 from dataloaders.frame_store import FrameStore
-from dataloaders.retrieval_split import RetrievalSplit, SplitCaptions, SplitVideos, index_video_files
+from dataloaders.retrieval_split import (
+    RetrievalSplit,
+    SplitCaptions,
+    SplitVideos,
+    clean_evaluation_pairs,
+    index_video_files,
+)
 from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
 from modules.errors import InputError
 
@@ -177,6 +183,7 @@ class PairsDataset(RawVideoTextDataset):
         video_files: dict[str, Path] | None = None,
         window: tuple[int, int] | None = None,
         as_split: bool = False,
+        dropped: dict[str, int] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(features_path, **options)
@@ -184,7 +191,7 @@ class PairsDataset(RawVideoTextDataset):
         self.video_files = video_files
         self.window = window
         if as_split:
-            self.split = RetrievalSplit.from_pairs(self.pairs)
+            self.split = RetrievalSplit.from_pairs(self.pairs, dropped)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -210,7 +217,12 @@ def subset_dataset(pairs: Sequence[tuple[str, str]], features_path: str | Path, 
     files = index_video_files(features_path, key=file_key)
     if subset == "train":
         pairs = keep_pairs_with_videos(pairs, files, source, features_path)
-    return PairsDataset(pairs, features_path, video_files=files, as_split=subset != "train", **options)
+        kept = [pair for pair in pairs if pair[1].strip()]
+        if len(kept) < len(pairs):
+            logger.warning("%s: %d empty caption(s) left out of training", source, len(pairs) - len(kept))
+        return PairsDataset(kept, features_path, video_files=files, **options)
+    pairs, dropped = clean_evaluation_pairs(pairs, source)
+    return PairsDataset(pairs, features_path, video_files=files, as_split=True, dropped=dropped, **options)
 
 
 def keep_pairs_with_videos(

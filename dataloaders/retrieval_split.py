@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class RetrievalSplit:
     captions: list[str]
     caption_video: list[int]
     video_ids: list[str]
+    dropped: dict[str, int] = field(default_factory=dict)  # captions left out of the annotations, by reason
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.caption_video):
@@ -41,15 +42,40 @@ class RetrievalSplit:
             raise ValueError("every video of a split needs at least one caption, and every caption a video")
 
     @classmethod
-    def from_pairs(cls, pairs: Sequence[tuple[str, str]]) -> RetrievalSplit:
+    def from_pairs(cls, pairs: Sequence[tuple[str, str]], dropped: dict[str, int] | None = None) -> RetrievalSplit:
         """(video_id, caption) pairs -> a split whose videos are in order of first appearance."""
         position: dict[str, int] = {}
         caption_video = [position.setdefault(video_id, len(position)) for video_id, _ in pairs]
-        return cls([caption for _, caption in pairs], caption_video, list(position))
+        return cls([caption for _, caption in pairs], caption_video, list(position), dict(dropped or {}))
 
     @property
     def multi_sentence(self) -> bool:
         return len(self.captions) != len(self.video_ids)
+
+
+def clean_evaluation_pairs(pairs: Sequence[tuple[str, str]], source: str
+                           ) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """The (video_id, caption) pairs an evaluation counts: a row repeated word for word would count as one more
+    query, an empty caption would be a query of nothing; both are left out, counted and reported (a video left with
+    no caption leaves the split). Returns (kept pairs, {"duplicate_texts": n, "empty_texts": m}) with only the
+    reasons that occurred."""
+    kept, seen = [], set()
+    dropped = {"duplicate_texts": 0, "empty_texts": 0}
+    for video_id, caption in pairs:
+        if not caption.strip():
+            dropped["empty_texts"] += 1
+        elif (video_id, caption) in seen:
+            dropped["duplicate_texts"] += 1
+        else:
+            seen.add((video_id, caption))
+            kept.append((video_id, caption))
+    dropped = {reason: count for reason, count in dropped.items() if count}
+    if dropped:
+        videos = len({video for video, _ in pairs}) - len({video for video, _ in kept})
+        logger.warning("%s: left out of the evaluation: %s%s", source,
+                       ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items()),
+                       f" ({videos} video(s) left without a caption)" if videos else "")
+    return kept, dropped
 
 
 # load_video(video_id, rng) -> (uint8 video [T, 3, S, S], video_mask [T]); raises VideoDecodeError

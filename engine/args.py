@@ -196,6 +196,10 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
              "`frozen_tfrecord.py --video_dir <videos> --feature_framerate N`, at this run's --feature_framerate and "
              "input size) instead of decoding the videos every epoch: the same clips, far less CPU. Videos it "
              "lacks are decoded from --features_path.")
+    add("--trust_checkpoint", action="store_true",
+        help="Read a restore.bin written by an earlier version of this project (its numpy RNG state needs an "
+             "unrestricted load, which can run code: only for your own files); the next save writes the safe "
+             "format. Every other checkpoint is always loaded with weights_only=True.")
     add("--no_verify_crc", dest="verify_crc", action="store_false",
         help="Do not check the CRCs of WebVid TFRecords when training reads them (checked by default: a damaged "
              "record is skipped and counted like an undecodable video).")

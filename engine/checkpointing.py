@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -25,6 +26,22 @@ PREVIOUS_RESTORE_NAME = "restore.bin.prev"
 CHECKPOINT_DIR = "ckpt"
 CHECKPOINT_PREFIX = "pytorch_model.bin."
 BEST_CHECKPOINT_NAME = "best_checkpoint.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or restore.bin could not be written (a full disk, a quota, a read-only folder); the message
+    says what was last saved and what to do. Files written before are intact (saves are atomic)."""
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """The OS error behind a failed save (torch wraps it in a RuntimeError of its zip writer), as one phrase."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return f"{seen.strerror or os.strerror(seen.errno)} (errno {seen.errno})"
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{type(error).__name__}: {text}"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -171,11 +188,14 @@ def load_restore(
     output_dir: str | os.PathLike | None = None,
     path: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
+    trust: bool = False,
 ) -> dict[str, Any] | None:
     """The dict saved by save_restore, or None when there is none.
 
-    Reads `path` if given (e.g. --resume_model), else `<output_dir>/restore.bin`. Loaded with
-    weights_only=False because it holds RNG states and optimiser/scheduler state: only load your own files.
+    Reads `path` if given (e.g. --resume_model), else `<output_dir>/restore.bin`, with `weights_only=True`: a
+    restore.bin holds tensors and plain containers only (RNG states included, see `capture_rng_state`), so a file
+    from elsewhere cannot run code. One written by an earlier version (its numpy RNG state a pickled array) is
+    refused with what to do, and read unrestricted only with `trust` (--trust_checkpoint).
     """
     if path is None:
         if output_dir is None:
@@ -185,23 +205,45 @@ def load_restore(
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # not a restriction: a damaged file
+            raise _unreadable(path, error) from error
+        if not trust:
+            raise InputError(f"{path} needs an unrestricted load, which can run code: a restore.bin of an earlier "
+                             f"version of this project is read with --trust_checkpoint (only for your own files; "
+                             f"the next save writes the safe format)") from error
+        logger.warning("%s: loaded without restrictions (--trust_checkpoint)", path)
+        return _load_trusted(path, map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 - any failure to read it means the same thing to the user
-        previous = path.with_name(PREVIOUS_RESTORE_NAME)
-        hint = (f"resume from the previous one with --resume_model {previous}, or " if previous.is_file()
-                and previous != path else "")
-        raise InputError(
-            f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            f"it is truncated or corrupt: {hint}delete it to start the run over"
-        ) from error
-    return state
+        raise _unreadable(path, error) from error
+
+
+def _load_trusted(path: Path, map_location: str | torch.device, weights_only: bool) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as error:  # noqa: BLE001
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: BaseException) -> InputError:
+    previous = path.with_name(PREVIOUS_RESTORE_NAME)
+    hint = (f"resume from the previous one with --resume_model {previous}, or " if previous.is_file()
+            and previous != path else "")
+    return InputError(
+        f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+        f"it is truncated or corrupt: {hint}delete it to start the run over"
+    )
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """States of python `random`, numpy's global RNG, torch CPU and every CUDA device."""
+    """States of python `random`, numpy's global RNG, torch CPU and every CUDA device, as tensors and plain values
+    (what `weights_only` loading accepts)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -212,7 +254,11 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of capture_rng_state. CUDA states are restored only when the device count matches."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple with an array: a restore.bin of an earlier version
     torch.set_rng_state(state["torch"].cpu())
     cuda_states = state.get("cuda")
     if cuda_states is None or not torch.cuda.is_available():
@@ -237,13 +283,14 @@ MAY_CHANGE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_steps", "save_ste
 RESTORE_KEYS = frozenset({"model_state_dict", "progress", "optim_state_dict"})
 
 
-def read_restore_for_resume(output_dir: str | os.PathLike, path: str | None = None) -> dict[str, Any] | None:
+def read_restore_for_resume(output_dir: str | os.PathLike, path: str | None = None, trust: bool = False
+                            ) -> dict[str, Any] | None:
     """The restore.bin a run resumes from: `path` (an explicit --resume_model: it must exist), else
     `<output_dir>/restore.bin` when present; None when there is none. Refuses a file that is no restore.bin."""
     if path is not None and not Path(path).is_file():
         raise InputError(f"--resume_model {path} does not exist (omit it to resume from "
                          f"{Path(output_dir) / RESTORE_NAME} when present)")
-    state = load_restore(output_dir, path=path)
+    state = load_restore(output_dir, path=path, trust=trust)
     if state is None:
         return None
     if not isinstance(state, dict) or not RESTORE_KEYS <= state.keys():

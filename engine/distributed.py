@@ -46,9 +46,29 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     if launched and not dist.is_initialized():
+        # Set-up has a short timeout of its own: a group that cannot form (a peer of a restarted group that never
+        # comes) fails fast, so torchrun can start the next round, instead of waiting out the collective timeout.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                timeout=collective_timeout())
+                                timeout=setup_timeout(), store=_attempt_store(rank, world_size))
+        barrier()  # every rank has joined
+        dist.set_timeout(collective_timeout())
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under torchrun's elastic agent, the store of this restart attempt: the agent keeps one store server for
+    every attempt, so without a prefix of their own the workers of a restarted group may read the addresses of
+    the group before them (dead processes) and fail to connect. None outside the agent (env:// as usual)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=setup_timeout()))
+    return dist.PrefixStore(f"t2vlp/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt-{attempt}", store)
+
+
+def setup_timeout() -> timedelta:
+    """How long joining the process group may take: `T2VLP_DIST_SETUP_TIMEOUT_SECONDS`, default 120."""
+    return timedelta(seconds=float(os.environ.get("T2VLP_DIST_SETUP_TIMEOUT_SECONDS", "120")))
 
 
 def collective_timeout() -> timedelta:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataloaders.files import FolderInUseError, FolderLock
 from engine import distributed
 from engine.args import (
     build_parser,
@@ -23,11 +24,12 @@ from engine.args import (
     report_ignored_flags,
     resolve_clip_path,
 )
+from engine.checkpointing import CheckpointWriteError
 from engine.precision import resolve_precision
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.tasks.registry import RunContext, TaskDefinition, task_definition
-from engine.trainer import Outcome, Trainer, TrainSettings
+from engine.trainer import NonFiniteLossError, Outcome, Trainer, TrainSettings
 from modules.clip import compile_blocks, set_grad_checkpointing
 from modules.errors import InputError
 from modules.model import T2VLP, T2VLPConfig
@@ -36,6 +38,8 @@ logger = logging.getLogger("t2vlp")
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3  # too many consecutive non-finite losses
+EXIT_WRITE_FAILED = 74  # sysexits' EX_IOERR: a checkpoint or restore.bin could not be written (a full disk?)
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after saving restore.bin; rerun to resume
 
 def set_seed(seed: int) -> None:
@@ -86,7 +90,8 @@ def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
             head_dropout=args.head_dropout, match_norm=args.match_norm,
         )
     config = replace(config, **config_overrides)
-    model = T2VLP.from_pretrained(resolve_clip_path(args), init_model=args.init_model, config=config)
+    model = T2VLP.from_pretrained(resolve_clip_path(args), init_model=args.init_model, config=config,
+                                  trust_checkpoint=args.trust_checkpoint)
     fusion_extra_tokens = (1 + args.max_frames + model.config.num_centers + definition.extra_fusion_positions
                            if config.with_fusion else None)
     check_model_limits(args, context_length=model.clip_config.context_length,
@@ -116,7 +121,7 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
         dist_info, args.output_dir, prepared.task, freeze_layer_num=args.freeze_layer_num,
         run_config=run_config(args),
     )
-    trainer.resume_if_possible(args.resume_model)
+    trainer.resume_if_possible(args.resume_model, trust=args.trust_checkpoint)
     outcome = trainer.fit()
     if outcome is Outcome.SIGNAL:
         return EXIT_STOPPED
@@ -150,17 +155,34 @@ def evaluate_before_training(args: argparse.Namespace, dist_info: distributed.Di
 
 
 def run_main(task: str, argv: Sequence[str] | None = None, dataset: str | None = None) -> int:
-    """Parse the flags of `task` (on `dataset`, for the task scripts), join the process group, log to
-    `--output_dir`, run the task, leave the group.
+    """Parse the flags of `task` (on `dataset`, for the task scripts), join the process group, take the output
+    folder (one writer per folder), log to `--output_dir`, run the task, leave the group.
 
-    Exit codes: 0 finished, 2 bad input (an `InputError`: one line on stderr, the traceback in log.txt, or shown
-    with --debug), 75 stopped by a signal after saving restore.bin. Other exceptions propagate with their traceback.
+    Exit codes (README "Errors and exit codes"): 0 finished, 2 bad input (an `InputError`, including an output
+    folder another run writes into), 3 stopped by too many non-finite losses, 74 a checkpoint or restore.bin that
+    could not be written (a full disk), 75 stopped by a signal after saving restore.bin: one line on stderr and
+    the traceback in log.txt (or shown with --debug). Other exceptions propagate with their traceback. Every way
+    a run ends is recorded as the outcome of its run.json entry.
     """
     definition = task_definition(task)
     if dataset is not None and dataset not in definition.datasets:
         raise ValueError(f"{task}: dataset must be one of {definition.datasets}, got {dataset!r}")
     args = parse_args(argv, task=definition)
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else f"main_task_{task}.py"
     dist_info = distributed.init_distributed()
+    lock = FolderLock(args.output_dir, what="--output_dir")
+    refusal = None
+    if dist_info.is_main:
+        try:
+            lock.acquire()
+        except FolderInUseError as error:
+            refusal = str(error)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:  # another run writes into the folder: touch nothing in it
+        if dist_info.is_main:
+            print(f"{script}: error: {refusal}", file=sys.stderr, flush=True)
+        distributed.cleanup()
+        return EXIT_BAD_INPUT
     run_logger = RunLogger(args.output_dir, dist_info.is_main, tensorboard=args.tensorboard, rank=dist_info.rank)
     try:
         report_ignored_flags(args)
@@ -173,15 +195,36 @@ def run_main(task: str, argv: Sequence[str] | None = None, dataset: str | None =
         if dist_info.is_main:
             record_run_outcome(args.output_dir, "stopped by a signal" if code == EXIT_STOPPED else "finished")
         return code
-    except InputError as error:
+    except (InputError, NonFiniteLossError, CheckpointWriteError) as error:
         if dist_info.is_main:
-            record_run_outcome(args.output_dir, f"bad input: {error}")
+            record_run_outcome(args.output_dir, outcome_of(error))
         if args.debug:
             raise
         run_logger.traceback_to_file(error)
-        script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else f"main_task_{task}.py"
         print(f"{script}: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return exit_code_of(error)
+    except BaseException as error:
+        if dist_info.is_main:
+            record_run_outcome(args.output_dir, outcome_of(error))
+        raise
     finally:
         run_logger.close()
+        lock.release()
         distributed.cleanup()
+
+
+def outcome_of(error: BaseException) -> str:
+    """The run.json outcome of a run that ended with `error`."""
+    if isinstance(error, InputError):
+        return f"bad input: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (a second signal: nothing saved at the stop)"
+    return f"error: {type(error).__name__}: {error}"
+
+
+def exit_code_of(error: BaseException) -> int:
+    if isinstance(error, NonFiniteLossError):
+        return EXIT_NON_FINITE
+    if isinstance(error, CheckpointWriteError):
+        return EXIT_WRITE_FAILED
+    return EXIT_BAD_INPUT

@@ -24,6 +24,7 @@ from dataloaders.collate import batch_to_device, collate_clips, is_empty_batch
 from dataloaders.video import normalize_video
 from engine import distributed
 from engine.checkpointing import (
+    CheckpointWriteError,
     capture_rng_state,
     describe_changes,
     prune_model_checkpoints,
@@ -33,6 +34,7 @@ from engine.checkpointing import (
     resume_setting_changes,
     save_model_checkpoint,
     save_restore,
+    write_failure_reason,
 )
 from engine.optim import apply_freeze_rule, build_optimizer, build_scheduler, clamp_logit_scale
 from engine.precision import autocast_context
@@ -184,8 +186,10 @@ class Trainer:
         )
         self.progress = Progress()
         self.resumed = False
+        self._resumed_from = -1
         self._last_evaluated_step = -1
         self._last_checkpoint_step = -1
+        self._last_saved_step = -1  # restore.bin written by this run
 
     # ---------------------------------------------------------------- state
 
@@ -204,10 +208,11 @@ class Trainer:
             "run_config": self.run_config,
         }
 
-    def resume_if_possible(self, path: str | None = None) -> bool:
+    def resume_if_possible(self, path: str | None = None, trust: bool = False) -> bool:
         """Resume from `path` (an explicit --resume_model: it must exist), else from `<output_dir>/restore.bin` when
-        present; return whether the run resumed. What may change on resume is decided in engine.checkpointing."""
-        state = read_restore_for_resume(self.output_dir, path)
+        present; return whether the run resumed. What may change on resume is decided in engine.checkpointing;
+        `trust` reads a restore.bin of an earlier version (--trust_checkpoint)."""
+        state = read_restore_for_resume(self.output_dir, path, trust=trust)
         if state is None:
             return False
         changes = resume_setting_changes(state, asdict(self.settings), self.dist.world_size, self.run_config,
@@ -217,6 +222,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
         self.progress = Progress(**state["progress"])
+        self._resumed_from = self.progress.global_step
         if changes:
             logger.warning("resuming with changed settings (--allow_changed_settings): %s", describe_changes(changes))
             self._apply_learning_rates()
@@ -250,19 +256,45 @@ class Trainer:
                 group["weight_decay"] = settings.weight_decay
 
     def save(self, with_checkpoint: bool) -> None:
-        """restore.bin always, `ckpt/pytorch_model.bin.<step>` when asked; rank 0 writes, all ranks wait."""
+        """restore.bin always, `ckpt/pytorch_model.bin.<step>` when asked; rank 0 writes, all ranks wait. A write
+        that fails (a full disk) stops the run with a `CheckpointWriteError` on every rank; what was saved before
+        is intact."""
+        rng_states = distributed.all_gather_object(capture_rng_state())  # collective: every rank takes part
+        failure = None
+        if self.dist.is_main:
+            try:
+                self._write_state(self.state_dict(rng_states), with_checkpoint)
+            except (OSError, RuntimeError) as error:
+                failure = self._write_failure(error)
+        failure = distributed.broadcast_object(failure)
+        if failure is not None:
+            raise CheckpointWriteError(failure)
         if with_checkpoint:
             self._last_checkpoint_step = self.progress.global_step
-        rng_states = distributed.all_gather_object(capture_rng_state())  # collective: every rank takes part
-        if self.dist.is_main:
-            state = self.state_dict(rng_states)
-            if with_checkpoint:
-                path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"])
-                logger.info("saved %s", path)
-                if self.settings.keep_checkpoints:
-                    prune_model_checkpoints(self.output_dir, self.settings.keep_checkpoints)
-            save_restore(self.output_dir, state)
+        self._last_saved_step = self.progress.global_step
         distributed.barrier()
+
+    def _write_state(self, state: dict[str, Any], with_checkpoint: bool) -> None:
+        if with_checkpoint:
+            path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"])
+            logger.info("saved %s", path)
+            if self.settings.keep_checkpoints:
+                prune_model_checkpoints(self.output_dir, self.settings.keep_checkpoints)
+        save_restore(self.output_dir, state)
+
+    def _write_failure(self, error: BaseException) -> str:
+        logger.error("saving at step %d failed", self.progress.global_step, exc_info=error)
+        return (f"could not save step {self.progress.global_step} in {self.output_dir}: "
+                f"{write_failure_reason(error)}; {self._saved_so_far()}; free space (or fix the folder) and rerun "
+                f"the same command to resume")
+
+    def _saved_so_far(self) -> str:
+        """What a stopped run leaves to resume from, for its one-line message."""
+        if self._last_saved_step >= 0:
+            return f"restore.bin of step {self._last_saved_step} is intact"
+        if (Path(self.output_dir) / "restore.bin").is_file():
+            return f"restore.bin of step {self._resumed_from} (from before this run) is intact"
+        return "nothing saved yet"
 
     # ---------------------------------------------------------------- loop
 
@@ -447,8 +479,10 @@ class Trainer:
             )
             if progress.bad_steps >= settings.max_bad_steps:
                 raise NonFiniteLossError(
-                    f"{progress.bad_steps} consecutive non-finite losses; stopping. The last checkpoint and "
-                    f"restore.bin in {self.output_dir} are from before them."
+                    f"{progress.bad_steps} consecutive non-finite losses up to step {progress.global_step + 1} "
+                    f"(--max_bad_steps {settings.max_bad_steps}); stopped. {self._saved_so_far().capitalize()} "
+                    f"in {self.output_dir}; lower --lr or try --precision fp32, and rerun (it resumes from "
+                    f"restore.bin when there is one)"
                 )
             return False
         progress.bad_steps = 0

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
-from dataloaders.files import is_video_file, walk_files
+from dataloaders.files import FolderLock, file_sha256, is_video_file, walk_files
 from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
 from engine.evaluation.rerank import rerank_scores
 from engine.precision import autocast_context
@@ -113,15 +113,42 @@ class VideoIndex:
     meta: dict[str, Any]
 
     @classmethod
-    def load(cls, folder: str | Path) -> VideoIndex:
+    def load(cls, folder: str | Path, check_arrays: bool = True) -> VideoIndex:
+        """The index in `folder`, its arrays checked against index.json (InputError naming what is wrong)."""
         folder = Path(folder)
         path = folder / "index.json"
         if not path.is_file():
             raise InputError(f"{folder} is not an index (no index.json): build one with `predict.py index`")
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if meta.get("format") != INDEX_FORMAT:
-            raise InputError(f"{path}: index format {meta.get('format')} is not {INDEX_FORMAT}; rebuild it")
-        return cls(folder, meta)
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{path} is damaged (not JSON: {error}); delete {folder} and build it again with "
+                             f"`predict.py index`") from error
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise InputError(f"{path}: index format {found} is not {INDEX_FORMAT}; rebuild it")
+        index = cls(folder, meta)
+        problem = index.inconsistency() if check_arrays else None
+        if problem:
+            raise InputError(f"{folder}: {problem}; run `predict.py index` on its folder again to repair it")
+        return index
+
+    def inconsistency(self) -> str | None:
+        """What in the arrays does not match index.json (a missing, unreadable or short array), or None."""
+        count = len(self.meta.get("videos", []))
+        for name in ARRAYS:
+            path = self.folder / f"{name}.npy"
+            if not path.is_file():
+                if name == "clip_features" and count:
+                    return f"{name}.npy is missing"
+                continue
+            try:
+                rows = np.load(path, mmap_mode="r").shape[0]
+            except (OSError, ValueError) as error:
+                return f"{name}.npy cannot be read ({error})"
+            if rows != count:
+                return f"{name}.npy has {rows} rows for the {count} videos of index.json"
+        return None
 
     @property
     def paths(self) -> list[str]:
@@ -139,21 +166,54 @@ def _stat(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": status.st_size, "mtime": status.st_mtime_ns}
 
 
+def checkpoint_identity(path: Path, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies a checkpoint's contents: its path, size, mtime and SHA-256. The hash of `known` (an identity
+    recorded earlier) is reused when size and mtime are unchanged, so an unchanged checkpoint is not read again."""
+    status = path.stat()
+    identity = {"path": str(path.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+    if known and all(known.get(key) == identity[key] for key in ("size", "mtime_ns")) and known.get("sha256"):
+        return {**identity, "sha256": known["sha256"]}
+    return {**identity, "sha256": file_sha256(path)}
+
+
+def same_checkpoint(recorded: dict[str, Any] | None, path: Path) -> bool:
+    """Whether `path` holds the checkpoint `recorded` identifies (same contents, wherever it lies now)."""
+    if not recorded:
+        return False
+    status = path.stat()
+    if status.st_size != recorded.get("size"):
+        return False
+    return checkpoint_identity(path, recorded)["sha256"] == recorded.get("sha256")
+
+
 def update_index(trained: TrainedModel, video_dir: str | Path, out: str | Path, *, batch_size: int = 16,
                  num_workers: int = 0, device: torch.device, precision: str) -> dict[str, Any]:
-    """Build or update the index of `video_dir` in `out`; returns what this update did."""
+    """Build or update the index of `video_dir` in `out`, holding `out` against other writers; returns what this
+    update did. Everything is encoded again when the settings or the checkpoint's contents changed, or when the
+    arrays do not match index.json."""
     out = Path(out)
-    files = find_videos(Path(video_dir))
+    with FolderLock(out, what="the index folder"):
+        return _update_index(trained, Path(video_dir), out, batch_size=batch_size, num_workers=num_workers,
+                             device=device, precision=precision)
+
+
+def _update_index(trained: TrainedModel, video_dir: Path, out: Path, *, batch_size: int, num_workers: int,
+                  device: torch.device, precision: str) -> dict[str, Any]:
+    files = find_videos(video_dir)
+    previous = _previous_index(out)
+    known = previous.meta["settings"].get("checkpoint_identity") if previous is not None else None
+    identity = checkpoint_identity(trained.checkpoint, known)
     settings = {"checkpoint": str(trained.checkpoint.resolve()), **sampling_settings(trained),
-                "fusion_layers": trained.settings["fusion_layers"], "match_norm": trained.settings["match_norm"]}
+                "fusion_layers": trained.settings["fusion_layers"], "match_norm": trained.settings["match_norm"],
+                "checkpoint_identity": identity}
     old_meta, old_arrays = None, {}
-    if (out / "index.json").is_file():
-        previous = VideoIndex.load(out)
+    if previous is not None:
         if previous.meta["settings"] == settings:
             old_meta = previous.meta
             old_arrays = {name: previous.array(name) for name in ARRAYS if (out / f"{name}.npy").is_file()}
         else:
-            logger.warning("%s was built with other settings or another checkpoint: re-encoding everything", out)
+            logger.warning("%s was built with other settings or another checkpoint (or the checkpoint changed): "
+                           "re-encoding everything", out)
     old_rows = {entry["path"]: (row, entry) for row, entry in enumerate(old_meta["videos"])} if old_meta else {}
     stats = {path: _stat(path) for path in files}
     reused = [path for path in files if str(path) in old_rows and old_rows[str(path)][1] == stats[path]]
@@ -186,6 +246,18 @@ def update_index(trained: TrainedModel, video_dir: str | Path, out: str | Path, 
     return update
 
 
+def _previous_index(out: Path) -> VideoIndex | None:
+    """The index already in `out`, or None (none yet, or one whose arrays are damaged: it is rebuilt)."""
+    if not (out / "index.json").is_file():
+        return None
+    index = VideoIndex.load(out, check_arrays=False)
+    problem = index.inconsistency()
+    if problem:
+        logger.warning("%s: %s: re-encoding everything", out, problem)
+        return None
+    return index
+
+
 def _write_index(out: Path, settings: dict[str, Any], entries: list[dict], arrays: dict[str, np.ndarray],
                  update: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +265,7 @@ def _write_index(out: Path, settings: dict[str, Any], entries: list[dict], array
         if name not in arrays:
             (out / f"{name}.npy").unlink(missing_ok=True)
             continue
-        temporary = out / f".{name}.npy.tmp"
+        temporary = out / f".{name}.npy.tmp"  # one writer: the folder is locked
         with open(temporary, "wb") as handle:
             np.save(handle, arrays[name])
         os.replace(temporary, out / f"{name}.npy")

@@ -41,20 +41,27 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in CLIP_METADATA_KEYS}
 
 
-def read_model_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_model_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
     """A T2VLP checkpoint (original or ours): a state dict, or `{"model_state_dict": ...}` around one; a
-    `restore.bin` of this project gives its model weights."""
+    `restore.bin` of this project gives its model weights. Files are loaded with `weights_only=True` (tensors and
+    plain containers: nothing in them can run code); a restore.bin of an earlier version of this project, which
+    needs an unrestricted load, is read only with `trust` (--trust_checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
     try:
-        return _unwrap_state_dict(_torch_load(path), path)
+        state = _torch_load(path)
     except CheckpointError:
         if not path.name.startswith("restore.bin"):
             raise
-    # restore.bin holds RNG and optimiser state that weights_only loading refuses; it is our own file format
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    logger.info("%s is a restore.bin: taking its model weights only (to resume a run, use --resume_model)", path)
+        if not trust:
+            raise CheckpointError(f"{path} is a restore.bin of an earlier version of this project, which only an "
+                                  f"unrestricted load (one that can run code) reads: rerun once with "
+                                  f"--trust_checkpoint if the file is yours") from None
+        logger.warning("%s: loaded without restrictions (--trust_checkpoint)", path)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, Mapping) and "optim_state_dict" in state:
+        logger.info("%s is a restore.bin: taking its model weights only (to resume a run, use --resume_model)", path)
     return _unwrap_state_dict(state, path)
 
 

@@ -146,12 +146,14 @@ class T2VLP(nn.Module):
         clip_path: str | os.PathLike,
         init_model: str | os.PathLike | None = None,
         config: T2VLPConfig | None = None,
+        trust_checkpoint: bool = False,
     ) -> T2VLP:
-        """Sizes from the CLIP checkpoint, CLIP initialisation (METHOD §10.3), then `init_model` on top."""
+        """Sizes from the CLIP checkpoint, CLIP initialisation (METHOD §10.3), then `init_model` on top
+        (`trust_checkpoint`: see `read_model_state_dict`)."""
         clip_state = read_clip_state_dict(clip_path)
         clip_config = CLIPConfig.from_state_dict(clip_state)
         model = cls(clip_config, config)
-        init_state = read_model_state_dict(init_model) if init_model else None
+        init_state = read_model_state_dict(init_model, trust=trust_checkpoint) if init_model else None
         if init_state is not None:
             check_init_coverage(model, init_state, init_model)
         state = init_state_from_clip(

@@ -229,3 +229,91 @@ def test_a_checkpoint_without_clip_weights_needs_the_clip_file(stage2_model, tin
     with_clip = run_predict("caption", video, "--init_model", str(partial), "--visual_pretrain_path",
                             str(tiny_fusion_clip_checkpoint)).stdout
     assert with_clip.split("\t")[0] == video
+
+
+# ----------------------------------------------------------------------------------------------- index robustness
+
+
+def changed_copy(checkpoint: Path, target: Path) -> Path:
+    """`checkpoint` with one weight changed, saved at `target`."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["model_state_dict"]["clip.logit_scale"] = state["model_state_dict"]["clip.logit_scale"] + 0.5
+    torch.save(state, target)
+    return target
+
+
+def test_an_index_knows_its_model(stage2_model, small_demo_source, tmp_path):
+    videos, index = tmp_path / "videos", tmp_path / "index"
+    link_test_videos(small_demo_source, videos)
+    model = tmp_path / "model.bin"
+    shutil.copy(stage2_model, model)
+    shutil.copy(stage2_model.parent.parent / "run.json", tmp_path / "run.json")
+    run_predict("index", str(videos), "--init_model", str(model), "--out", str(index), "--num_workers", "0")
+
+    other = changed_copy(stage2_model, tmp_path / "other.bin")
+    refused = run_predict("query", str(index), "a red circle", "--init_model", str(other), check=False)
+    assert refused.returncode == 2 and f"was built with {model.resolve()}, not with --init_model {other}" in \
+        refused.stderr and len(refused.stderr.splitlines()) == 1
+    allowed = run_predict("query", str(index), "a red circle", "--init_model", str(other), "--allow_other_model")
+    assert len(allowed.stdout.splitlines()) == 6
+    same = tmp_path / "same.bin"
+    shutil.copy(model, same)  # the same contents elsewhere is the same model
+    assert run_predict("query", str(index), "a red circle", "--init_model", str(same)).returncode == 0
+
+    changed_copy(stage2_model, model)  # the index's checkpoint overwritten in place
+    refused = run_predict("query", str(index), "a red circle", check=False)
+    assert refused.returncode == 2 and "has changed since index" in refused.stderr
+    again = run_predict("index", str(videos), "--init_model", str(model), "--out", str(index), "--num_workers", "0")
+    assert "6 encoded, 0 unchanged" in again.stdout
+    assert run_predict("query", str(index), "a red circle").returncode == 0
+
+
+def test_a_damaged_index_is_refused_by_query_and_rebuilt_by_index(stage2_model, small_demo_source, tmp_path):
+    videos, index = tmp_path / "videos", tmp_path / "index"
+    link_test_videos(small_demo_source, videos)
+    build = ("index", str(videos), "--init_model", str(stage2_model), "--out", str(index), "--num_workers", "0")
+    run_predict(*build)
+    for damage, message in [
+        (lambda: (index / "clip_features.npy").unlink(), "clip_features.npy is missing"),
+        (lambda: np.save(index / "clip_features.npy", np.zeros((5, 32), np.float32)),
+         "clip_features.npy has 5 rows for the 6 videos"),
+        (lambda: np.save(index / "tubes.npy", np.zeros((2, 8, 32), np.float16)), "tubes.npy has 2 rows"),
+    ]:
+        damage()
+        refused = run_predict("query", str(index), "a red circle", check=False)
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1
+        assert "6 encoded, 0 unchanged" in run_predict(*build).stdout  # rebuilt
+    (index / "index.json").write_text("{not json")
+    for command in (("query", str(index), "a red circle"), build):
+        refused = run_predict(*command, check=False)
+        assert refused.returncode == 2 and "index.json is damaged" in refused.stderr
+    shutil.rmtree(index)
+    run_predict(*build)
+    for empty in ("", "   "):
+        refused = run_predict("query", str(index), empty, check=False)
+        assert refused.returncode == 2 and "the query is empty" in refused.stderr
+
+
+def test_an_index_folder_in_use_is_refused(stage2_model, small_demo_source, tmp_path):
+    from dataloaders.files import FolderLock
+
+    videos, index = tmp_path / "videos", tmp_path / "index"
+    link_test_videos(small_demo_source, videos)
+    with FolderLock(index):
+        refused = run_predict("index", str(videos), "--init_model", str(stage2_model), "--out", str(index),
+                              "--num_workers", "0", check=False)
+    assert refused.returncode == 2 and f"the index folder {index} is in use by pid {os.getpid()}" in refused.stderr
+    assert not (index / "index.json").exists()
+
+
+def test_link_loops_under_the_indexed_folder_list_each_video_once(stage2_model, small_demo_source, tmp_path,
+                                                                  caplog):
+    videos, index = tmp_path / "videos", tmp_path / "index"
+    link_test_videos(small_demo_source, videos / "a")
+    (videos / "a" / "back").symlink_to(videos)  # two loops
+    (videos / "loop").symlink_to(".")
+    done = run_predict("index", str(videos), "--init_model", str(stage2_model), "--out", str(index),
+                       "--num_workers", "0")
+    assert "6 encoded" in done.stdout
+    assert len(VideoIndex.load(index).paths) == 6
+    assert "a folder already walked" in caplog.text

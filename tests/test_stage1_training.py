@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 import main_task_clip
@@ -107,12 +106,17 @@ def test_bad_videos_are_skipped_and_counted(small_demo, tiny_clip_checkpoint, tm
     assert restore["progress"]["skipped_videos"] == 3 * 2  # three bad training videos, seen once per epoch
 
 
-def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint, tmp_path, monkeypatch, caplog):
+def test_non_finite_losses_skip_steps_then_stop(small_demo, tiny_clip_checkpoint, tmp_path, monkeypatch, caplog,
+                                                capsys):
     out = tmp_path / "run"
     make_loss_nan(monkeypatch, lambda call: call > 2)
     argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=3", "--max_bad_steps=3", "--save_steps=1")
-    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
-        main_task_clip.main(argv)
+    with caplog.at_level(logging.WARNING):
+        assert main_task_clip.main(argv) == 3  # EXIT_NON_FINITE
+    [line] = capsys.readouterr().err.splitlines()
+    assert "3 consecutive non-finite losses up to step 3" in line and "restore.bin of step 2 is intact" in line
+    assert "Traceback" in (out / "log.txt").read_text() and "NonFiniteLossError" in (out / "log.txt").read_text()
+    assert json.loads((out / "run.json").read_text())[-1]["outcome"].startswith("error: NonFiniteLossError: 3 ")
     assert caplog.text.count("non-finite loss at step 3: step skipped") == 3
     restore = load_restore(out)
     assert restore["global_step"] == 2  # the last good step is what was saved

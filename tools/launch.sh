@@ -13,12 +13,20 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
 
-if [[ "$NNODES" == 1 && "$NPROC_PER_NODE" == 1 ]]; then
+if [[ "$NNODES" == 1 && "$NPROC_PER_NODE" == 1 && "$MAX_RESTARTS" == 0 ]]; then
   # One process: run the script itself, so its one-line errors and exit codes reach the user without torchrun's
   # failure report, and SIGTERM reaches it directly.
   launch=("$PYTHON")
+elif [[ "$NNODES" != 1 || "$MAX_RESTARTS" != 0 ]]; then
+  # Several nodes, or restarts after a worker dies: torchrun's c10d rendezvous, whose every round (the first
+  # start and each restart) forms a new group; the restarted workers resume from restore.bin.
+  RDZV_ENDPOINT=${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}
+  RDZV_ID=${RDZV_ID:-t2vlp}
+  launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
+          --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" --max-restarts="$MAX_RESTARTS")
 else
   launch=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
           --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")

@@ -116,6 +116,7 @@ def encode_split(
         "indices": kept_captions,
         "n_skipped": skipped,
         "n_captions_left_out": len(split.captions) - len(kept_captions),
+        "dropped_texts": dict(split.dropped),
     }
     if keep_fusion_inputs:
         encoded["tubes"] = torch.cat(videos["tubes"])
@@ -191,6 +192,8 @@ def _retrieval_result(scoring: str, t2v: Any, v2t: Any, encoded: dict[str, Any],
         "v2t": metrics_from_ranks(best_positive_ranks(v2t, videos, caption_video)),
         "chance": chance_retrieval_metrics(t2v.shape[1]),
     }
+    if encoded.get("dropped_texts"):  # duplicate or empty captions of the annotations, left out
+        result["dropped_texts"] = encoded["dropped_texts"]
     if t2v.shape[0] != t2v.shape[1]:
         result["multi_sentence"] = True
     return result
