@@ -15,6 +15,9 @@
 #   CLIP_PATH        OpenAI ViT-B-16.pt (default ./CLIP-modules/ViT-B-16.pt): the fusion encoder starts from its text tower
 #   NPROC_PER_NODE   processes (GPUs) per node (default: number of visible GPUs, 1 without GPUs)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (defaults 1, 0, 127.0.0.1, 29500)
+#   MAX_RESTARTS     restart the workers this many times when one dies (default 0); with it, and on several
+#                    nodes, torchrun's c10d rendezvous at RDZV_ENDPOINT (default MASTER_ADDR:MASTER_PORT) under
+#                    RDZV_ID (default t2vlp); each restart resumes from restore.bin
 #   BATCH_SIZE       GLOBAL batch over all processes (default 32 x NNODES: the original's 32 per node)
 #   DEMO_DATA        where the demo data lives (default ./demo_data)
 #   PYTHON           interpreter (default .venv/bin/python when present, else python3)

@@ -103,13 +103,26 @@ def test_launchers_run_the_original_recipes(tmp_path, data, launcher, env, scrip
 
 
 def test_torchrun_for_several_processes_and_a_global_batch_per_node(tmp_path, data):
-    calls, result = launch(tmp_path, "start_clip.sh", **real(data, NNODES="2", NODE_RANK="1", MASTER_ADDR="head",
+    calls, result = launch(tmp_path, "start_clip.sh", **real(data, NPROC_PER_NODE="8"))
+    assert result.returncode == 0, result.stderr
+    assert calls[0][:2] == ["-m", "torch.distributed.run"]  # one node: the static rendezvous, as before
+    assert {"--nnodes=1", "--node_rank=0", "--nproc_per_node=8", "--master_addr=127.0.0.1"} <= set(calls[0])
+    calls, result = launch(tmp_path, "start_clip.sh", **real(data, NNODES="2", MASTER_ADDR="head",
                                                               NPROC_PER_NODE="8", WEBVID_PATH="s3://bucket/webvid"))
     assert result.returncode == 0, result.stderr
-    assert calls[0][:2] == ["-m", "torch.distributed.run"]
-    assert {"--nnodes=2", "--node_rank=1", "--nproc_per_node=8", "--master_addr=head"} <= set(calls[0])
+    assert {"--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29500",
+            "--rdzv-id=t2vlp", "--max-restarts=0"} <= set(calls[0])  # several nodes: c10d rendezvous
     _, args = parsed(calls[0])
     assert (args.batch_size, args.dir_path) == (64, "s3://bucket/webvid")
+
+
+def test_max_restarts_uses_the_c10d_rendezvous_also_for_one_process(tmp_path, data):
+    calls, result = launch(tmp_path, "start_fusion.sh", **real(data, MAX_RESTARTS="3", RDZV_ENDPOINT="n0:1234",
+                                                                RDZV_ID="job7"))
+    assert result.returncode == 0, result.stderr
+    assert calls[0][:2] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=n0:1234", "--rdzv-id=job7",
+            "--max-restarts=3"} <= set(calls[0])
 
 
 @pytest.mark.parametrize("launcher, env, stage", [("start_clip.sh", {}, None), ("start_fusion.sh", {}, 1),
