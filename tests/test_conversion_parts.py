@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import frozen_tfrecord as ft
 import main_task_clip
 from dataloaders.webvid import read_frames
 from tests.stage1_helpers import stage1_argv
-from tests.test_frozen_tfrecord import make_many_videos, output_bytes, run_cli
+from tests.test_frozen_tfrecord import kill_when_written, make_many_videos, output_bytes
 from tests.test_webdataset_input import videos as member_videos  # noqa: F401 (fixture)
 from tests.test_webdataset_input import write_shards
 
@@ -38,16 +36,8 @@ def test_three_parts_one_killed_then_merged_equal_one_conversion(tmp_path):
     blocking = videos / "2006.mp4"
     real_video = blocking.rename(tmp_path / "2006.mp4")
     os.mkfifo(blocking)
-    process = run_cli(*args, "--output_dir", str(shared), "--num_parts", "3", "--part", "0", "--workers", "1",
-                      start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (shared / "path-00000.meta.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the part ended before the kill"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+    kill_when_written(shared / "path-00000.meta.json", *args, "--output_dir", str(shared), "--num_parts", "3",
+                      "--part", "0", "--workers", "1")
     assert not (shared / "path-00003.meta.json").exists()
     blocking.unlink()
     real_video.rename(blocking)

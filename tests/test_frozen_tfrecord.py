@@ -85,6 +85,19 @@ def run_cli(*args: str, **popen: object) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+def kill_when_written(path: Path, *args: str) -> None:
+    """Run the converter's command line with `args` and SIGKILL it (and its workers) once `path` exists."""
+    process = run_cli(*args, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the converter ended before the kill"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the converter and its worker processes
+        process.communicate()
+
+
 def convert(output_dir: Path, *args: str) -> ft.ConversionSummary:
     return ft.convert(ft.parse_args([*args, "--output_dir", str(output_dir), "--no_progress"]))
 
@@ -253,15 +266,7 @@ def test_killed_conversion_resumes_to_byte_identical_output(tmp_path):
     real_video = blocking.rename(tmp_path / "2004.mp4")
     os.mkfifo(blocking)
     out = tmp_path / "killed"
-    process = run_cli(*args, "--output_dir", str(out), "--workers", "1", start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "path-00001.meta.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "converter ended before the kill"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the converter and its worker processes
-        process.communicate()
+    kill_when_written(out / "path-00001.meta.json", *args, "--output_dir", str(out), "--workers", "1")
     assert not (out / "path.index").exists() and not (out / "path-00002.meta.json").exists()
 
     blocking.unlink()
