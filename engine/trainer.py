@@ -480,7 +480,7 @@ class Trainer:
             if progress.bad_steps >= settings.max_bad_steps:
                 raise NonFiniteLossError(
                     f"{progress.bad_steps} consecutive non-finite losses up to step {progress.global_step + 1} "
-                    f"(--max_bad_steps {settings.max_bad_steps}); stopped. {self._saved_so_far().capitalize()} "
+                    f"(--max_bad_steps {settings.max_bad_steps}), stopped: {self._saved_so_far()} "
                     f"in {self.output_dir}; lower --lr or try --precision fp32, and rerun (it resumes from "
                     f"restore.bin when there is one)"
                 )
