@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import frozen_tfrecord as ft  # noqa: E402
 from bench.bench_webvid import synthetic_frames  # noqa: E402
+from conversion.convert import use_one_decoding_thread  # noqa: E402
 from conversion.decoders import sample_positions  # noqa: E402
 
 
@@ -66,20 +67,14 @@ def make_corpus(root: Path, n_videos: int, width: int, height: int, seconds: int
                                                                   "videoid": video_id}).encode()})
 
 
-def conversion_rate(args: list[str], n_videos: int) -> tuple[float, float]:
-    """(videos/s of the conversion, seconds the worker's start-up took) with one worker process."""
-    import multiprocessing
-
+def conversion_rate(args: list[str], n_videos: int) -> float:
+    """Videos/s of a whole conversion (decode, sample, JPEG, write, verify) in this process."""
     start = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # what one worker costs to start
-        pool.apply(int)
-    startup = time.perf_counter() - start
-    start = time.perf_counter()
-    summary = ft.convert(ft.parse_args([*args, "--workers", "1", "--no_progress"]))
-    seconds = time.perf_counter() - start - startup
+    summary = ft.convert(ft.parse_args([*args, "--workers", "0", "--no_progress"]))
+    seconds = time.perf_counter() - start
     if summary.n_written != n_videos:
         raise RuntimeError(f"converted {summary.n_written} of {n_videos} videos: {summary.report()}")
-    return n_videos / seconds, startup
+    return n_videos / seconds
 
 
 def pyav_decode_rate(videos: list[Path], num_frames: int) -> float:
@@ -120,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         make_corpus(root, args.n_videos, args.width, args.height, args.seconds, args.fps)
         videos = sorted((root / "videos").glob("*.mp4"))
-        files, startup = conversion_rate(["--video_dir", str(root / "videos"), "--csv", str(root / "train.csv"),
+        use_one_decoding_thread()
+        files = conversion_rate(["--video_dir", str(root / "videos"), "--csv", str(root / "train.csv"),
                                           "--output_dir", str(root / "from_files")], args.n_videos)
-        shards, _ = conversion_rate(["--webdataset", str(root / "shards"), "--id_field", "videoid",
+        shards = conversion_rate(["--webdataset", str(root / "shards"), "--id_field", "videoid",
                                      "--output_dir", str(root / "from_shards")], args.n_videos)
         same = all((root / "from_files" / name).read_bytes() == (root / "from_shards" / name).read_bytes()
                    for name in ("frozen_train_labels.json",))
         decode = pyav_decode_rate(videos, 12)
         ffmpeg_rate = ffmpeg_decode_rate(videos)
-    print(f"{args.n_videos} H.264 videos {args.width}x{args.height}, {args.seconds} s at {args.fps} fps; one worker "
-          f"process, one FFmpeg thread (its start-up, {startup:.1f} s, not counted)")
+    print(f"{args.n_videos} H.264 videos {args.width}x{args.height}, {args.seconds} s at {args.fps} fps; one process, "
+          f"one FFmpeg thread")
     print(f"{'path':58} {'videos/s':>9} {'of decoding alone':>18}")
     print(f"{'convert from files (OpenCV, --video_dir + --csv)':58} {files:9.2f} {files / decode:17.0%}")
     print(f"{'convert from webdataset shards (PyAV from memory)':58} {shards:9.2f} {shards / decode:17.0%}")

@@ -254,7 +254,8 @@ def _clip_result(unit: Unit, clip, result: DecodedClip | Exception, options: Enc
 _decode_threads = 0  # FFmpeg decoding threads per video; 0 = FFmpeg's choice (all cores)
 
 
-def _init_worker() -> None:
+def use_one_decoding_thread() -> None:
+    """What each worker process runs first: parallelism comes from the processes, not from FFmpeg's threads."""
     global _decode_threads
     _decode_threads = 1  # parallelism comes from the worker processes
     cv2.setNumThreads(1)
@@ -303,7 +304,7 @@ def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tupl
             yield plan, map(work, plan.units)
         return
     # Fresh interpreters: forking a parent whose OpenCV thread pool has run deadlocks cv2 in the children.
-    with multiprocessing.get_context("spawn").Pool(config.workers, initializer=_init_worker) as pool:
+    with multiprocessing.get_context("spawn").Pool(config.workers, initializer=use_one_decoding_thread) as pool:
         queued: deque = deque()
         for plan in todo:
             queued.append((plan, pool.imap(work, plan.units, chunksize=1)))
@@ -324,7 +325,7 @@ def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: C
             results = map(work, todo)
         else:
             pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(todo)) or 1,
-                                                             initializer=_init_worker)
+                                                             initializer=use_one_decoding_thread)
             results = pool.imap(work, todo, chunksize=1)
         try:
             for plan, state in zip(todo, results):
