@@ -25,7 +25,7 @@ import cv2
 from tqdm import tqdm
 
 from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips
-from conversion.encoding import EncodeOptions, encode_clip, encode_frame_store_clip
+from conversion.encoding import EncodeOptions, encode_decoded_clip, encode_frame_store_clip
 from conversion.items import Failure, Unit
 from conversion.shards import (
     OutputLayout,
@@ -43,7 +43,7 @@ from conversion.shards import (
 )
 from conversion.sources import SampleFields, select_files
 from conversion.tables import PRESETS, TableLayout
-from conversion.webdataset_input import convert_input_shard, expand_shard_specs, fewer_frames, too_few_frames
+from conversion.webdataset_input import convert_input_shard, expand_shard_specs
 from dataloaders.files import LOCK_NAME, FolderLock
 from modules.errors import InputError
 
@@ -243,12 +243,9 @@ def _clip_result(unit: Unit, clip, result: DecodedClip | Exception, options: Enc
                                                       f"{type(result).__name__}: {result}"))
     windowed = clip.window is not None
     where = clip.where if windowed else unit.location  # a window: its table row
-    refusal = too_few_frames(result.source_frames, options, clip.clip_id, where)
-    if refusal is not None:
-        return ClipResult(clip.clip_id, None, refusal)
-    payload = encode_clip(clip.clip_id, result.frames, result.positions, options,
-                          window=clip.window, source_id=unit.source_id if windowed else None)
-    return ClipResult(clip.clip_id, payload, fewer_frames(result, options, clip.clip_id, where))
+    payload, failure = encode_decoded_clip(clip.clip_id, result, options, where, window=clip.window,
+                                           source_id=unit.source_id if windowed else None)
+    return ClipResult(clip.clip_id, payload, failure)
 
 
 _decode_threads = 0  # FFmpeg decoding threads per video; 0 = FFmpeg's choice (all cores)

@@ -102,7 +102,21 @@ def _keep_positions(frames: Callable[[], object], positions: Sequence[int],
     return kept, position
 
 
-class OpenCVVideo:
+class SequentialVideo:
+    """What the video decoders share: the container's frame count (`_reported`), or a count by decoding."""
+
+    _reported = 0
+
+    def frame_count(self) -> int:
+        if self._reported > 0:
+            return self._reported
+        return self.read([])[1]  # no (or a bogus) count in the container: count by decoding
+
+    def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+        raise NotImplementedError
+
+
+class OpenCVVideo(SequentialVideo):
     """A video file through OpenCV's FFmpeg backend; `threads` 0 lets FFmpeg choose."""
 
     def __init__(self, path: str, threads: int = 0) -> None:
@@ -125,11 +139,6 @@ class OpenCVVideo:
             raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {self.path}")
         return capture
 
-    def frame_count(self) -> int:
-        if self._reported > 0:
-            return self._reported
-        return self.read([])[1]  # no (or a bogus) count in the container: count by decoding
-
     def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
         capture = self._open()
 
@@ -147,7 +156,7 @@ class OpenCVVideo:
             capture.release()
 
 
-class PyAVVideo:
+class PyAVVideo(SequentialVideo):
     """A video file or in-memory bytes through PyAV; `threads` 0 lets FFmpeg choose."""
 
     def __init__(self, source: str | bytes, threads: int = 0, name: str | None = None) -> None:
@@ -184,11 +193,6 @@ class PyAVVideo:
         else:
             return 0
         return math.floor(seconds * self.fps + 0.5)
-
-    def frame_count(self) -> int:
-        if self._reported > 0:
-            return self._reported
-        return self.read([])[1]
 
     def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
         import av
@@ -264,13 +268,13 @@ def read_clips(source: VideoSource, num_frames: int, windows: Sequence[tuple[flo
     if count <= 0:
         raise VideoDecodeError("no frame could be decoded")
     wanted = _positions_of(windows, count, source.fps, num_frames)
-    frames, decoded = source.read(sorted({p for positions in wanted if isinstance(positions, list) for p in positions}))
+    frames, decoded = source.read(_all_positions(wanted))
     if any(isinstance(positions, list) and positions and positions[-1] >= decoded for positions in wanted):
         # the container over-reported its frame count: sample again over the frames that exist
         if decoded == 0:
             raise VideoDecodeError("no frame could be decoded")
         wanted = _positions_of(windows, decoded, source.fps, num_frames)
-        frames, _ = source.read(sorted({p for positions in wanted if isinstance(positions, list) for p in positions}))
+        frames, _ = source.read(_all_positions(wanted))
         count = decoded
     clips: list[DecodedClip | BadWindow | VideoDecodeError] = []
     for window, positions in zip(windows, wanted):
@@ -284,6 +288,11 @@ def read_clips(source: VideoSource, num_frames: int, windows: Sequence[tuple[flo
         available = count if window is None else len(window_frames(window, source.fps, count))
         clips.append(DecodedClip([frames[p] for p in kept], kept, available))
     return clips
+
+
+def _all_positions(wanted: list[list[int] | BadWindow]) -> list[int]:
+    """Every frame some clip needs, sorted: the one pass over the source reads them all."""
+    return sorted({p for positions in wanted if isinstance(positions, list) for p in positions})
 
 
 def _positions_of(windows: Sequence[tuple[float, float] | None], count: int, fps: float, num_frames: int

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from conversion.decoders import DecodedClip
+from conversion.items import Failure
 from dataloaders.video import VideoDecodeError, read_sampled_frames, resize_center_crop
 from dataloaders.webvid import RAW_SIDE, encode_image_clip_record, encode_raw_clip_record
 
@@ -55,6 +57,23 @@ def encode_clip(clip_id: str, frames_bgr: list[np.ndarray], positions: list[int]
         images.append(encode_image(frame, options))
     return encode_image_clip_record(clip_id, images, height, width, positions, options.frame_format.encode(),
                                     window=window, source_id=source_id)
+
+
+def encode_decoded_clip(clip_id: str, clip: DecodedClip, options: EncodeOptions, where: str, *,
+                        window: tuple[float, float] | None = None, source_id: str | None = None
+                        ) -> tuple[bytes | None, Failure | None]:
+    """What a decoded clip becomes: (payload, None); (None, the Failure that keeps it out: a source of one frame
+    is a still image, `not_a_video`, one of fewer than --min_frames a `short_video`); or (payload, a `fewer_frames`
+    note: stored with fewer frames than asked for)."""
+    if clip.source_frames < options.min_frames:
+        kind = "not_a_video" if clip.source_frames <= 1 else "short_video"
+        return None, Failure(kind, clip_id, where, f"{clip.source_frames} decodable frame(s), fewer than "
+                                                   f"--min_frames {options.min_frames}")
+    payload = encode_clip(clip_id, clip.frames, clip.positions, options, window=window, source_id=source_id)
+    if options.num_frames and len(clip.frames) < options.num_frames:
+        return payload, Failure("fewer_frames", clip_id, where,
+                                f"stored {len(clip.frames)} of the {options.num_frames} frames asked for")
+    return payload, None
 
 
 def encode_frame_store_clip(video_id: str, path: str, options: EncodeOptions) -> tuple[bytes, int]:

@@ -5,19 +5,17 @@ them (video2dataset's `files` output), or every video found (frame stores, capti
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from conversion.items import VALID_ID, Clip, Failure, Selection, Unit
 from conversion.tables import TableLayout, TableRows, read_tables
-from dataloaders.files import is_video_file, walk_files
+from dataloaders.files import files_by_name, is_video_file, walk_files
 from modules.errors import InputError
-
-logger = logging.getLogger("frozen_tfrecord")
 
 CAPTION_SUFFIXES = (".txt", ".json")
 SUCCESS = "success"  # video2dataset's status of a downloaded sample
@@ -33,13 +31,11 @@ class SampleFields:
 
 def find_videos(video_dir: str | Path) -> dict[str, str]:
     """`video_id -> path` for every video file under `video_dir` (one walk; id = file name without extension)."""
-    found: dict[str, str] = {}
-    for path in walk_files(video_dir, is_video_file):
-        if path.stem in found:
-            logger.warning("video id %s found twice: using %s, ignoring %s", path.stem, found[path.stem], path)
-        else:
-            found[path.stem] = str(path)
-    return found
+    return _videos_by_id(walk_files(video_dir, is_video_file))
+
+
+def _videos_by_id(paths: Iterable[Path]) -> dict[str, str]:
+    return {video_id: str(path) for video_id, path in files_by_name(paths).items() if is_video_file(path.name)}
 
 
 def find_frame_folders(frames_dir: str | Path) -> dict[str, str]:
@@ -54,7 +50,11 @@ def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], 
     With `tables` only the videos they name, with their clips and captions (a named video missing from the
     folder is a `missing_video` failure); else, with `use_captions_beside` and caption files beside the videos,
     the captioned videos; else every video or frame folder found, without captions."""
-    found = find_frame_folders(folder) if kind == "frames" else find_videos(folder)
+    if kind == "frames":
+        walked, found = [], find_frame_folders(folder)
+    else:  # one walk finds the videos and the caption files beside them
+        walked = list(walk_files(folder, lambda name: is_video_file(name) or name.endswith(CAPTION_SUFFIXES)))
+        found = _videos_by_id(path for path in walked if is_video_file(path.name))
     selection = Selection(n_sources_found=len(found))
     if tables:
         rows = TableRows()
@@ -65,9 +65,9 @@ def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], 
         selection.n_rows, selection.has_captions = rows.n_rows, True
         selection.failures += rows.failures
         _units_from_tables(rows, found, folder, kind, selection)
-    elif use_captions_beside and kind == "video" and _has_caption_files(folder):
+    elif use_captions_beside and any(not is_video_file(path.name) for path in walked):
         selection.has_captions = True
-        _units_from_captions_beside(folder, found, fields, selection)
+        _units_from_captions_beside(walked, fields, selection)
     else:
         selection.units = [Unit(video_id, found[video_id], kind, (Clip(video_id, None),)) for video_id in sorted(found)]
     return selection
@@ -91,15 +91,10 @@ def _units_from_tables(rows: TableRows, found: dict[str, str], folder: str, kind
     selection.failures += missing
 
 
-def _has_caption_files(folder: str) -> bool:
-    return any(True for _ in walk_files(folder, lambda name: name.endswith(CAPTION_SUFFIXES)))
-
-
-def _units_from_captions_beside(folder: str, found: dict[str, str], fields: SampleFields,
-                                selection: Selection) -> None:
+def _units_from_captions_beside(walked: list[Path], fields: SampleFields, selection: Selection) -> None:
     """video2dataset's `files` layout: `<key>.mp4` with `<key>.txt` and/or `<key>.json` in the same folder."""
     samples: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
-    for path in walk_files(folder, lambda name: is_video_file(name) or name.endswith(CAPTION_SUFFIXES)):
+    for path in walked:
         samples[(str(path.parent), path.stem)]["video" if is_video_file(path.name) else path.suffix[1:]] = path
     seen: set[str] = set()
     units = []

@@ -12,7 +12,6 @@ is decoded from memory with PyAV.
 from __future__ import annotations
 
 import os
-import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,8 +19,8 @@ from typing import Any, BinaryIO
 from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from conversion.decoders import DecodedClip, open_source, read_clips
-from conversion.encoding import EncodeOptions, encode_clip
+from conversion.decoders import open_source, read_clips
+from conversion.encoding import EncodeOptions, encode_decoded_clip
 from conversion.items import Failure
 from conversion.shards import OutputLayout, ShardPlan, ShardState, ShardWriter, state_of_shard
 from conversion.sources import SampleFields, parse_sample_json, sample_clip
@@ -80,10 +79,6 @@ def open_shard(url: str) -> BinaryIO:
         bucket, key = split_s3_url(url)
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
     return open(url, "rb")
-
-
-def shard_name(url: str) -> str:
-    return posixpath.basename(url) if is_s3_url(url) else os.path.basename(url)
 
 
 class ShardErrors:
@@ -170,8 +165,8 @@ def _store(sample: dict[str, Any], url: str, options: EncodeOptions, fields: Sam
 
 def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions) -> tuple[bytes | None,
                                                                                            Failure | None]:
-    """The record payload of an in-memory video member and None; None and the Failure that keeps it out; or the
-    payload and a `fewer_frames` note (stored with fewer frames than asked for)."""
+    """An in-memory video member decoded with PyAV, as `encode_decoded_clip` gives it (a member that cannot be
+    decoded: None and its `bad_video` Failure)."""
     try:
         source = open_source(data, "video", "pyav", threads=1, name=where)
         clip = read_clips(source, options.num_frames, [None])[0]
@@ -179,22 +174,4 @@ def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions)
         return None, Failure("bad_video", clip_id, where, str(error))
     if isinstance(clip, Exception):
         return None, Failure("bad_video", clip_id, where, str(clip))
-    refusal = too_few_frames(clip.source_frames, options, clip_id, where)
-    if refusal is not None:
-        return None, refusal
-    return encode_clip(clip_id, clip.frames, clip.positions, options), fewer_frames(clip, options, clip_id, where)
-
-
-def fewer_frames(clip: DecodedClip, options: EncodeOptions, clip_id: str, where: str) -> Failure | None:
-    if options.num_frames and len(clip.frames) < options.num_frames:
-        return Failure("fewer_frames", clip_id, where,
-                       f"stored {len(clip.frames)} of the {options.num_frames} frames asked for")
-    return None
-
-
-def too_few_frames(n_frames: int, options: EncodeOptions, clip_id: str, where: str) -> Failure | None:
-    """A source of one frame is a still image (`not_a_video`); one with fewer than --min_frames a `short_video`."""
-    if n_frames >= options.min_frames:
-        return None
-    kind = "not_a_video" if n_frames <= 1 else "short_video"
-    return Failure(kind, clip_id, where, f"{n_frames} decodable frame(s), fewer than --min_frames {options.min_frames}")
+    return encode_decoded_clip(clip_id, clip, options, where)

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,6 +43,21 @@ def walk_files(root: str | os.PathLike, keep: Callable[[str], bool] | None = Non
         for name in sorted(files):
             if keep is None or keep(name):
                 yield Path(folder) / name
+
+
+def files_by_name(paths: Iterable[Path], key: str = "stem") -> dict[str, Path]:
+    """`paths` (e.g. of `walk_files`) by name without extension (`key="stem"`) or by full name (`"name"`); of two
+    files with one name the first is kept, with a warning."""
+    if key not in ("stem", "name"):
+        raise ValueError(f"key must be 'stem' or 'name', got {key!r}")
+    found: dict[str, Path] = {}
+    for path in paths:
+        name = path.name if key == "name" else os.path.splitext(path.name)[0]
+        if name in found:
+            logger.warning("two files for video %s: %s and %s (using the first)", name, found[name], path)
+            continue
+        found[name] = path
+    return found
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -96,10 +111,7 @@ class FolderLock:
 
     def holder(self) -> str:
         """Who holds the lock, as its file says (the parts of a conversion when it is held shared)."""
-        try:
-            record = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except (OSError, ValueError):
-            record = {}
+        record = _read_record(self.path)
         parts = [path for path in self.folder.glob(f"{self.path.name}.*") if _is_locked(path)]
         if parts:
             return f"{len(parts)} part(s) of a conversion (e.g. {describe_holder(_read_record(parts[0]))})"

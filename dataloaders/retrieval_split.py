@@ -8,7 +8,6 @@ video per caption), so a split is two datasets over one description: `SplitCapti
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataloaders.files import walk_files
+from dataloaders.files import files_by_name, walk_files
 from dataloaders.video import VideoDecodeError
 from modules.errors import InputError
 
@@ -118,16 +117,6 @@ class SplitVideos(Dataset):
 def index_video_files(features_path: str | Path, key: str = "stem") -> dict[str, Path]:
     """Every file under `features_path` (recursively) by its name without extension ("stem", MSVD and LSMDC) or
     its full name ("name", DiDeMo, whose ids keep the extension and may end in a bare dot)."""
-    if key not in ("stem", "name"):
-        raise ValueError(f"key must be 'stem' or 'name', got {key!r}")
-    root = Path(features_path)
-    if not root.is_dir():
+    if not Path(features_path).is_dir():
         raise InputError(f"--features_path {features_path} is not a folder of videos")
-    found: dict[str, Path] = {}
-    for path in walk_files(root):
-        video_id = path.name if key == "name" else os.path.splitext(path.name)[0]
-        if video_id in found:
-            logger.warning("two files for video %s: %s and %s (using the first)", video_id, found[video_id], path)
-            continue
-        found[video_id] = path
-    return found
+    return files_by_name(walk_files(features_path), key)

@@ -25,6 +25,7 @@ from modules.errors import InputError, ModelConfigError
 
 logger = logging.getLogger("t2vlp.args")
 
+DEFAULT_DATATYPE = "msrvtt"  # CLIP4Clip's; a task may set another default (QA: msrvtt_qa)
 IGNORED_HINT = "ignored_hint"  # set on the argparse action of a flag accepted only for compatibility
 
 BATCH_HELP = (
@@ -91,7 +92,7 @@ def _add_original_flags(parser: argparse.ArgumentParser) -> None:
         help="restore.bin to resume from (default: <output_dir>/restore.bin when it exists).")
     add("--warmup_proportion", type=float, default=0.1, help="Warmup fraction of the total optimiser steps.")
     add("--gradient_accumulation_steps", type=int, default=1)
-    add("--datatype", type=str, default="msrvtt", help="Dataset of the (evaluation) loader.")
+    add("--datatype", type=str, default=DEFAULT_DATATYPE, help="Dataset of the (evaluation) loader.")
     add("--coef_lr", type=float, default=1.0, help="LR multiplier of the CLIP backbone parameters.")
     add("--loose_type", action="store_true",
         help="meanP similarity without a cross encoder; the only type implemented, so always on.")

@@ -214,14 +214,14 @@ def load_restore(
                              f"version of this project is read with --trust_checkpoint (only for your own files; "
                              f"the next save writes the safe format)") from error
         logger.warning("%s: loaded without restrictions (--trust_checkpoint)", path)
-        return _load_trusted(path, map_location, weights_only=False)
+        return _load_trusted(path, map_location)
     except Exception as error:  # noqa: BLE001 - any failure to read it means the same thing to the user
         raise _unreadable(path, error) from error
 
 
-def _load_trusted(path: Path, map_location: str | torch.device, weights_only: bool) -> dict[str, Any]:
+def _load_trusted(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001
         raise _unreadable(path, error) from error
 

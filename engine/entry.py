@@ -17,7 +17,7 @@ import torch
 from dataloaders.files import FolderInUseError, FolderLock
 from engine import distributed
 from engine.args import (
-    build_parser,
+    DEFAULT_DATATYPE,
     check_model_limits,
     local_batch_sizes,
     parse_args,
@@ -107,8 +107,8 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
     """The skeleton every stage and task shares: the model, the task's own pieces (`prepare`), a step-0
     evaluation, then training (resuming from restore.bin when there is one) or one evaluation. The exit code."""
     args, dist_info = context.args, context.dist_info
-    if context.dataset and args.datatype not in (build_parser(definition).get_default("datatype"), context.dataset,
-                                                 f"{context.dataset}_qa"):
+    default_datatype = definition.defaults.get("datatype", DEFAULT_DATATYPE)
+    if context.dataset and args.datatype not in (default_datatype, context.dataset, f"{context.dataset}_qa"):
         logger.warning("--datatype %s is ignored: this script runs on %s", args.datatype, context.dataset)
     model = build_model(args, **(definition.model_options(context) if definition.model_options else {}))
     prepared = definition.prepare(context, model)
