@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from conversion.shards import (
     plan_inputs,
     plan_units,
     read_part_manifests,
+    read_sidecar,
     state_of_shard,
     write_part_manifest,
 )
@@ -374,14 +374,7 @@ def merge(config: ConversionConfig) -> ConversionSummary:
 def _find_part_shard(folders: list[Path], name: str, number: int, key: str, options: dict
                      ) -> tuple[Path, ShardState] | None:
     for folder in folders:
-        layout = OutputLayout(folder, name)
-        try:
-            state = ShardState(**json.loads(layout.sidecar(number).read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            continue
-        shard = layout.shard(number)
-        if (_state_key(number, state) == [number, key] and state.options == options and shard.is_file()
-                and os.path.getsize(shard) == state.size):
-            state.records = [tuple(record) for record in state.records]
+        state = read_sidecar(OutputLayout(folder, name), number)
+        if state is not None and _state_key(number, state) == [number, key] and state.options == options:
             return folder, state
     return None

@@ -183,24 +183,32 @@ def state_of_shard(layout: OutputLayout, plan: ShardPlan, writer: ShardWriter, o
     return state
 
 
-def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOptions,
-                        verify_checksum: bool = True) -> ShardState | None:
-    """The sidecar state of a shard finished earlier with the same plan and options, else None."""
-    sidecar, shard = layout.sidecar(plan.number), layout.shard(plan.number)
+def read_sidecar(layout: OutputLayout, number: int) -> ShardState | None:
+    """The state shard `number`'s sidecar records when the shard file beside it has the recorded size, else None
+    (no sidecar, an unreadable one, or a shard missing or cut short)."""
     try:
-        state = ShardState(**json.loads(sidecar.read_text(encoding="utf-8")))
+        state = ShardState(**json.loads(layout.sidecar(number).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-    if state.options != options.recorded() or state.input != plan.input:
+    shard = layout.shard(number)
+    if not shard.is_file() or shard.stat().st_size != state.size:
+        return None
+    state.records = [tuple(record) for record in state.records]
+    return state
+
+
+def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOptions) -> ShardState | None:
+    """The sidecar state of a shard finished earlier with the same plan and options (its checksum verified),
+    else None."""
+    state = read_sidecar(layout, plan.number)
+    if state is None or state.options != options.recorded() or state.input != plan.input:
         return None
     if plan.input is None and (state.video_ids != plan.clip_ids or state.windows != plan.windows):
         return None
-    if not shard.is_file() or shard.stat().st_size != state.size:
-        return None
-    if verify_checksum and (not state.sha256 or file_sha256(shard) != state.sha256):
+    shard = layout.shard(plan.number)
+    if not state.sha256 or file_sha256(shard) != state.sha256:
         logger.warning("%s does not match the checksum recorded when it was finished: writing it again", shard)
         return None
-    state.records = [tuple(record) for record in state.records]
     return state
 
 
