@@ -148,6 +148,7 @@ def test_without_data_path_the_demo_recipe_runs_and_is_summarised(tmp_path, laun
     ("start_retrieval.sh", {"DATASET": "msvd", "DATA_PATH": ""}, "the demo data is laid out as MSR-VTT"),
     ("start_fusion.sh", {"INIT_MODEL": "/missing.bin"}, "'/missing.bin' is not a file: set INIT_MODEL"),
     ("start_qa.sh", {"VIDEO_PATH": "/missing"}, "folder /missing not found: set VIDEO_PATH"),
+    ("start_clip.sh", {"MAX_RESTARTS": "two"}, "MAX_RESTARTS must be a whole number"),
 ])
 def test_bad_launcher_settings_are_one_line_and_exit_2(tmp_path, data, launcher, env, message):
     calls, result = launch(tmp_path, launcher, **{**real(data), **env})

@@ -14,6 +14,10 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+if [[ ! "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
+  echo "$(basename "$0"): MAX_RESTARTS must be a whole number (restarts after a worker dies), not '$MAX_RESTARTS'" >&2
+  exit 2
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
 
 if [[ "$NNODES" == 1 && "$NPROC_PER_NODE" == 1 && "$MAX_RESTARTS" == 0 ]]; then
