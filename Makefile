@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test test-unit test-integration lint clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,16 @@ setup: $(VENV)/.installed
 demo: setup
 	bash start_clip.sh
 
+# The whole suite (CI); the slowest tests are listed at the end.
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The fast part (about 2 minutes on 2 cores): everything not marked `integration` (tests that start processes).
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: setup
+	$(PY) -m pytest -q -m integration
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""Convert video-text corpora into the TFRecord store that stage-1/2 pre-training reads (METHOD §9.1): WebVid,
+"""Convert video-text corpora into the TFRecord store that stage-1/2 pre-training reads (docs/method.md §9.1): WebVid,
 video2dataset webdataset shards and `files` output, Panda-70M / InternVid / WebVid-10M tables, frame folders; or a
 decode-once frame store for fine-tuning. The converter is the `conversion` package; this is its command line.
 
@@ -23,7 +23,7 @@ from modules.errors import InputError
 logger = logging.getLogger("frozen_tfrecord")
 
 DESCRIPTION = """\
-Convert video-text corpora into the TFRecord frame store that stage-1/2 pre-training reads (METHOD §9.1).
+Convert video-text corpora into the TFRecord frame store that stage-1/2 pre-training reads (docs/method.md §9.1).
 
 Inputs (one of):
   --video_dir DIR   videos, found by walking DIR once; the video id is the file name without its extension, so

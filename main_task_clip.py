@@ -1,4 +1,4 @@
-"""Stage-1 pre-training of T2VLP: video-text contrastive + local alignment (METHOD §5).
+"""Stage-1 pre-training of T2VLP: video-text contrastive + local alignment (docs/method.md §5).
 
 One process:   python main_task_clip.py --do_train --output_dir runs/x ...
 Several:       torchrun --nproc_per_node=8 main_task_clip.py --do_train ...   (flags as in the original README)

@@ -1,5 +1,5 @@
 """Stage-2 pre-training of T2VLP: the fusion encoder with MLM + prefix LM + video-text matching with hard
-negatives + local alignment (METHOD §6), from a stage-1 checkpoint.
+negatives + local alignment (docs/method.md §6), from a stage-1 checkpoint.
 
 One process:   python main_task_fusion.py --do_train --init_model STAGE1_CKPT --output_dir runs/x ...
 Several:       torchrun --nproc_per_node=8 main_task_fusion.py --do_train ...   (flags as in the original README)

@@ -9,7 +9,7 @@
 # Environment:
 #   DATASET          msvd (default) or msrvtt
 #   DATA_PATH        MSVD: the folder of {train,val,test}_list.txt + raw-captions.pkl; MSR-VTT: the folder of
-#                    MSRVTT_data.json (README "Captioning data layout"); unset: run the demo
+#                    MSRVTT_data.json (docs/data.md §4); unset: run the demo
 #   VIDEO_PATH       its video folder (default $DATA_PATH/MSVD_Videos or $DATA_PATH/MSRVTT_Videos)
 #   INIT_MODEL       stage-2 checkpoint (ours or the original's), or a captioning one; required with DATA_PATH
 #   OUTPUT_PATH      output folder (default ./output/caption_$DATASET, or ./output/demo_caption_<time>)

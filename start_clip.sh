@@ -5,9 +5,10 @@
 #   bash start_clip.sh                                                             # the embedded demo (CPU is fine)
 #
 # Environment:
-#   DATA_PATH        folder with frozen_train_labels.json, WebVid_TFRecord/ (or WEBVID_PATH), MSRVTT_train.9k.csv,
-#                    MSRVTT_JSFUSION_test.csv and MSRVTT_Videos/ (see README "Data layout"); unset: run the demo
+#   DATA_PATH        folder with WebVid_TFRecord/ (or WEBVID_PATH), MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv
+#                    and MSRVTT_Videos/ (docs/data.md); unset: run the demo
 #   WEBVID_PATH      folder (or s3:// prefix) holding path.index and the shards (default $DATA_PATH/WebVid_TFRecord)
+#   LABELS           the labels (default $DATA_PATH/frozen_train_labels.json when it exists, else the store's own)
 #   OUTPUT_PATH      output folder (default ./output/stage1, or a fresh ./output/demo_stage1_<time> for the demo)
 #   CLIP_PATH        OpenAI ViT-B-16.pt (default ./CLIP-modules/ViT-B-16.pt; fetch with CLIP-modules/fetch_clip.py)
 #   NPROC_PER_NODE   processes (GPUs) per node (default: number of visible GPUs, 1 without GPUs)
@@ -15,6 +16,8 @@
 #   MAX_RESTARTS     restart the workers this many times when one dies (default 0); with it, and on several
 #                    nodes, torchrun's c10d rendezvous at RDZV_ENDPOINT (default MASTER_ADDR:MASTER_PORT) under
 #                    RDZV_ID (default t2vlp); each restart resumes from restore.bin
+#   EVAL_ONLY        set to 1 to evaluate INIT_MODEL (a stage-1 checkpoint) on MSR-VTT 1k-A without training
+#   INIT_MODEL       the checkpoint EVAL_ONLY evaluates
 #   BATCH_SIZE       GLOBAL batch over all processes (default 32 x NNODES: the original's 32 per node)
 #   DEMO_DATA        where the demo data lives (default ./demo_data)
 #   PYTHON           interpreter (default .venv/bin/python when present, else python3)

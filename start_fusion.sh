@@ -7,10 +7,11 @@
 #                             # running the stage-1 demo first when there is none
 #
 # Environment:
-#   DATA_PATH        folder with frozen_train_labels.json, WebVid_TFRecord/ (or WEBVID_PATH), MSRVTT_JSFUSION_test.csv
-#                    and MSRVTT_Videos/ (see README "Data layout"); unset: run the demo
+#   DATA_PATH        folder with WebVid_TFRecord/ (or WEBVID_PATH), MSRVTT_JSFUSION_test.csv and MSRVTT_Videos/
+#                    (docs/data.md); unset: run the demo
 #   INIT_MODEL       stage-1 checkpoint (ours or the original's); required with DATA_PATH
 #   WEBVID_PATH      folder (or s3:// prefix) holding path.index and the shards (default $DATA_PATH/WebVid_TFRecord)
+#   LABELS           the labels (default $DATA_PATH/frozen_train_labels.json when it exists, else the store's own)
 #   OUTPUT_PATH      output folder (default ./output/stage2, or a fresh ./output/demo_stage2_<time> for the demo)
 #   CLIP_PATH        OpenAI ViT-B-16.pt (default ./CLIP-modules/ViT-B-16.pt): the fusion encoder starts from its text tower
 #   NPROC_PER_NODE   processes (GPUs) per node (default: number of visible GPUs, 1 without GPUs)

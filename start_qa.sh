@@ -10,7 +10,7 @@
 #   DATASET          msrvtt (default) or msvd
 #   DATA_PATH        MSRVTT-QA: the folder of train.jsonl, val.jsonl, test.jsonl, train_ans2label.json;
 #                    MSVD-QA: the folder of train_qa.json, val_qa.json, test_qa.json, youtube_mapping.txt and a
-#                    train_ans2label.json (README "QA data layout"); unset: run the demo
+#                    train_ans2label.json (docs/data.md §5); unset: run the demo
 #   VIDEO_PATH       the video folder (default $DATA_PATH/MSRVTT_Videos or $DATA_PATH/MSVD_Videos)
 #   INIT_MODEL       stage-2 checkpoint (ours or the original's), or a QA one; required with DATA_PATH
 #   QA_HEAD          classifier (default) or first_token (the original's protocol; its released checkpoint)

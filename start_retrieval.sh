@@ -8,7 +8,7 @@
 #
 # Environment:
 #   DATASET          msrvtt (default), msvd, lsmdc or didemo
-#   DATA_PATH        the dataset's annotation folder (README "Retrieval data layout"); unset: run the demo
+#   DATA_PATH        the dataset's annotation folder (docs/data.md §3); unset: run the demo
 #   VIDEO_PATH       its video folder (default $DATA_PATH/MSRVTT_Videos, MSVD_Videos, LSMDC_Videos or DiDeMo_Videos)
 #   INIT_MODEL       stage-2 checkpoint (ours or the original's), or a downstream one; required with DATA_PATH
 #   OUTPUT_PATH      output folder (default ./output/retrieval_$DATASET, or ./output/demo_retrieval_<time>)

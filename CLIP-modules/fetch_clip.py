@@ -1,4 +1,4 @@
-"""Fetch OpenAI's CLIP ViT-B/16 weights into CLIP-modules/ (METHOD §10.2).
+"""Fetch OpenAI's CLIP ViT-B/16 weights into CLIP-modules/ (docs/method.md §10.2).
 
     python CLIP-modules/fetch_clip.py                   # -> CLIP-modules/ViT-B-16.pt
 

@@ -5,7 +5,7 @@
 
 Random weights. Encoding = `encode_video` + `encode_text` under autocast, no gradient (what `encode_split` does
 per batch). The rerank is `engine.evaluation.retrieval.rerank_both_directions` on random encoder outputs of the split's
-size: every text's top-K videos and every video's top-K texts re-scored by the fusion match head (METHOD §7a),
+size: every text's top-K videos and every video's top-K texts re-scored by the fusion match head (docs/method.md §7a),
 `--rerank_batch_size` pairs per call, as the retrieval evaluation runs it. Times: synchronised, warm-up
 excluded, median of repeats.
 """

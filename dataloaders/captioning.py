@@ -1,4 +1,4 @@
-"""Captioning data (METHOD §7b): MSVD and MSR-VTT videos with all their reference captions.
+"""Captioning data (docs/method.md §7b): MSVD and MSR-VTT videos with all their reference captions.
 
 * MSVD (CLIP4Clip layout, `--data_path` the folder): `{train,val,test}_list.txt` + `raw-captions.pkl`
   (dataloaders/msvd.py reads them).

@@ -1,4 +1,4 @@
-"""DiDeMo paragraph retrieval in the CLIP4Clip layout (METHOD §7a, §9.6; DATA_FORMATS §4).
+"""DiDeMo paragraph retrieval in the CLIP4Clip layout (docs/method.md §7a, §9.6; docs/data.md §3.4).
 
 `<data_path>/{train,val,test}_list.txt` name the video files (with their extension, which may be a bare dot:
 `10052357@N03_7585070382_5762149bfc.`); `<data_path>/{train,val,test}_data.json` hold the moment annotations. All

@@ -1,4 +1,4 @@
-"""Masked-LM and prefix-LM targets of a caption (METHOD §6.3-6.4), drawn per sample.
+"""Masked-LM and prefix-LM targets of a caption (docs/method.md §6.3-6.4), drawn per sample.
 
 Every draw comes from a Generator seeded by (seed, epoch, sample index), so masks do not depend on the number of
 ranks or DataLoader workers, and a resumed run draws the same masks as an uninterrupted one.

@@ -1,4 +1,4 @@
-"""LSMDC retrieval (METHOD §9.5; DATA_FORMATS §3).
+"""LSMDC retrieval (docs/method.md §9.5; docs/data.md §3.3).
 
 Annotation files are tab-separated, without header, 6 fields: clip id, start/end (aligned), start/end
 (extracted), sentence. They are split on tabs, never parsed as CSV: a sentence may start with an unbalanced `"`,

@@ -1,4 +1,4 @@
-"""MSR-VTT retrieval datasets in the CLIP4Clip layout (METHOD §7a, §9.3; DATA_FORMATS §1).
+"""MSR-VTT retrieval datasets in the CLIP4Clip layout (docs/method.md §7a, §9.3; docs/data.md §3.1).
 
 Videos are `<features_path>/<video_id>.mp4`. Samples follow docs/CONTRACTS.md (see dataloaders/raw_video_text.py).
 """
@@ -24,7 +24,7 @@ from dataloaders.retrieval_split import RetrievalSplit, clean_evaluation_pairs
 logger = logging.getLogger("t2vlp.data")
 
 # Videos the original's MSR-VTT captioning loader leaves out of training and its QA loader drops from every split,
-# which also drops video8528 (METHOD §7b, §7c).
+# which also drops video8528 (docs/method.md §7b, §7c).
 MSRVTT_EXCLUDED_VIDEOS = frozenset({
     "video710", "video1054", "video1975", "video3023", "video3071", "video5009", "video5397", "video5858",
     "video5992",

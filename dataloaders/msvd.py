@@ -1,4 +1,4 @@
-"""MSVD retrieval in the CLIP4Clip layout (METHOD §9.4; DATA_FORMATS §2).
+"""MSVD retrieval in the CLIP4Clip layout (docs/method.md §9.4; docs/data.md §3.2).
 
 `<data_path>/{train,val,test}_list.txt`: one clip id per line (the final newline may or may not be there; ids may
 start with `-` and contain `_`). `<data_path>/raw-captions.pkl`: {clip id: [caption as a list of words, ...]}.

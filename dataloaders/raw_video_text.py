@@ -65,7 +65,7 @@ class RawVideoTextDataset(Dataset):
     (seed, epoch, index), so caption choice and frame shuffling are reproducible and resumable whatever the
     worker layout; call `set_epoch` at the start of every epoch. Evaluation datasets also set `split`.
 
-    `pad_mode` says what happens to a video with fewer frames than `max_frames` (METHOD §9.8): "zero" keeps the
+    `pad_mode` says what happens to a video with fewer frames than `max_frames` (docs/method.md §9.8): "zero" keeps the
     n real frames and zero-pads (root and CLIP4Clip loaders), "repeat" up-samples with linspace so every entry is
     a real frame (the task-specific downstream loaders).
 

@@ -1,4 +1,4 @@
-"""Raw-video decoding with OpenCV (METHOD §9.8) and CLIP input normalisation (METHOD §2.3).
+"""Raw-video decoding with OpenCV (docs/method.md §9.8) and CLIP input normalisation (docs/method.md §2.3).
 
 Frames stay uint8 until they reach the device; `normalize_video` turns them into the model's float input there.
 """

@@ -1,4 +1,4 @@
-"""Video question answering data (METHOD §7c; DATA_FORMATS §5): MSRVTT-QA and MSVD-QA.
+"""Video question answering data (docs/method.md §7c; docs/data.md §5): MSRVTT-QA and MSVD-QA.
 
 Formats:
 * ClipBERT/ALPRO JSON Lines (`train.jsonl`, `val.jsonl`, `test.jsonl`): one object per line with `video_id`,
@@ -9,7 +9,7 @@ Formats:
 * `train_ans2label.json`: {answer: class index}, the answer vocabulary of the classifier head.
 
 Each sample carries the question tokens (the model's input), the text `question + " " + answer` (the contrastive
-loss's text, METHOD §7c) and the answer's label for the chosen head.
+loss's text, docs/method.md §7c) and the answer's label for the chosen head.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger("t2vlp.data")
 
 IGNORE_LABEL = -100
 QA_HEADS = ("classifier", "first_token")
-# Videos the original's MSRVTT-QA loader drops from every split (METHOD §7c).
+# Videos the original's MSRVTT-QA loader drops from every split (docs/method.md §7c).
 MSRVTT_QA_EXCLUDED_VIDEOS = MSRVTT_EXCLUDED_VIDEOS | {"video8528"}
 
 

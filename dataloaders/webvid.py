@@ -1,4 +1,4 @@
-"""WebVid pre-training data stored as TFRecord shards (METHOD §9.1-9.2): record schema, index, reader, Dataset.
+"""WebVid pre-training data stored as TFRecord shards (docs/method.md §9.1-9.2): record schema, index, reader, Dataset.
 
 Two record layouts are read:
 
@@ -331,7 +331,7 @@ def read_labels(labels_json: str | os.PathLike) -> tuple[list[str], list[str]]:
 
 
 class WebVidDataset(Dataset):
-    """One sample per element of `frozen_train_labels.json`, frames read from the TFRecord store (METHOD §9.1).
+    """One sample per element of `frozen_train_labels.json`, frames read from the TFRecord store (docs/method.md §9.1).
 
     Samples follow docs/CONTRACTS.md. Frames: more than `max_frames` are cut with `slice_framepos` (0 head,
     1 tail, 2 uniform), fewer are zero-padded with `video_mask` 0; `frame_order` 0 keeps, 1 reverses, 2 shuffles

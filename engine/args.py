@@ -1,7 +1,7 @@
 """Command-line flags shared by every entry script; each task adds its own (`TaskDefinition.add_flags`, its loss
 weights and defaults, engine/tasks/).
 
-Every flag of the original scripts (CLIP4Clip's parser plus T2VLP's additions, METHOD §8) is accepted verbatim,
+Every flag of the original scripts (CLIP4Clip's parser plus T2VLP's additions, docs/method.md §8) is accepted verbatim,
 with CLIP4Clip's defaults. Flags that only mattered to the original's internals are accepted and ignored: if one
 is set to a non-default value, `report_ignored_flags` logs one warning for it (nothing is re-purposed). New flags
 are additive.

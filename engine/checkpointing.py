@@ -1,4 +1,4 @@
-"""Checkpoints (METHOD §10.4, ARCHITECTURE §2): atomic writes, model checkpoints, restore.bin and RNG state, what
+"""Checkpoints (docs/method.md §10.4, docs/architecture.md §2): atomic writes, model checkpoints, restore.bin and RNG state, what
 may change when a run resumes, and model selection (`best_checkpoint.json`)."""
 
 from __future__ import annotations

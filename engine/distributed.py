@@ -166,7 +166,7 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     the gradient of ONE process on the whole batch. Parameters used after the gather (logit_scale) get dL/ds on
     every rank, which DDP's average leaves unchanged. Losses computed on local rows only (mean over b) combine
     under DDP's average into the global mean when all ranks have the same b. (The original returned only
-    G[r], i.e. 1/N of the true contrastive gradient: METHOD §11.11.)
+    G[r], i.e. 1/N of the true contrastive gradient: docs/method.md §11.11.)
 
     Every rank must run backward through the result (the all-reduce is a collective): decide to skip a step
     (e.g. a non-finite loss) on all ranks together. Without a process group this is the identity.

@@ -81,7 +81,7 @@ def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
     """The task's T2VLP from the command line: sizes from `--visual_pretrain_path`, then `--init_model`.
 
     Stage 1 keeps the tube input in the graph; every task with the fusion encoder detaches the tube input unless
-    `--train_encoders` (METHOD §11.5)."""
+    `--train_encoders` (docs/method.md §11.5)."""
     definition = task_definition(args.task)
     config = T2VLPConfig(num_centers=args.num_centers, split_layer=args.split_layer, tube_layers=args.tube_layers)
     if definition.with_fusion:
@@ -158,7 +158,7 @@ def run_main(task: str, argv: Sequence[str] | None = None, dataset: str | None =
     """Parse the flags of `task` (on `dataset`, for the task scripts), join the process group, take the output
     folder (one writer per folder), log to `--output_dir`, run the task, leave the group.
 
-    Exit codes (README "Errors and exit codes"): 0 finished, 2 bad input (an `InputError`, including an output
+    Exit codes (docs/operations.md §4): 0 finished, 2 bad input (an `InputError`, including an output
     folder another run writes into), 3 stopped by too many non-finite losses, 74 a checkpoint or restore.bin that
     could not be written (a full disk), 75 stopped by a signal after saving restore.bin: one line on stderr and
     the traceback in log.txt (or shown with --debug). Other exceptions propagate with their traceback. Every way

@@ -1,4 +1,4 @@
-"""Freeze rule, parameter groups, AdamW and the original warmup_cosine schedule (METHOD §5.3).
+"""Freeze rule, parameter groups, AdamW and the original warmup_cosine schedule (docs/method.md §5.3).
 
 The original used BertAdam (no bias correction, per-tensor clipping inside the optimiser). We use torch's AdamW
 with the same betas/eps and decoupled decay, and clip the global gradient norm in the training loop.
@@ -62,7 +62,7 @@ def build_param_groups(model: nn.Module, lr: float, coef_lr: float, new_params_l
               --lr; the original hard-coded it per script).
     other:    parameters outside `clip.` -> lr.
     no_decay: names containing "bias" (weight_decay 0). As in the original, LayerNorm weights, embeddings and
-              logit_scale are decayed (METHOD §11.14).
+              logit_scale are decayed (docs/method.md §11.14).
     Each group carries "name" and the parameter names ("params" holds (name, param) pairs, which torch keeps as
     "param_names" in the optimiser state).
     """
@@ -104,7 +104,7 @@ def build_optimizer(model: nn.Module, lr: float, coef_lr: float, new_params_lr: 
 def warmup_cosine(progress: float, warmup: float) -> float:
     """The original schedule factor: progress/warmup below `warmup`, else 0.5 * (1 + cos(pi * progress)).
 
-    The cosine is not shifted by the warmup (0.976 right after warmup 0.1, METHOD §11.15). Progress is clamped to
+    The cosine is not shifted by the warmup (0.976 right after warmup 0.1, docs/method.md §11.15). Progress is clamped to
     [0, 1] so the factor never rises again after the end (the original did on resume).
     """
     progress = min(max(progress, 0.0), 1.0)

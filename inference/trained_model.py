@@ -30,7 +30,7 @@ from modules.model import T2VLP, T2VLPConfig
 
 logger = logging.getLogger("t2vlp.predict")
 
-# What the original recipes used (METHOD §8); a run.json beside the checkpoint overrides them.
+# What the original recipes used (docs/method.md §8); a run.json beside the checkpoint overrides them.
 DEFAULT_SETTINGS: dict[str, Any] = {
     "fusion_layers": 6, "match_norm": "group", "max_frames": 12, "feature_framerate": 1, "slice_framepos": 2,
     "max_words": 32, "split_layer": None,

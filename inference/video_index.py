@@ -286,7 +286,7 @@ class Hit:
 def search(trained: TrainedModel, index: VideoIndex, text: str, *, top_k: int = 10, rerank: bool = False,
            rerank_top_k: int = 32, device: torch.device, precision: str) -> list[Hit]:
     """The `top_k` videos of the index for `text`: meanP scores (exp(logit_scale) · cosine), or with `rerank`
-    the fusion rerank of the best `max(top_k, rerank_top_k)` (scores above 1000, METHOD §7a)."""
+    the fusion rerank of the best `max(top_k, rerank_top_k)` (scores above 1000, docs/method.md §7a)."""
     from modules.tokenization import ClipTokenizer
 
     if not index.paths:

@@ -1,4 +1,4 @@
-"""Local alignment ("align", METHOD §4): text-side centers against tube tokens."""
+"""Local alignment ("align", docs/method.md §4): text-side centers against tube tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The QA classifier over an answer vocabulary (ARCHITECTURE §3 "QA head"; METHOD §7c for the original's head).
+"""The QA classifier over an answer vocabulary (docs/differences.md §11; docs/method.md §7c for the original's head).
 
 On the fusion state `h` at the answer slot: `logits = dropout(h) · P · Aᵀ + b`, where `P` is the tied token head's
 `fusion_proj_embedding` and `A` holds one vector per answer of `train_ans2label.json`. `A` starts as the mean token

@@ -1,4 +1,4 @@
-"""Caption decoding (METHOD §7b): the CLIP text tower feeding the fusion encoder under the prefix mask, the tied
+"""Caption decoding (docs/method.md §7b): the CLIP text tower feeding the fusion encoder under the prefix mask, the tied
 token head predicting the next word.
 
 Three decoders over the same model:

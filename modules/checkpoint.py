@@ -1,4 +1,4 @@
-"""Reading CLIP and T2VLP checkpoints, initialising from CLIP, writing original-format files (METHOD §10)."""
+"""Reading CLIP and T2VLP checkpoints, initialising from CLIP, writing original-format files (docs/method.md §10)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def read_model_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[
 
 
 # Keys a model may lack in its --init_model because the stage that produces them is the one being started:
-# the fusion encoder's heads and visual_linear (stage 2 from a stage-1 checkpoint; METHOD §10.3), and the fusion
+# the fusion encoder's heads and visual_linear (stage 2 from a stage-1 checkpoint; docs/method.md §10.3), and the fusion
 # blocks / positional table, which come from the CLIP file.
 NEW_IN_STAGE2 = (
     "clip.fusion_proj_embedding", "clip.fusion_logit_bias", "clip.fusion_match_matrix", "clip.fusion_unmatch_matrix",
@@ -132,7 +132,7 @@ def init_state_from_clip(
     tube_layers: int,
     with_fusion: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Steps 1-3 of METHOD §10.3: the initial state dict of the model.
+    """Steps 1-3 of docs/method.md §10.3: the initial state dict of the model.
 
     Starts from `init_state`; adds every CLIP key under `clip.` where absent; with `with_fusion` also the
     fusion encoder's blocks and positional table from the *original* CLIP text tower (`transformer.*`,
@@ -189,7 +189,7 @@ def load_state_dict_checked(
 
 
 def half_precision_keys(module: nn.Module) -> set[str]:
-    """Keys CLIP's `convert_weights` stores in fp16 (METHOD §2.5): Conv/Linear weights and biases,
+    """Keys CLIP's `convert_weights` stores in fp16 (docs/method.md §2.5): Conv/Linear weights and biases,
     packed attention projections, and the `proj`/`text_projection` matrices."""
     keys = set()
     for name, child in module.named_modules():

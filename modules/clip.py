@@ -1,4 +1,4 @@
-"""CLIP image and text towers with OpenAI's parameter names (METHOD §2, §3.1).
+"""CLIP image and text towers with OpenAI's parameter names (docs/method.md §2, §3.1).
 
 Blocks keep `attn.in_proj_weight`, `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj`, `ln_1`, `ln_2`, so OpenAI and
 original T2VLP state dicts load without a key map. Attention runs through `scaled_dot_product_attention`.

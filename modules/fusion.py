@@ -1,4 +1,4 @@
-"""The fusion encoder (stage 2 and every downstream task, METHOD §6.1-6.4, §7).
+"""The fusion encoder (stage 2 and every downstream task, docs/method.md §6.1-6.4, §7).
 
 A CLIP-text-shaped transformer over `[video-sep, T frame features, K tube tokens, L text states (, answer slot)]`
 plus a learned positional table, and its heads: the tied token head (MLM, prefix LM, captioning, QA) and the
@@ -34,7 +34,7 @@ def check_fusion_sizes(clip: CLIPConfig, fusion_layers: int) -> None:
 
 
 def build_fusion_parts(clip: CLIPConfig) -> dict[str, nn.Module | nn.Parameter]:
-    """The stage-2 modules and parameters kept under `clip.` (METHOD §10.1), with the original's init."""
+    """The stage-2 modules and parameters kept under `clip.` (docs/method.md §10.1), with the original's init."""
     width, dim = clip.transformer_width, clip.embed_dim
     return {
         "fusion_transformer": Transformer(width, clip.transformer_layers, clip.transformer_heads),
@@ -49,7 +49,7 @@ def build_fusion_parts(clip: CLIPConfig) -> dict[str, nn.Module | nn.Parameter]:
 def fusion_attention_mask(key_valid: torch.Tensor, visual_length: int, causal_text: bool) -> torch.Tensor:
     """Boolean attention mask [B, 1, n, n] (True = may attend) from key validity [B, n].
 
-    Bidirectional: every row sees every valid key. Prefix (`causal_text`, METHOD §6.4): rows of the visual
+    Bidirectional: every row sees every valid key. Prefix (`causal_text`, docs/method.md §6.4): rows of the visual
     part (the first `visual_length` positions) see only valid visual keys; text rows see every valid visual key
     and the text keys at or before their own position.
     """
@@ -73,7 +73,7 @@ def fusion_inputs(
     attention_mask: torch.Tensor,
     answer_slot: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequence of METHOD §6.2 (and §7c with `answer_slot`) [B, n, D] and its key validity [B, n]."""
+    """The sequence of docs/method.md §6.2 (and §7c with `answer_slot`) [B, n, D] and its key validity [B, n]."""
     batch = frames.shape[0]
     if not (tubes.shape[0] == text_tokens.shape[0] == attention_mask.shape[0] == video_mask.shape[0] == batch):
         raise ValueError(
@@ -94,7 +94,7 @@ def fusion_inputs(
 
 
 def run_fusion(clip: nn.Module, sequence: torch.Tensor, attn_mask: torch.Tensor, layers: int) -> torch.Tensor:
-    """Positional table + the first `layers` fusion blocks (no final LayerNorm, METHOD §6.1)."""
+    """Positional table + the first `layers` fusion blocks (no final LayerNorm, docs/method.md §6.1)."""
     length = sequence.shape[1]
     table = clip.fusion_positional_embedding
     if length > table.shape[0]:
@@ -111,7 +111,7 @@ def run_fusion(clip: nn.Module, sequence: torch.Tensor, attn_mask: torch.Tensor,
 def normalize_text_heads(text: torch.Tensor, group_size: int | None, norm: str) -> torch.Tensor:
     """Text head vectors [N, D] normalised as the match head expects.
 
-    "group" (the original, METHOD §6.4): each feature is divided by its norm over the pairs of its group of
+    "group" (the original, docs/method.md §6.4): each feature is divided by its norm over the pairs of its group of
     `group_size` consecutive rows (all N rows when None). "pair": each vector is L2-normalised on its own.
     """
     if norm == "pair":
@@ -129,7 +129,7 @@ def normalize_text_heads(text: torch.Tensor, group_size: int | None, norm: str) 
 def bilinear_match_logits(
     clip: nn.Module, video_head: torch.Tensor, text_head: torch.Tensor, dropout: float, training: bool
 ) -> torch.Tensor:
-    """[unmatch, match] logits [N, 2] of normalised heads; each product draws its own dropout (METHOD §11.9)."""
+    """[unmatch, match] logits [N, 2] of normalised heads; each product draws its own dropout (docs/method.md §11.9)."""
 
     def drop(x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, dropout, training)

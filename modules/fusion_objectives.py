@@ -1,4 +1,4 @@
-"""The fusion encoder's training objectives (METHOD §6.4): masked LM, prefix LM, video-text matching with hard
+"""The fusion encoder's training objectives (docs/method.md §6.4): masked LM, prefix LM, video-text matching with hard
 negatives. Each is written once here on top of `T2VLP.fuse` / `match_logits` / `token_logits`; stage 2 and the
 downstream tasks combine them.
 

@@ -1,4 +1,4 @@
-"""T2VLP: CLIP towers + tube tokens + local alignment, with the original's state-dict layout (METHOD §10.1)."""
+"""T2VLP: CLIP towers + tube tokens + local alignment, with the original's state-dict layout (docs/method.md §10.1)."""
 
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ class T2VLPConfig:
     num_centers: int = 8
     split_layer: int | None = None  # first joint-attention block; None = vision_layers - 2
     tube_layers: int = 2
-    detach_tube_input: bool = False  # True in stage 2 and downstream (METHOD §11.5)
+    detach_tube_input: bool = False  # True in stage 2 and downstream (docs/method.md §11.5)
     with_fusion: bool = False  # stage 2 and downstream: the fusion encoder, its heads and visual_linear
     fusion_layers: int = 6  # fusion blocks executed (all are kept in the state dict)
     head_dropout: float = 0.2  # token and match heads: 0.2 stage 2 / retrieval, 0.5 captioning / QA
-    match_norm: str = "group"  # VTM text head: "group" as the original (METHOD §6.4) or "pair"
+    match_norm: str = "group"  # VTM text head: "group" as the original (docs/method.md §6.4) or "pair"
     num_answers: int = 0  # QA classifier head over an answer vocabulary (0: none)
 
     def resolved(self, clip: CLIPConfig) -> T2VLPConfig:
@@ -117,7 +117,7 @@ class ClipWithTubes(nn.Module):
 
 
 class T2VLP(nn.Module):
-    """The one model of every stage and task. Public API in ARCHITECTURE §2; outputs are fp32."""
+    """The one model of every stage and task. Public API in docs/architecture.md §2; outputs are fp32."""
 
     def __init__(self, clip_config: CLIPConfig, config: T2VLPConfig | None = None) -> None:
         super().__init__()
@@ -133,7 +133,7 @@ class T2VLP(nn.Module):
         self.init_keys: frozenset[str] = frozenset()  # the keys `from_pretrained` read from `init_model`
 
     def _bert_style_init(self) -> None:
-        """METHOD §10.3 step 4: Linear and Embedding weights N(0, 0.02), zero biases (before loading)."""
+        """docs/method.md §10.3 step 4: Linear and Embedding weights N(0, 0.02), zero biases (before loading)."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
@@ -148,7 +148,7 @@ class T2VLP(nn.Module):
         config: T2VLPConfig | None = None,
         trust_checkpoint: bool = False,
     ) -> T2VLP:
-        """Sizes from the CLIP checkpoint, CLIP initialisation (METHOD §10.3), then `init_model` on top
+        """Sizes from the CLIP checkpoint, CLIP initialisation (docs/method.md §10.3), then `init_model` on top
         (`trust_checkpoint`: see `read_model_state_dict`)."""
         clip_state = read_clip_state_dict(clip_path)
         clip_config = CLIPConfig.from_state_dict(clip_state)
@@ -197,7 +197,7 @@ class T2VLP(nn.Module):
         """Normalised video [B, T, 3, H, W], mask [B, T] -> (frame features [B, T, D], tubes [B, K, D]), fp32.
 
         `video_mask` is not used inside the encoder: as in the original, padded frames take part in the joint
-        attention and the tube head mean (METHOD §11.2); it matters for meanP pooling.
+        attention and the tube head mean (docs/method.md §11.2); it matters for meanP pooling.
         """
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"expected video [B, T, 3, H, W], got {tuple(video.shape)}")
@@ -238,7 +238,7 @@ class T2VLP(nn.Module):
         video_mask: torch.Tensor,
         gather: Gather | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Stage-1 losses (METHOD §5): contrastive over the gathered batch + local alignment."""
+        """Stage-1 losses (docs/method.md §5): contrastive over the gathered batch + local alignment."""
         text_eot, text_tokens = self.encode_text(input_ids, attention_mask)
         frames, tubes = self.encode_video(video, video_mask)
         if gather is not None:
@@ -268,7 +268,7 @@ class T2VLP(nn.Module):
         causal_text: bool = False,
         answer_slot: bool = False,
     ) -> torch.Tensor:
-        """Fusion states [B, 1 + T + K + L (+1), D], fp32 (METHOD §6.2, §6.4, §7c).
+        """Fusion states [B, 1 + T + K + L (+1), D], fp32 (docs/method.md §6.2, §6.4, §7c).
 
         Layout: video-sep (masked mean of the frame features), frames, tubes, text states, and with
         `answer_slot` a zero vector. Keys: frames by `video_mask`, text by `attention_mask`, tubes always; the
@@ -291,7 +291,7 @@ class T2VLP(nn.Module):
         *,
         group_size: int | None = None,
     ) -> torch.Tensor:
-        """[unmatch, match] logits [B, 2] of each (video, text) pair (METHOD §6.4 VTM), fp32.
+        """[unmatch, match] logits [B, 2] of each (video, text) pair (docs/method.md §6.4 VTM), fp32.
 
         Bidirectional fusion; the video head is the state at position 0, the text head the state at the last
         valid text position. Text heads are normalised per feature over each group of `group_size` consecutive
@@ -309,7 +309,7 @@ class T2VLP(nn.Module):
             )
 
     def token_logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Tied vocabulary head [..., D] -> [..., vocab]: dropout(h) · P · Eᵀ + b (METHOD §6.4), fp32."""
+        """Tied vocabulary head [..., D] -> [..., vocab]: dropout(h) · P · Eᵀ + b (docs/method.md §6.4), fp32."""
         self._require_fusion()
         clip = self.clip
         hidden = F.dropout(states, self.config.head_dropout, self.training)
@@ -318,7 +318,7 @@ class T2VLP(nn.Module):
         return logits.float() + clip.fusion_logit_bias.float()
 
     def answer_logits(self, answer_states: torch.Tensor, head: str = "classifier") -> torch.Tensor:
-        """QA logits from the fusion states at the answer slot [..., D] (METHOD §7c): "first_token" is the tied
+        """QA logits from the fusion states at the answer slot [..., D] (docs/method.md §7c): "first_token" is the tied
         vocabulary head (the original's protocol: the label is the answer's first BPE id); "classifier" the answer
         vocabulary head (`modules/answer_head.py`). Dropout at the head's rate in train mode; fp32."""
         if head == "first_token":

@@ -1,4 +1,4 @@
-"""meanP video-text similarity and the symmetric contrastive loss (METHOD §5.1)."""
+"""meanP video-text similarity and the symmetric contrastive loss (docs/method.md §5.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLIP BPE tokenizer, as the original loaders use it (METHOD §2.2).
+"""CLIP BPE tokenizer, as the original loaders use it (docs/method.md §2.2).
 
 The vocabulary and the BPE algorithm come from the `open_clip_torch` package, which ships OpenAI's
 `bpe_simple_vocab_16e6.txt.gz`; nothing is downloaded. Cleaning is OpenAI's: ftfy + HTML unescape,

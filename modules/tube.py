@@ -1,4 +1,4 @@
-"""Tube tokens ("focus", METHOD §3.2-3.3).
+"""Tube tokens ("focus", docs/method.md §3.2-3.3).
 
 Learnable semantic centers soft-pool each frame's patch tokens (taken before the joint-attention blocks);
 each center's per-frame vectors, behind a clip-level head token, pass through a small transformer over

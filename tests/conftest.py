@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,29 @@ def stage1_checkpoint(small_demo_source, tiny_fusion_clip_checkpoint, tmp_path_f
     argv = stage1_argv(small_demo_source, tiny_fusion_clip_checkpoint, out, "--epochs=1")
     assert main_task_clip.main(argv) == 0
     return out / "ckpt" / "pytorch_model.bin.3"
+
+
+# Programs whose start makes a test an integration test (`make test-unit` leaves those out). Helpers a unit test may
+# start (java for the caption metrics, ffmpeg for test videos) are not among them.
+PROCESS_STARTERS = {"python", "python3", "bash", "sh", "torchrun"}
+
+
+def starts_a_process(args) -> bool:
+    program = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
+    name = os.path.basename(os.fsdecode(program)).split()[0] if program else ""
+    return name in PROCESS_STARTERS or name.startswith("python") or os.fsdecode(program) == sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _integration_marker_required(request, monkeypatch):
+    """An unmarked test that starts a Python process, a shell or torchrun fails: mark it `integration`."""
+    if request.node.get_closest_marker("integration"):
+        return
+    original_init = subprocess.Popen.__init__
+
+    def checked_init(self, args, *rest, **options):
+        if starts_a_process(args):
+            pytest.fail(f"{request.node.nodeid} starts {args!r}: mark it @pytest.mark.integration", pytrace=False)
+        original_init(self, args, *rest, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked_init)

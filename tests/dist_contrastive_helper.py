@@ -54,7 +54,7 @@ def global_batch(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy over the (gathered) batch, METHOD §5.1."""
+    """Symmetric cross-entropy over the (gathered) batch, docs/method.md §5.1."""
     logits = logit_scale.exp() * F.normalize(text, dim=-1) @ F.normalize(video, dim=-1).T
     target = torch.arange(logits.shape[0])
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

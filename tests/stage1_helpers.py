@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def stage1_argv(demo: dict[str, Path], clip: Path, output_dir: Path, *extra: str) -> list[str]:
-    """The original README's stage-1 flags (METHOD §8), pointed at the small demo data and tiny CLIP."""
+    """The original README's stage-1 flags (docs/method.md §8), pointed at the small demo data and tiny CLIP."""
     return [
         "--do_train", "--num_thread_reader=0", "--epochs=2", "--batch_size=8", "--n_display=1",
         f"--train_csv={demo['train_csv']}", f"--val_csv={demo['test_csv']}", f"--data_path={demo['data_json']}",
@@ -20,7 +20,7 @@ def stage1_argv(demo: dict[str, Path], clip: Path, output_dir: Path, *extra: str
 
 
 def stage2_argv(demo: dict[str, Path], clip: Path, init_model: Path, output_dir: Path, *extra: str) -> list[str]:
-    """The original README's stage-2 flags (METHOD §8), pointed at the small demo data and tiny CLIP."""
+    """The original README's stage-2 flags (docs/method.md §8), pointed at the small demo data and tiny CLIP."""
     return [
         "--do_train", "--num_thread_reader=0", "--epochs=2", "--batch_size=8", "--n_display=1",
         f"--train_csv={demo['train_csv']}", f"--val_csv={demo['test_csv']}", f"--data_path={demo['data_json']}",

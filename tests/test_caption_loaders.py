@@ -1,5 +1,5 @@
 """Captioning data: MSVD and MSR-VTT caption splits in their real formats, with the split rules, exclusions and
-frame sampling of the original's captioning loader (METHOD §7b, §9.8)."""
+frame sampling of the original's captioning loader (docs/method.md §7b, §9.8)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def test_caption_targets_follow_the_attention_mask_even_after_an_exclamation_mar
 
 
 def caption_argv(data: Path, videos: Path, clip: Path, init_model: Path, output_dir: Path, *extra: str) -> list[str]:
-    """The original MSVD captioning flags (METHOD §8), pointed at the small demo data and tiny CLIP."""
+    """The original MSVD captioning flags (docs/method.md §8), pointed at the small demo data and tiny CLIP."""
     return [
         "--do_train", "--num_thread_reader=0", "--epochs=1", "--batch_size=8", "--n_display=1",
         f"--data_path={data}", f"--features_path={videos}", "--warmup_proportion=0.2", f"--output_dir={output_dir}",
@@ -98,7 +98,7 @@ def test_captioning_reports_val_selects_by_cider_and_tests_the_selected_checkpoi
     log = (caption_run / "log.txt").read_text()
     assert "caption_loss" in log and "sim_loss" in log and "align_loss" in log
     assert "evaluating the test split with the checkpoint selected on val" in log
-    # local_visual joins the fixed-rate group (METHOD §7b): the new groups hold the fusion list and local_visual
+    # local_visual joins the fixed-rate group (docs/method.md §7b): the new groups hold the fusion list and local_visual
     new_groups = [line for line in log.splitlines() if "LR group new_" in line]
     assert len(new_groups) == 2 and all("lr 0.001 " in line for line in new_groups)
     in_log = sum(int(re.search(r"(\d+) tensors", line).group(1)) for line in new_groups)

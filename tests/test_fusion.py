@@ -1,4 +1,4 @@
-"""The fusion encoder: layout, masks, heads against a direct computation of METHOD §6.4, keys and initialisation."""
+"""The fusion encoder: layout, masks, heads against a direct computation of docs/method.md §6.4, keys and initialisation."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def random_inputs(batch: int, seed: int = 0):
 
 def reference_fuse(model: T2VLP, frames, video_mask, tubes, tokens, attention_mask, causal_text=False,
                    answer_slot=False):
-    """METHOD §6.2/§6.4 written out directly: explicit per-head softmax attention with an additive mask."""
+    """docs/method.md §6.2/§6.4 written out directly: explicit per-head softmax attention with an additive mask."""
     clip = model.clip
     batch = frames.shape[0]
     weights = video_mask.float()[..., None]

@@ -1,4 +1,4 @@
-"""The launchers run each stage's and task's recipe (tools/recipes.sh) as the original scripts did (METHOD §8):
+"""The launchers run each stage's and task's recipe (tools/recipes.sh) as the original scripts did (docs/method.md §8):
 every launcher is run with a stand-in interpreter that records its calls, and the recorded command lines are
 parsed with the entry scripts' own parser."""
 

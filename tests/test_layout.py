@@ -1,4 +1,4 @@
-"""The import direction of ARCHITECTURE §1: entry scripts and tools -> inference -> engine -> dataloaders, modules.
+"""The import direction of docs/architecture.md §1: entry scripts and tools -> inference -> engine -> dataloaders, modules.
 
 `layout_violations(root)` reads every package's imports (and its subprocess/runpy calls of top-level scripts) and
 names each arrow that runs the wrong way; the second test plants wrong imports in a throwaway copy of the tree and

@@ -137,11 +137,11 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         T2VLP.from_pretrained(tmp_path / "not_clip.pt")
 
 
-# 3. the stage-1 key set of METHOD §10.1 --------------------------------------------------------------------
+# 3. the stage-1 key set of docs/method.md §10.1 --------------------------------------------------------------------
 
 
 def expected_stage1_shapes() -> dict[str, tuple[int, ...]]:
-    """METHOD §10.1 for ViT-B/16, written out from the table (not from the model)."""
+    """docs/method.md §10.1 for ViT-B/16, written out from the table (not from the model)."""
 
     def blocks(prefix: str, count: int, width: int) -> dict[str, tuple[int, ...]]:
         shapes = {

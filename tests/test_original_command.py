@@ -8,7 +8,7 @@ import shutil
 
 from tests.torchrun import ROOT, run_torchrun
 
-# METHOD §8 / start_clip.sh of the original repository, with `python3 -u -m light.pytorch.launch` replaced.
+# docs/method.md §8 / start_clip.sh of the original repository, with `python3 -u -m light.pytorch.launch` replaced.
 ORIGINAL_STAGE1 = (
     "main_task_clip.py --do_train --num_thread_reader=2 --epochs=5 --batch_size=32 --n_display=50 "
     "--train_csv ${DATA_PATH}/MSRVTT_train.9k.csv --val_csv ${DATA_PATH}/MSRVTT_JSFUSION_test.csv "

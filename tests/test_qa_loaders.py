@@ -39,7 +39,7 @@ def test_real_msrvtt_qa_excerpt_and_its_answer_vocabulary():
     ans2label = read_ans2label(real / "train_ans2label.json")
     assert len(ans2label) == 1500 and ans2label["accept"] == 0 and "actres" in ans2label
     outside = [item.answer for item in items if item.answer not in ans2label]
-    assert outside == ["lip", "extreme", "biking"]  # DATA_FORMATS §5.1's examples: not training answers
+    assert outside == ["lip", "extreme", "biking"]  # docs/data.md §5.1's examples: not training answers
 
 
 @needs_real("msvd_qa")

@@ -26,7 +26,7 @@ import main_task_qa_msvd  # noqa: E402
 
 def qa_argv(demo: dict[str, Path], clip: Path, init_model: Path, output_dir: Path, *extra: str,
             test_json: Path | None = None) -> list[str]:
-    """The original MSRVTT-QA flags (METHOD §8), pointed at the small demo data and tiny CLIP."""
+    """The original MSRVTT-QA flags (docs/method.md §8), pointed at the small demo data and tiny CLIP."""
     qa = demo["msrvtt_qa_dir"]
     return [
         "--do_train", "--num_thread_reader=0", "--epochs=1", "--batch_size=8", "--n_display=1",

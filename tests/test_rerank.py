@@ -1,4 +1,4 @@
-"""The top-K rerank of METHOD §7a on hand-made matrices, and hard-negative sampling."""
+"""The top-K rerank of docs/method.md §7a on hand-made matrices, and hard-negative sampling."""
 
 from __future__ import annotations
 

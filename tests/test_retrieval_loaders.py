@@ -1,5 +1,5 @@
 """MSVD, LSMDC, DiDeMo and full-test MSR-VTT retrieval loaders on the real formats and their edge cases
-(DATA_FORMATS §1-4), with real video files."""
+(docs/data.md §3), with real video files."""
 
 from __future__ import annotations
 

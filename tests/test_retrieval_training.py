@@ -21,7 +21,7 @@ import main_task_retrieval_msrvtt  # noqa: E402
 
 
 def retrieval_argv(demo: dict[str, Path], clip: Path, init_model: Path, output_dir: Path, *extra: str) -> list[str]:
-    """The original README's retrieval flags (METHOD §8), pointed at the small demo data and tiny CLIP."""
+    """The original README's retrieval flags (docs/method.md §8), pointed at the small demo data and tiny CLIP."""
     return [
         "--do_train", "--num_thread_reader=0", "--epochs=1", "--batch_size=8", "--n_display=1",
         f"--train_csv={demo['train_csv']}", f"--val_csv={demo['test_csv']}", f"--data_path={demo['data_json']}",
@@ -72,7 +72,7 @@ def test_original_format_downstream_checkpoint_evaluates_like_its_model(
     trained = retrieval_run / "ckpt" / "pytorch_model.bin.3"
     config = T2VLPConfig(with_fusion=True, fusion_layers=2)
     model = T2VLP.from_pretrained(tiny_fusion_clip_checkpoint, init_model=trained, config=config)
-    original = original_format_state_dict(model, model.clip)  # fp16 where the original stored fp16 (METHOD §2.5)
+    original = original_format_state_dict(model, model.clip)  # fp16 where the original stored fp16 (docs/method.md §2.5)
     assert original["clip.fusion_transformer.resblocks.0.attn.in_proj_weight"].dtype == torch.float16
     assert original["clip.fusion_match_matrix"].dtype == torch.float32 and "visual_linear.weight" in original
     # the model it was "saved from": the same weights, fp16-rounded where the file is fp16, in our fp32 format

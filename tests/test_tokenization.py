@@ -1,4 +1,4 @@
-"""CLIP BPE tokenisation as METHOD §2.2 specifies."""
+"""CLIP BPE tokenisation as docs/method.md §2.2 specifies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Raw-video decoding (METHOD §9.8) on real mp4 files written with OpenCV."""
+"""Raw-video decoding (docs/method.md §9.8) on real mp4 files written with OpenCV."""
 
 from pathlib import Path
 

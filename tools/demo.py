@@ -40,7 +40,7 @@ DEMO_CLIP = CLIPConfig(
     context_length=77,
     vocab_size=49408,
     # = embed_dim, which the fusion encoder (stage 2 on) needs. At 64 the stage-2 demo's matching head stayed at
-    # chance against hard negatives (four heads at 64 did not help); at 128 it learns them (README, stage 2).
+    # chance against hard negatives (four heads at 64 did not help); at 128 it learns them (docs/demo.md).
     transformer_width=128,
     transformer_layers=3,
 )

@@ -1,4 +1,4 @@
-# Every stage's and task's recipe, declared once: the original recipe (METHOD §8) that its launcher runs when
+# Every stage's and task's recipe, declared once: the original recipe (docs/method.md §8) that its launcher runs when
 # DATA_PATH is set, and the demo recipe it runs on the embedded demo data when it is not. Sourced by
 # tools/launch.sh; `run_recipe` there calls `original_<task>` or `demo_<task>`.
 #
@@ -27,6 +27,15 @@ echo_flags() { printf '%s\n' "$@"; }
 # append_flags COMMAND...: append the lines COMMAND prints to `flags`
 append_flags() { local more; mapfile -t more < <("$@"); flags+=("${more[@]}"); }
 
+# webvid_labels: the pre-training labels: LABELS, else $DATA_PATH/frozen_train_labels.json (the original's layout)
+# when it exists, else the labels the converter wrote beside the store
+webvid_labels() {
+  if [[ -n "${LABELS:-}" ]]; then echo "$LABELS"
+  elif [[ -f "$DATA_PATH/frozen_train_labels.json" || "$WEBVID_PATH" == s3://* ]]; then
+    echo "$DATA_PATH/frozen_train_labels.json"
+  else echo "$WEBVID_PATH/frozen_train_labels.json"; fi
+}
+
 # train_or_eval: --do_eval with EVAL_ONLY set (evaluate INIT_MODEL without training), else --do_train
 train_or_eval() { if [[ -n "${EVAL_ONLY:-}" ]]; then echo --do_eval; else echo --do_train; fi; }
 
@@ -36,12 +45,17 @@ original_clip() {
   SCRIPT=main_task_clip.py
   OUTPUT_PATH=${OUTPUT_PATH:-./output/stage1}
   WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
-  flags=(--do_train --num_thread_reader=2 --epochs=5 --batch_size="$BATCH_SIZE" --n_display=50
+  local labels; labels=$(webvid_labels)
+  flags=("$(train_or_eval)" --num_thread_reader=2 --epochs=5 --batch_size="$BATCH_SIZE" --n_display=50
     --train_csv "$DATA_PATH/MSRVTT_train.9k.csv" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv"
-    --data_path "$DATA_PATH/frozen_train_labels.json" --dir_path "$WEBVID_PATH"
+    --data_path "$labels" --dir_path "$WEBVID_PATH"
     --features_path "$DATA_PATH/MSRVTT_Videos" --output_dir "$OUTPUT_PATH"
     --lr 1e-4 --max_words 32 --datatype msrvtt --expand_msrvtt_sentences --feature_framerate 1
     "${ORIGINAL_FRAMES[@]}" --pretrained_clip_name ViT-B/16)
+  if [[ -n "${EVAL_ONLY:-}" ]]; then
+    require_file "$LAUNCHER" "${INIT_MODEL:-}" "set INIT_MODEL to the checkpoint to evaluate (EVAL_ONLY=1)"
+    flags+=(--init_model "$INIT_MODEL")
+  fi
   append_flags clip_options "$CLIP_PATH"
 }
 
@@ -68,9 +82,10 @@ original_fusion() {
     "set INIT_MODEL to the stage-1 checkpoint to start from (e.g. runs/stage1/ckpt/pytorch_model.bin.N)"
   OUTPUT_PATH=${OUTPUT_PATH:-./output/stage2}
   WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
+  local labels; labels=$(webvid_labels)
   flags=(--do_train --num_thread_reader=4 --epochs=10 --batch_size="$BATCH_SIZE" --n_display=50
-    --train_csv "$DATA_PATH/frozen_train_labels.json" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv"
-    --data_path "$DATA_PATH/frozen_train_labels.json" --dir_path "$WEBVID_PATH"
+    --train_csv "$labels" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv"
+    --data_path "$labels" --dir_path "$WEBVID_PATH"
     --features_path "$DATA_PATH/MSRVTT_Videos" --warmup_proportion 0.2 --output_dir "$OUTPUT_PATH"
     --lr 1e-5 --max_words 32 --datatype msrvtt --expand_msrvtt_sentences --feature_framerate 2
     "${ORIGINAL_FRAMES[@]}" --init_model "$INIT_MODEL")

@@ -4,7 +4,7 @@ head with --qa_head first_token).
 Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
     torchrun --nproc_per_node=8 video_qa/main_task_qa_msvd.py --do_train ...
     python video_qa/main_task_qa_msvd.py --do_eval --init_model CKPT ...
-The implementation is engine/tasks/video_qa.py; flags and data layout are in the README.
+The implementation is engine/tasks/video_qa.py; flags in docs/training.md, data layout in docs/data.md.
 """
 
 import sys

@@ -3,7 +3,7 @@
 Runs from the repository root or from this folder (as the original did, with --cross_config_path ../CLIP-modules):
     torchrun --nproc_per_node=8 video_text_retrieval/main_task_retrieval_msvd.py --do_train ...
     python video_text_retrieval/main_task_retrieval_msvd.py --do_eval --init_model CKPT ...
-The implementation is engine/tasks/retrieval.py; flags and data layout are in the README.
+The implementation is engine/tasks/retrieval.py; flags in docs/training.md, data layout in docs/data.md.
 """
 
 import sys

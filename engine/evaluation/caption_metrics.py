@@ -1,4 +1,4 @@
-"""Captioning metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (METHOD §7b).
+"""Captioning metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (docs/method.md §7b).
 
 Protocols:
 * "standard" (default): references and hypotheses go through pycocoevalcap's PTB tokenizer (lower-cased,

@@ -1,4 +1,4 @@
-"""Retrieve-then-rerank (METHOD §7a steps 2-3): the top-K candidates of each query re-scored by the fusion
+"""Retrieve-then-rerank (docs/method.md §7a steps 2-3): the top-K candidates of each query re-scored by the fusion
 encoder's match head.
 
 For a query q with first-stage scores S[q] and its K best candidates c_1..c_K, candidate c_j gets

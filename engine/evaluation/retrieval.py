@@ -1,4 +1,4 @@
-"""Text-video retrieval evaluation (METHOD §7a): encode the split, score with meanP, optionally rerank the top-K
+"""Text-video retrieval evaluation (docs/method.md §7a): encode the split, score with meanP, optionally rerank the top-K
 with the fusion encoder, rank, report."""
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def rerank_both_directions(
     precision: str,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reranked text->video [N_t, N_v] and video->text [N_v, N_t] matrices (METHOD §7a) from first-stage scores
+    """Reranked text->video [N_t, N_v] and video->text [N_v, N_t] matrices (docs/method.md §7a) from first-stage scores
     `t2v` and `v2t` (meanP: `sim` and `sim.T`). Each query's K candidates form one normalisation group of
     `match_logits`, as in the original; many queries share a call."""
     if "text_tokens" not in encoded:

@@ -1,4 +1,4 @@
-"""Video captioning (METHOD §7b) on MSVD and MSR-VTT: caption loss (prefix-masked fusion, tied head) + contrastive +
+"""Video captioning (docs/method.md §7b) on MSVD and MSR-VTT: caption loss (prefix-masked fusion, tied head) + contrastive +
 local alignment, and its evaluation: decode every video of a split, score with pycocoevalcap, write the
 predictions, select the model by CIDEr. The entry scripts are video_captioning/{msvd,msrvtt}_captioning.py.
 
@@ -40,7 +40,7 @@ logger = logging.getLogger("t2vlp.caption")
 
 NAME = "caption"
 DATASETS = ("msvd", "msrvtt")
-NEW_PARAM_PATTERNS = (*FUSION_PARAM_PATTERNS, "local_visual")  # the original's captioning list (METHOD §7b)
+NEW_PARAM_PATTERNS = (*FUSION_PARAM_PATTERNS, "local_visual")  # the original's captioning list (docs/method.md §7b)
 
 SELECTION_METRIC = "CIDEr"
 EXAMPLES_LOGGED = 5
@@ -62,7 +62,7 @@ def caption_loss_terms(model: nn.Module, video: VideoParts, text: TextParts, inp
 
 
 def caption_objective(weights: CaptionLossWeights):
-    """`L = L_cap + L_sim + L_align` (METHOD §7b); nothing is detached. The caption loss is the mean over the
+    """`L = L_cap + L_sim + L_align` (docs/method.md §7b); nothing is detached. The caption loss is the mean over the
     global batch's target tokens (so N processes compute one process's loss)."""
 
     def objective(model: nn.Module, batch: dict[str, Any], context: StepContext) -> dict[str, torch.Tensor]:
@@ -279,7 +279,7 @@ def check_flags(args: argparse.Namespace) -> str | None:
 
 DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=NEW_PARAM_PATTERNS,
-    defaults={"eval_steps": 1000, "save_steps": 1000, "new_params_lr": 1e-6},  # the original script's (METHOD §8)
+    defaults={"eval_steps": 1000, "save_steps": 1000, "new_params_lr": 1e-6},  # the original script's (docs/method.md §8)
     head_dropout=0.5, loss_weights=("caption", "sim", "align"), add_flags=add_flags, check_flags=check_flags,
     eval_split=EvalSplitFlag(lambda args: "val" if args.do_train else "test",
                              "The split evaluated during training (default val, which selects the model) or by "

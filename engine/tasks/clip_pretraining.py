@@ -1,4 +1,4 @@
-"""Stage 1 (METHOD §5): symmetric video-text contrastive loss over the all-gathered batch + local alignment, on
+"""Stage 1 (docs/method.md §5): symmetric video-text contrastive loss over the all-gathered batch + local alignment, on
 WebVid TFRecords (or MSR-VTT videos), evaluated by meanP retrieval on MSR-VTT 1k-A (`--val_csv`)."""
 
 from __future__ import annotations
@@ -47,5 +47,5 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
 
 DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=NEW_PARAM_PATTERNS,
-    defaults={"eval_steps": 500, "save_steps": 0, "new_params_lr": 1e-5},  # the original script's (METHOD §8)
+    defaults={"eval_steps": 500, "save_steps": 0, "new_params_lr": 1e-5},  # the original script's (docs/method.md §8)
 ))

@@ -1,4 +1,4 @@
-"""Stage 2 (METHOD §6): the fusion encoder on a stage-1 checkpoint: MLM + prefix LM + video-text matching with hard
+"""Stage 2 (docs/method.md §6): the fusion encoder on a stage-1 checkpoint: MLM + prefix LM + video-text matching with hard
 negatives + local alignment, and its evaluation (meanP and reranked retrieval, MLM and VTM accuracy on the held-out
 split)."""
 
@@ -33,7 +33,7 @@ from modules.fusion_objectives import (
 logger = logging.getLogger("t2vlp.fusion")
 
 NAME = "fusion"
-# The fusion encoder and its heads: the fixed-rate group of stage 2 and of every downstream task (METHOD §6.6, §7).
+# The fusion encoder and its heads: the fixed-rate group of stage 2 and of every downstream task (docs/method.md §6.6, §7).
 FUSION_PARAM_PATTERNS = (
     "fusion_positional_embedding", "fusion_proj_embedding", "fusion_logit_bias", "fusion_match_matrix",
     "fusion_unmatch_matrix", "fusion_transformer",
@@ -52,7 +52,7 @@ def hard_negative_indices(
     model: nn.Module, all_eot: torch.Tensor, all_video: VideoParts, local_rows: slice, context: StepContext,
     similarity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard negatives for this rank's `local_rows` of the all-gathered batch (METHOD §6.4), drawn from
+    """Hard negatives for this rank's `local_rows` of the all-gathered batch (docs/method.md §6.4), drawn from
     `similarity` of the gathered batch when the caller has it, else from its meanP similarity. Every rank draws
     for all rows with the step's Generator and keeps its own, so the draw does not depend on the number of
     processes. Returns (negative video per local text, negative text per local video), indices into the
@@ -68,7 +68,7 @@ def matching_with_hard_negatives(
     model: nn.Module, video: VideoParts, text: TextParts, text_eot: torch.Tensor, context: StepContext, *,
     similarity: torch.Tensor | None = None, detach_inputs: bool = True,
 ) -> MatchingTerms:
-    """VTM with hard negatives (METHOD §6.4): the local batch's fusion inputs are all-gathered (without
+    """VTM with hard negatives (docs/method.md §6.4): the local batch's fusion inputs are all-gathered (without
     gradient), hard negatives drawn (`hard_negative_indices`) and the 3B local pairs scored. With `detach_inputs`
     (the original, stage 2 and retrieval) only the fusion encoder and its match heads get gradients."""
     all_eot, offset = context.gather_rows(text_eot.detach())
@@ -284,7 +284,7 @@ def check_flags(args: argparse.Namespace) -> str | None:
 
 DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
-    defaults={"eval_steps": 1000, "save_steps": 2000, "new_params_lr": 1e-5},  # the original script's (METHOD §8)
+    defaults={"eval_steps": 1000, "save_steps": 2000, "new_params_lr": 1e-5},  # the original script's (docs/method.md §8)
     head_dropout=0.2, loss_weights=("mlm", "plm", "vtm", "align"), add_flags=add_rerank_flags,
     check_flags=check_flags, run_config_flags=("mask_ratio",), reads_compat_flags=frozenset({"mask_ratio"}),
 ))

@@ -1,4 +1,4 @@
-"""Text-video retrieval fine-tuning (METHOD §7a) on MSR-VTT, MSVD, LSMDC and DiDeMo: contrastive + VTM with hard
+"""Text-video retrieval fine-tuning (docs/method.md §7a) on MSR-VTT, MSVD, LSMDC and DiDeMo: contrastive + VTM with hard
 negatives (on detached inputs) + local alignment, and its evaluation (meanP, fusion rerank, DSL on request) with
 model selection. The entry scripts are video_text_retrieval/main_task_retrieval_{msrvtt,msvd,lsmdc,didemo}.py."""
 
@@ -49,7 +49,7 @@ class RetrievalLossWeights:
 
 
 def retrieval_objective(weights: RetrievalLossWeights):
-    """`L = L_sim + L_vtm + L_align` (METHOD §7a). The contrastive loss runs over the all-gathered batch and
+    """`L = L_sim + L_vtm + L_align` (docs/method.md §7a). The contrastive loss runs over the all-gathered batch and
     trains the backbone; VTM reads detached copies of the fusion inputs and draws its hard negatives from the same
     contrastive matrix; the alignment loss has gradients to the text states and the tubes."""
 
@@ -79,7 +79,7 @@ def retrieval_task(weights: RetrievalLossWeights, evaluate: EvaluateFn | None = 
 
 
 def selection_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The row model selection reads: the rerank when there is one (METHOD §7a), else meanP."""
+    """The row model selection reads: the rerank when there is one (docs/method.md §7a), else meanP."""
     by_scoring = {row["scoring"]: row for row in rows if row["scoring"] in ("meanP", "rerank")}
     return by_scoring.get("rerank", by_scoring["meanP"])
 
@@ -120,9 +120,9 @@ def build_retrieval_datasets(
     """(training-set factory, evaluation split or None) of a retrieval dataset from the original flags.
 
     MSR-VTT: `--train_csv` (9k/7k list), `--data_path` (MSRVTT_data.json), `--val_csv` (1k-A) or `--msrvtt_test
-    full`; its downstream loader always samples 12 frames with linspace, repeating frames of short videos (METHOD
-    §9.8). MSVD, LSMDC, DiDeMo: `--data_path` is the folder of annotation files, `--eval_split` picks val or test;
-    short videos are zero-padded. Videos under `--features_path`.
+    full`; its downstream loader always samples 12 frames with linspace, repeating frames of short videos
+    (docs/method.md §9.8). MSVD, LSMDC, DiDeMo: `--data_path` is the folder of annotation files, `--eval_split`
+    picks val or test; short videos are zero-padded. Videos under `--features_path`.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -153,7 +153,7 @@ def build_retrieval_datasets(
         frames = {"pad_mode": "zero", "slice_framepos": args.slice_framepos}
         if not Path(args.data_path).is_dir():
             raise InputError(f"--data_path {args.data_path} must be the folder of the {dataset.upper()} annotation "
-                             f"files (see README)")
+                             f"files (see docs/data.md §3)")
         train = lambda: build_checked(lambda: build(args.data_path, args.features_path, "train",  # noqa: E731
                                                **train_options, **frames), "--data_path")
         evaluation = build_checked(lambda: build(args.data_path, args.features_path, args.eval_split, **eval_options,
@@ -211,7 +211,7 @@ def check_flags(args: argparse.Namespace) -> str | None:
 
 DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
-    defaults={"eval_steps": 500, "save_steps": 500, "new_params_lr": 5e-6},  # the original script's (METHOD §8)
+    defaults={"eval_steps": 500, "save_steps": 500, "new_params_lr": 5e-6},  # the original script's (docs/method.md §8)
     head_dropout=0.2, loss_weights=("sim", "vtm", "align"), add_flags=add_flags, check_flags=check_flags,
     eval_split=EvalSplitFlag(lambda args: "test", "MSVD, LSMDC, DiDeMo: the split evaluated (default test)."),
     datasets=DATASETS,

@@ -1,4 +1,4 @@
-"""Video question answering (METHOD §7c) on MSRVTT-QA and MSVD-QA: answer cross-entropy at the fusion encoder's answer slot + contrastive loss
+"""Video question answering (docs/method.md §7c) on MSRVTT-QA and MSVD-QA: answer cross-entropy at the fusion encoder's answer slot + contrastive loss
 between the video and `question + " " + answer`, and its evaluation: accuracy over the exact split, overall and
 per answer type, next to the always-the-most-frequent-training-answer baseline.
 
@@ -63,7 +63,7 @@ def answer_logits_of(model: nn.Module, batch: dict[str, Any], head: str, video_m
 
 
 def qa_objective(head: str, qa_weight: float = 1.0, sim_weight: float = 1.0):
-    """`L = CE(answer) + L_sim` (METHOD §7c). The answer loss is the mean over the global batch's questions that
+    """`L = CE(answer) + L_sim` (docs/method.md §7c). The answer loss is the mean over the global batch's questions that
     have a label (a training answer outside the classifier's vocabulary has none); no alignment loss, no VTM."""
 
     def objective(model: nn.Module, batch: dict[str, Any], context: StepContext) -> dict[str, torch.Tensor]:
@@ -294,7 +294,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
-    # the original script's cadence, fixed rate, seed and --datatype (METHOD §8)
+    # the original script's cadence, fixed rate, seed and --datatype (docs/method.md §8)
     defaults={"eval_steps": 0, "save_steps": 0, "new_params_lr": 5e-6, "seed": 2021, "datatype": "msrvtt_qa"},
     head_dropout=0.5, loss_weights=("qa", "sim"), add_flags=add_flags, run_config_flags=("qa_head",),
     eval_split=EvalSplitFlag(lambda args: "test", "The split evaluated after each epoch and by --do_eval (the "
