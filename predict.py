@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
+from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip, normalize_video
 from engine.precision import autocast_context, resolve_precision
 from inference.results_page import write_results_page
 from inference.trained_model import TrainedModel, load_trained_model
@@ -60,7 +60,7 @@ def _clip(trained: TrainedModel, path: str, device: torch.device) -> tuple[torch
     if not Path(path).is_file():
         raise InputError(f"video {path} does not exist")
     try:
-        video, video_mask = load_video_clip(path, pad_mode="repeat", **sampling_settings(trained))
+        video, video_mask = load_video_clip(path, ClipSampling(pad_mode="repeat", **sampling_settings(trained)))
     except VideoDecodeError as error:
         raise InputError(f"cannot read video {path}: {error}") from error
     return normalize_video(video[None].to(device)), video_mask[None].to(device)

@@ -25,8 +25,7 @@ import torch
 
 from dataloaders.tfrecord_io import RecordReader
 from dataloaders.video import (
-    ORDER_KEEP,
-    SLICE_UNIFORM,
+    ClipSampling,
     VideoDecodeError,
     check_window,
     clip_frame_indices,
@@ -106,22 +105,19 @@ class FrameStore:
     def load_clip(
         self,
         key: str,
+        sampling: ClipSampling,
         *,
-        max_frames: int = 12,
-        feature_framerate: int = 1,
-        slice_framepos: int = SLICE_UNIFORM,
-        frame_order: int = ORDER_KEEP,
-        image_size: int = 224,
-        pad_mode: str = "zero",
         rng: np.random.Generator | None = None,
         start_time: int | None = None,
         end_time: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clip of the video stored under `key` (file name without extension); raises VideoDecodeError when
-        it is not stored, its record is damaged, or the window holds no stored frame."""
-        if (feature_framerate, image_size) != (self.manifest.feature_framerate, self.manifest.image_size):
+        """The clip of the video stored under `key` (file name without extension), as `load_video_clip` gives
+        it from the file; raises VideoDecodeError when it is not stored, its record is damaged, or the window
+        holds no stored frame."""
+        rate, image_size = sampling.feature_framerate, sampling.image_size
+        if (rate, image_size) != (self.manifest.feature_framerate, self.manifest.image_size):
             raise ValueError(f"this store holds frames at {self.manifest.feature_framerate} per second and "
-                             f"{self.manifest.image_size} pixels, not {feature_framerate} and {image_size}")
+                             f"{self.manifest.image_size} pixels, not {rate} and {image_size}")
         check_window(start_time, end_time)
         location = self.index.locate(key)
         if location is None:
@@ -129,14 +125,15 @@ class FrameStore:
         try:
             record = parse_clip_record(self._reader.read(*location))
             available = self._frames_in_window(record, start_time, end_time)
-            indices = clip_frame_indices(len(available), max_frames, slice_framepos, frame_order, pad_mode, rng)
+            indices = clip_frame_indices(len(available), sampling.max_frames, sampling.slice_framepos,
+                                         sampling.frame_order, sampling.pad_mode, rng)
             frames = record.frames(available[indices])
         except (OSError, ValueError) as error:  # RecordCorruptError and ClipRecordError are ValueErrors
             raise VideoDecodeError(f"frame store {self.path}, video {key}: {error}") from error
         if frames.shape[1:3] != (image_size, image_size):
             raise VideoDecodeError(f"frame store {self.path}, video {key}: frames of {frames.shape[1:3]}, the "
                                    f"manifest says {image_size}")
-        return pad_clip(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), max_frames)
+        return pad_clip(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), sampling.max_frames)
 
     @staticmethod
     def _frames_in_window(record, start_time: int | None, end_time: int | None) -> np.ndarray:

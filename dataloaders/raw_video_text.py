@@ -28,7 +28,7 @@ from dataloaders.retrieval_split import (
     clean_evaluation_pairs,
     index_video_files,
 )
-from dataloaders.video import SLICE_UNIFORM, VideoDecodeError, load_video_clip
+from dataloaders.video import SLICE_UNIFORM, ClipSampling, VideoDecodeError, load_video_clip
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")
@@ -97,10 +97,7 @@ class RawVideoTextDataset(Dataset):
             frame_store, feature_framerate=feature_framerate, image_size=image_size)
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
         self.max_words = max_words
-        self.clip_options = dict(
-            max_frames=max_frames, feature_framerate=feature_framerate, slice_framepos=slice_framepos,
-            frame_order=frame_order, image_size=image_size, pad_mode=pad_mode,
-        )
+        self.sampling = ClipSampling(max_frames, feature_framerate, slice_framepos, frame_order, image_size, pad_mode)
         self.seed = seed
         self.epoch = 0
         self.video_extension = video_extension
@@ -123,11 +120,10 @@ class RawVideoTextDataset(Dataset):
         start, end = window if window is not None else (None, None)
         if self.frame_store is not None:
             if path.stem in self.frame_store:
-                return self.frame_store.load_clip(path.stem, rng=rng, start_time=start, end_time=end,
-                                                  **self.clip_options)
+                return self.frame_store.load_clip(path.stem, self.sampling, rng=rng, start_time=start, end_time=end)
             self._warn_once(video_id, "not stored",
                             f"video {video_id} is not in --frame_store {self.frame_store.path}: decoding {path}")
-        return load_video_clip(path, rng=rng, start_time=start, end_time=end, **self.clip_options)
+        return load_video_clip(path, self.sampling, rng=rng, start_time=start, end_time=end)
 
     def sample_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])

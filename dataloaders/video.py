@@ -6,6 +6,7 @@ Frames stay uint8 until they reach the device; `normalize_video` turns them into
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -156,28 +157,39 @@ def order_frames(indices: np.ndarray, frame_order: int, rng: np.random.Generator
     raise ValueError(f"frame_order must be 0, 1 or 2, got {frame_order}")
 
 
+@dataclass(frozen=True)
+class ClipSampling:
+    """How a clip is cut from a video, whatever it is read from (a file here, a frame store in
+    dataloaders/frame_store.py): frames per second sampled, how many kept and how (`clip_frame_indices`), their
+    size. pad_mode "zero" pads a short clip with zero frames (mask 0), "repeat" up-samples it with real frames."""
+
+    max_frames: int = 12
+    feature_framerate: int = 1
+    slice_framepos: int = SLICE_UNIFORM
+    frame_order: int = ORDER_KEEP
+    image_size: int = 224
+    pad_mode: str = "zero"
+
+
 def load_video_clip(
     path: str | Path,
+    sampling: ClipSampling = ClipSampling(),
     *,
-    max_frames: int = 12,
-    feature_framerate: int = 1,
-    slice_framepos: int = SLICE_UNIFORM,
-    frame_order: int = ORDER_KEEP,
-    image_size: int = 224,
-    pad_mode: str = "zero",
     rng: np.random.Generator | None = None,
     start_time: int | None = None,
     end_time: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode, select, order, resize and pad one clip.
+    """Decode, select, order, resize and pad one clip; `rng` draws a shuffled frame order, `start_time` and
+    `end_time` (seconds) read a window.
 
     Returns video uint8 [max_frames, 3, S, S] (RGB) and video_mask LongTensor [max_frames]. With pad_mode
     "zero" the first n entries are real frames (mask 1) and the rest are zeros (mask 0); with "repeat" every
     entry is a real frame. Raises `VideoDecodeError` when the file gives no frame.
     """
-    frames = read_frames(path, feature_framerate, start_time, end_time)
-    indices = clip_frame_indices(len(frames), max_frames, slice_framepos, frame_order, pad_mode, rng)
-    return pad_clip(resize_center_crop(frames[indices], image_size), max_frames)
+    frames = read_frames(path, sampling.feature_framerate, start_time, end_time)
+    indices = clip_frame_indices(len(frames), sampling.max_frames, sampling.slice_framepos, sampling.frame_order,
+                                 sampling.pad_mode, rng)
+    return pad_clip(resize_center_crop(frames[indices], sampling.image_size), sampling.max_frames)
 
 
 def clip_frame_indices(

@@ -206,15 +206,6 @@ def all_reduce_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """Mean of a scalar over ranks, as a Python float (for logging)."""
-    if not _active():
-        return float(value)
-    tensor = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).to(_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.item() / dist.get_world_size()
-
-
 def all_reduce_sum(value: float | torch.Tensor) -> float:
     """Sum of a scalar over ranks, as a Python float (e.g. counts of skipped samples)."""
     return all_reduce_sums([value])[0]

@@ -125,11 +125,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_p
     return LambdaLR(optimizer, partial(_schedule_factor, total_steps=total_steps, warmup=warmup_proportion))
 
 
-def total_optimizer_steps(batches_per_epoch: int, gradient_accumulation_steps: int, epochs: int) -> int:
-    """Total optimiser steps: ceil(batches per process per epoch / accumulation) x epochs (the original's t_total)."""
-    return math.ceil(batches_per_epoch / gradient_accumulation_steps) * epochs
-
-
 @torch.no_grad()
 def clamp_logit_scale(model: nn.Module) -> None:
     """Clamp every `logit_scale` parameter to <= ln(100), as the original did after each optimiser step."""

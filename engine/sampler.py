@@ -106,17 +106,3 @@ def eval_shard(dataset_len: int, num_replicas: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-class EvalShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r iterates eval_shard(...) in order (no padding, no duplicates; shards may be
-    uneven, so gather results with engine.distributed.all_gather_variable)."""
-
-    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0) -> None:
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
-        self.indices = eval_shard(dataset_len, num_replicas, rank)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

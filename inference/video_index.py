@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
 from dataloaders.files import FolderLock, file_sha256, is_video_file, walk_files
-from dataloaders.video import VideoDecodeError, load_video_clip, normalize_video
+from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip, normalize_video
 from engine.evaluation.rerank import rerank_scores
 from engine.precision import autocast_context
 from inference.trained_model import TrainedModel
@@ -66,7 +66,7 @@ class VideoFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         try:
-            video, video_mask = load_video_clip(self.paths[index], pad_mode="repeat", **self.sampling)
+            video, video_mask = load_video_clip(self.paths[index], ClipSampling(pad_mode="repeat", **self.sampling))
         except (VideoDecodeError, OSError, ValueError) as error:
             return {"failed": index, "error": str(error)}
         return {"video": video, "video_mask": video_mask, "index": index, "video_id": str(self.paths[index])}

@@ -17,6 +17,7 @@ summed log-probability of the generated tokens, EOT included when it was generat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,23 @@ def greedy_decode(
     return Decoded([_cut(row, eot) for row in rows], scores.tolist())
 
 
+class Hypothesis(NamedTuple):
+    """A beam-search hypothesis: the beam it extends, its last token, its summed log-probability, its tokens."""
+
+    beam: int
+    token: int
+    score: float
+    tokens: list[int]
+
+
+class Finished(NamedTuple):
+    """A finished hypothesis: its ranking value (score over length ** length_penalty), score and tokens."""
+
+    ranked: float
+    score: float
+    tokens: list[int]
+
+
 @torch.no_grad()
 def beam_search(
     model: nn.Module, frames: torch.Tensor, video_mask: torch.Tensor, tubes: torch.Tensor, *, beam_size: int,
@@ -186,7 +204,7 @@ def beam_search(
     beam_scores = torch.full((batch, beam_size), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     sequences: list[list[list[int]]] = [[[] for _ in range(beam_size)] for _ in range(batch)]
-    finished: list[list[tuple[float, float, list[int]]]] = [[] for _ in range(batch)]  # (ranked, score, tokens)
+    finished: list[list[Finished]] = [[] for _ in range(batch)]
     closed = [False] * batch
     current = torch.full((batch * beam_size,), sot, dtype=torch.long, device=device)
 
@@ -201,7 +219,7 @@ def beam_search(
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
         next_rows, next_tokens, next_scores = [], [], []
         for video in range(batch):
-            kept = []
+            kept: list[Hypothesis] = []
             if not closed[video]:
                 for score, flat in zip(top_scores[video], top_index[video]):
                     if score == float("-inf"):
@@ -209,22 +227,22 @@ def beam_search(
                     beam, token = divmod(flat, vocab)
                     tokens = sequences[video][beam] + [token]
                     if token == eot:
-                        finished[video].append((normalised(score, len(tokens)), score, tokens))
+                        finished[video].append(Finished(normalised(score, len(tokens)), score, tokens))
                     else:
-                        kept.append((beam, token, score, tokens))
+                        kept.append(Hypothesis(beam, token, score, tokens))
                     if len(kept) == beam_size:
                         break
-                finished[video].sort(key=lambda item: -item[0])
+                finished[video].sort(key=lambda item: -item.ranked)
                 del finished[video][beam_size:]
                 closed[video] = _video_done(finished[video], kept, beam_size, max_steps, length_penalty, normalised)
             if closed[video] or not kept:
                 closed[video] = True
-                kept = [(0, eot, float("-inf"), [])] * beam_size  # placeholder rows, never expanded again
-            kept += [kept[-1][:2] + (float("-inf"), kept[-1][3])] * (beam_size - len(kept))
-            sequences[video] = [item[3] for item in kept]
-            next_rows += [video * beam_size + item[0] for item in kept]
-            next_tokens += [item[1] for item in kept]
-            next_scores += [item[2] for item in kept]
+                kept = [Hypothesis(0, eot, float("-inf"), [])] * beam_size  # placeholder rows, never expanded again
+            kept += [kept[-1]._replace(score=float("-inf"))] * (beam_size - len(kept))
+            sequences[video] = [item.tokens for item in kept]
+            next_rows += [video * beam_size + item.beam for item in kept]
+            next_tokens += [item.token for item in kept]
+            next_scores += [item.score for item in kept]
         if all(closed):
             break
         state.reorder(torch.tensor(next_rows, device=device))
@@ -237,21 +255,22 @@ def beam_search(
         if not closed[video]:  # max_steps reached: unfinished hypotheses compete as they are
             for sequence, score in zip(sequences[video], beam_scores[video].tolist()):
                 if score != float("-inf"):
-                    pool.append((normalised(score, len(sequence)), score, sequence))
-        best = max(pool, key=lambda item: item[0])
-        tokens.append(_cut(best[2], eot))
-        scores.append(best[1])
+                    pool.append(Finished(normalised(score, len(sequence)), score, sequence))
+        best = max(pool, key=lambda item: item.ranked)
+        tokens.append(_cut(best.tokens, eot))
+        scores.append(best.score)
     return Decoded(tokens, scores)
 
 
-def _video_done(finished, kept, beam_size, max_steps, length_penalty, normalised) -> bool:
+def _video_done(finished: list[Finished], kept: list[Hypothesis], beam_size: int, max_steps: int,
+                length_penalty: float, normalised) -> bool:
     if len(finished) < beam_size:
         return False
     if not kept:
         return True
-    best_open = max(score for _, _, score, _ in kept)
+    best_open = max(item.score for item in kept)
     reachable = normalised(best_open, max_steps) if length_penalty > 0 else best_open
-    return reachable <= finished[-1][0]
+    return reachable <= finished[-1].ranked
 
 
 def decode_captions(

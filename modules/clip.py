@@ -39,10 +39,6 @@ class CLIPConfig:
     def transformer_heads(self) -> int:
         return max(1, self.transformer_width // 64)
 
-    @property
-    def grid_size(self) -> int:
-        return self.image_resolution // self.vision_patch_size
-
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "") -> CLIPConfig:
         """Infer the sizes from an OpenAI-layout CLIP state dict (keys optionally under `prefix`)."""

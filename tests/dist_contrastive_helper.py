@@ -101,7 +101,7 @@ def run_case(case: str, rank: int, out_dir: Path) -> None:
 
 def run_collectives(rank: int, out_dir: Path) -> None:
     results = {
-        "mean": distributed.all_reduce_mean(float(rank + 1)),
+        "sums": distributed.all_reduce_sums([float(rank + 1), torch.tensor(0.5)]),
         "sum": distributed.all_reduce_sum(torch.tensor(rank + 1.0)),
         "broadcast": distributed.broadcast_object({"from_rank": rank}),
         "objects": distributed.all_gather_object(f"rank{rank}"),

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from engine.evaluation.caption_metrics import METRIC_NAMES, CaptionScorer, require_java, score_captions
+from engine.evaluation.caption_metrics import METRIC_NAMES, CaptionScorer, require_java
 from modules.errors import InputError
 
 HYPOTHESES = {"a": "a red circle moves left", "b": "a blue square moves up"}
@@ -119,5 +119,6 @@ def test_mismatched_videos_are_an_error(scorer):
         scorer.score({"a": "x"}, {"b": ["x"]})
 
 
-def test_the_one_shot_function_gives_the_scorer_s_numbers(scorer):
-    assert score_captions(HYPOTHESES, REFERENCES, "original") == scorer.score(HYPOTHESES, REFERENCES, "original")
+def test_a_fresh_scorer_gives_the_long_lived_scorer_s_numbers(scorer):
+    with CaptionScorer() as fresh:
+        assert fresh.score(HYPOTHESES, REFERENCES, "original") == scorer.score(HYPOTHESES, REFERENCES, "original")

@@ -19,7 +19,7 @@ from conversion.convert import ConversionConfig, ConversionSummary
 from conversion.encoding import EncodeOptions
 from dataloaders.frame_store import FrameStore, manifest_path
 from dataloaders.raw_video_text import PairsDataset
-from dataloaders.video import VideoDecodeError, load_video_clip
+from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip
 from modules.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,10 +93,10 @@ def test_stored_clips_equal_decoded_clips_for_every_sampling_flag(video_dir, sto
     assert len(store) == len(VIDEOS) and "broken" not in store
     n_real_frames = set()
     for (name, _), flags in itertools.product(VIDEOS.items(), CLIP_FLAGS):
-        common = dict(feature_framerate=rate, image_size=IMAGE_SIZE, **flags)
+        sampling = ClipSampling(feature_framerate=rate, image_size=IMAGE_SIZE, **flags)
         seed = [rate, flags["max_frames"], flags["slice_framepos"], flags["frame_order"]]
-        decoded = load_video_clip(video_dir / "nested" / f"{name}.mp4", rng=np.random.default_rng(seed), **common)
-        stored = store.load_clip(name, rng=np.random.default_rng(seed), **common)
+        decoded = load_video_clip(video_dir / "nested" / f"{name}.mp4", sampling, rng=np.random.default_rng(seed))
+        stored = store.load_clip(name, sampling, rng=np.random.default_rng(seed))
         assert_same_clip(stored, decoded)
         n_real_frames.add(int(decoded[1].sum()))
     assert len(n_real_frames) > 2  # short and long videos, cut and padded, were all exercised
@@ -107,14 +107,14 @@ def test_time_windows_read_the_same_seconds_as_the_decoder(video_dir, stores, wi
     store = FrameStore(stores[2], feature_framerate=2, image_size=IMAGE_SIZE)
     start, end = window
     for name in VIDEOS:
-        common = dict(feature_framerate=2, image_size=IMAGE_SIZE, max_frames=12, start_time=start, end_time=end)
+        sampling = ClipSampling(feature_framerate=2, image_size=IMAGE_SIZE, max_frames=12)
         try:
-            decoded = load_video_clip(video_dir / "nested" / f"{name}.mp4", **common)
+            decoded = load_video_clip(video_dir / "nested" / f"{name}.mp4", sampling, start_time=start, end_time=end)
         except VideoDecodeError:  # the window starts after the video ends: the store refuses it too
             with pytest.raises(VideoDecodeError, match="no stored frame"):
-                store.load_clip(name, **common)
+                store.load_clip(name, sampling, start_time=start, end_time=end)
             continue
-        assert_same_clip(store.load_clip(name, **common), decoded)
+        assert_same_clip(store.load_clip(name, sampling, start_time=start, end_time=end), decoded)
 
 
 def test_datasets_give_the_same_samples_from_the_store(video_dir, stores, caplog, tmp_path):
@@ -171,8 +171,8 @@ def test_jpeg_store_is_close_but_not_claimed_lossless(video_dir, tmp_path):
                   jpeg_quality=95)
     store = FrameStore(tmp_path, feature_framerate=1, image_size=IMAGE_SIZE)
     assert not store.manifest.lossless
-    decoded = load_video_clip(video_dir / "nested" / "clip_a.mp4", image_size=IMAGE_SIZE)
-    stored = store.load_clip("clip_a", image_size=IMAGE_SIZE)
+    decoded = load_video_clip(video_dir / "nested" / "clip_a.mp4", ClipSampling(image_size=IMAGE_SIZE))
+    stored = store.load_clip("clip_a", ClipSampling(image_size=IMAGE_SIZE))
     difference = (stored[0].float() - decoded[0].float()).abs()
     assert torch.equal(stored[1], decoded[1]) and 0 < difference.mean() < 8
 

@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 from torch.utils.data import DistributedSampler
 
-from engine.sampler import EvalShardSampler, ResumableDistributedSampler, eval_shard
+from engine.sampler import ResumableDistributedSampler, eval_shard
 
 
 def shards(n, replicas, **kwargs):
@@ -99,7 +99,7 @@ def test_invalid_resume_position():
 
 def test_eval_shards_are_exact_and_contiguous():
     assert [list(eval_shard(10, 3, rank)) for rank in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert [len(EvalShardSampler(2, 3, rank)) for rank in range(3)] == [1, 1, 0]
+    assert [len(eval_shard(2, 3, rank)) for rank in range(3)] == [1, 1, 0]
     for n, replicas in [(1000, 8), (7, 4), (3, 3)]:
-        joined = [i for rank in range(replicas) for i in EvalShardSampler(n, replicas, rank)]
+        joined = [i for rank in range(replicas) for i in eval_shard(n, replicas, rank)]
         assert joined == list(range(n))

@@ -12,6 +12,7 @@ from PIL import Image
 from dataloaders.video import (
     CLIP_MEAN,
     CLIP_STD,
+    ClipSampling,
     VideoDecodeError,
     load_video_clip,
     normalize_video,
@@ -137,24 +138,24 @@ def test_order_frames():
 
 def test_clip_uniform_slice(video_40_frames_8fps):
     # 40 frames at 8 fps, 1 frame/s -> frames 0, 8, 16, 24, 32; linspace(0, 4, 3) -> 0, 2, 4.
-    video, mask = load_video_clip(video_40_frames_8fps, max_frames=3, feature_framerate=1, slice_framepos=2,
-                                  image_size=16)
+    video, mask = load_video_clip(video_40_frames_8fps, ClipSampling(max_frames=3, feature_framerate=1,
+                                                                     slice_framepos=2, image_size=16))
     assert video.shape == (3, 3, 16, 16) and video.dtype == torch.uint8
     assert mask.dtype == torch.long and mask.tolist() == [1, 1, 1]
     assert frame_indices(video) == [0, 16, 32]
 
 
 def test_clip_zero_padding(video_40_frames_8fps):
-    video, mask = load_video_clip(video_40_frames_8fps, max_frames=8, feature_framerate=1, image_size=16,
-                                  pad_mode="zero")
+    video, mask = load_video_clip(video_40_frames_8fps, ClipSampling(max_frames=8, feature_framerate=1,
+                                                                     image_size=16, pad_mode="zero"))
     assert mask.tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
     assert frame_indices(video[:5]) == [0, 8, 16, 24, 32]
     assert video[5:].eq(0).all()
 
 
 def test_clip_repeat_padding(video_40_frames_8fps):
-    video, mask = load_video_clip(video_40_frames_8fps, max_frames=8, feature_framerate=1, image_size=16,
-                                  pad_mode="repeat")
+    video, mask = load_video_clip(video_40_frames_8fps, ClipSampling(max_frames=8, feature_framerate=1,
+                                                                     image_size=16, pad_mode="repeat"))
     assert mask.tolist() == [1] * 8
     # linspace(0, 4, 8) truncated = 0 0 1 1 2 2 3 4 over the sampled frames 0 8 16 24 32
     assert frame_indices(video) == [0, 0, 8, 8, 16, 16, 24, 32]
@@ -162,10 +163,11 @@ def test_clip_repeat_padding(video_40_frames_8fps):
 
 def test_clip_frame_order(video_40_frames_8fps):
     options = dict(max_frames=8, feature_framerate=1, image_size=16, pad_mode="zero")
-    reversed_video, mask = load_video_clip(video_40_frames_8fps, frame_order=1, **options)
+    reversed_video, mask = load_video_clip(video_40_frames_8fps, ClipSampling(frame_order=1, **options))
     assert frame_indices(reversed_video[:5]) == [32, 24, 16, 8, 0] and mask.sum() == 5
-    first, _ = load_video_clip(video_40_frames_8fps, frame_order=2, rng=np.random.default_rng(3), **options)
-    again, _ = load_video_clip(video_40_frames_8fps, frame_order=2, rng=np.random.default_rng(3), **options)
+    shuffled = ClipSampling(frame_order=2, **options)
+    first, _ = load_video_clip(video_40_frames_8fps, shuffled, rng=np.random.default_rng(3))
+    again, _ = load_video_clip(video_40_frames_8fps, shuffled, rng=np.random.default_rng(3))
     assert torch.equal(first, again)
     expected = [[0, 8, 16, 24, 32][i] for i in np.random.default_rng(3).permutation(5)]
     assert frame_indices(first[:5]) == expected
@@ -207,14 +209,14 @@ def test_normalize_video_numbers():
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.mp4"
     with pytest.raises(VideoDecodeError, match="nope.mp4"):
-        load_video_clip(path, max_frames=4, image_size=16)
+        load_video_clip(path, ClipSampling(max_frames=4, image_size=16))
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.mp4"
     path.touch()
     with pytest.raises(VideoDecodeError, match="empty.mp4"):
-        load_video_clip(path, max_frames=4, image_size=16)
+        load_video_clip(path, ClipSampling(max_frames=4, image_size=16))
 
 
 def test_corrupt_files(tmp_path, video_20_frames_8fps):

@@ -99,14 +99,6 @@ def shared_scorer() -> CaptionScorer:
     return _shared
 
 
-def score_captions(
-    hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]], protocol: str = "standard"
-) -> dict[str, float]:
-    """`CaptionScorer().score(...)` for a single evaluation."""
-    with CaptionScorer() as scorer:
-        return scorer.score(hypotheses, references, protocol)
-
-
 def _prepared(
     hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]], protocol: str
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
