@@ -19,12 +19,13 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest -q --durations=15
 
-# The fast part (about 2 minutes on 2 cores): everything not marked `integration` (tests that start processes).
+# The fast part (about 2 minutes on 2 cores): everything not marked `integration` (tests that start processes)
+# or `slow`; test-integration runs those.
 test-unit: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration and not slow"
 
 test-integration: setup
-	$(PY) -m pytest -q -m integration
+	$(PY) -m pytest -q -m "integration or slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

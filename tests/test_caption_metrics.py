@@ -31,6 +31,7 @@ def test_missing_java_is_reported_with_what_to_install(monkeypatch):
         require_java()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["standard", "original"])
 def test_identical_captions_score_the_maximum_and_disjoint_ones_zero(protocol, scorer):
     references = {"v1": ["a red circle moves to the left"], "v2": ["the green square slides upwards"],
@@ -119,6 +120,7 @@ def test_mismatched_videos_are_an_error(scorer):
         scorer.score({"a": "x"}, {"b": ["x"]})
 
 
+@pytest.mark.slow
 def test_a_fresh_scorer_gives_the_long_lived_scorer_s_numbers(scorer):
     with CaptionScorer() as fresh:
         assert fresh.score(HYPOTHESES, REFERENCES, "original") == scorer.score(HYPOTHESES, REFERENCES, "original")

@@ -76,6 +76,7 @@ def caption_run(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoin
     return out
 
 
+@pytest.mark.slow
 def test_captioning_reports_val_selects_by_cider_and_tests_the_selected_checkpoint(caption_run, small_demo_source):
     records = metrics(caption_run)
     val = [r for r in records if r["split"] == "val"]
@@ -169,6 +170,7 @@ ORIGINAL_CAPTIONING = (
 )
 
 
+@pytest.mark.integration
 def test_original_captioning_command_from_the_task_folder(small_demo_source, tiny_fusion_clip_checkpoint,
                                                           stage1_checkpoint, tmp_path):
     task_folder = original_task_folder(tmp_path, "video_captioning", tiny_fusion_clip_checkpoint)

@@ -22,6 +22,7 @@ def convert(*args: str) -> ft.ConversionSummary:
     return ft.convert(ft.parse_args([*args, "--no_progress"]))
 
 
+@pytest.mark.integration
 def test_three_parts_one_killed_then_merged_equal_one_conversion(tmp_path):
     videos = make_many_videos(tmp_path, 7)  # 7 videos, shard_size 2: shards 0-3; parts 0 (0, 3), 1 (1), 2 (2)
     args = ["--video_dir", str(videos), "--csv", str(tmp_path / "labels.csv"), "--shard_size", "2"]

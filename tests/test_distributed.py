@@ -12,6 +12,8 @@ from engine.precision import resolve_precision
 from tests import dist_contrastive_helper as helper
 from tests.torchrun import ROOT, run_torchrun
 
+pytestmark = pytest.mark.integration
+
 WORLD_SIZE = 2
 
 

@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from modules.checkpoint import read_model_state_dict
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["--epochs", "2", "--batch_size", "4", "--max_frames", "3", "--max_words", "16", "--batch_size_val",

@@ -58,6 +58,7 @@ def run_fetch(url: str, out: Path, sha256: str = PAYLOAD_SHA256) -> subprocess.C
     )
 
 
+@pytest.mark.integration
 def test_fresh_download_is_verified(server, tmp_path):
     out = tmp_path / "ViT-B-16.pt"
     result = run_fetch(server, out)
@@ -70,6 +71,7 @@ def test_fresh_download_is_verified(server, tmp_path):
     assert RangeHandler.ranges_seen == [None]
 
 
+@pytest.mark.integration
 def test_partial_download_resumes(server, tmp_path):
     out = tmp_path / "ViT-B-16.pt"
     (tmp_path / "ViT-B-16.pt.part").write_bytes(PAYLOAD[:300_000])
@@ -79,6 +81,7 @@ def test_partial_download_resumes(server, tmp_path):
     assert out.read_bytes() == PAYLOAD
 
 
+@pytest.mark.integration
 def test_server_ignoring_range_restarts(server, tmp_path):
     RangeHandler.honour_range = False
     out = tmp_path / "ViT-B-16.pt"
@@ -87,6 +90,7 @@ def test_server_ignoring_range_restarts(server, tmp_path):
     assert out.read_bytes() == PAYLOAD
 
 
+@pytest.mark.integration
 def test_checksum_mismatch_fails_and_removes_the_partial_file(server, tmp_path):
     out = tmp_path / "ViT-B-16.pt"
     result = run_fetch(server, out, sha256="0" * 64)
@@ -95,6 +99,7 @@ def test_checksum_mismatch_fails_and_removes_the_partial_file(server, tmp_path):
     assert not out.exists() and not (tmp_path / "ViT-B-16.pt.part").exists()
 
 
+@pytest.mark.integration
 def test_unreachable_server_is_a_clear_error(tmp_path):
     result = run_fetch("http://127.0.0.1:9/ViT-B-16.pt", tmp_path / "x.pt")
     assert result.returncode == 1

@@ -194,6 +194,7 @@ def test_rerun_keeps_the_finished_shards(video_dir, stores, tmp_path):
     assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted(stores[1].glob("*.tfrecord"))]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("extra", [["--num_frames", "8"], ["--raw"], ["--short_side", "128"]])
 def test_converter_refuses_flags_that_do_not_apply_to_a_store(video_dir, tmp_path, extra):
     result = subprocess.run(

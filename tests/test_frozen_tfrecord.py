@@ -157,6 +157,7 @@ def test_sample_positions_are_segment_middles():
 # ----------------------------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.integration
 def test_cli_round_trip_jpeg_with_failures_report(tmp_path):
     frame_counts = make_webvid_folder(tmp_path)
     out = tmp_path / "tfr"
@@ -256,6 +257,7 @@ def test_injected_failure_then_rerun_gives_identical_files(tmp_path, monkeypatch
     assert output_bytes(tmp_path / "resumed") == output_bytes(tmp_path / "reference")
 
 
+@pytest.mark.integration
 def test_killed_conversion_resumes_to_byte_identical_output(tmp_path):
     videos = make_many_videos(tmp_path, 7)
     args = ["--video_dir", str(videos), "--csv", str(tmp_path / "labels.csv"), "--shard_size", "2"]

@@ -13,6 +13,8 @@ import pytest
 
 from engine.args import parse_args
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 STAND_IN = """#!/usr/bin/env bash
 printf '%q ' "$@" >> "$CALLS"; echo >> "$CALLS"

@@ -22,6 +22,8 @@ from dataloaders.webvid import read_frames
 from tests.stage1_helpers import stage1_argv
 from tests.test_frozen_tfrecord import make_many_videos, run_cli
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 

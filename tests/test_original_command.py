@@ -6,7 +6,11 @@ import json
 import shlex
 import shutil
 
+import pytest
+
 from tests.torchrun import ROOT, run_torchrun
+
+pytestmark = pytest.mark.integration
 
 # docs/method.md §8 / start_clip.sh of the original repository, with `python3 -u -m light.pytorch.launch` replaced.
 ORIGINAL_STAGE1 = (

@@ -179,6 +179,7 @@ def test_caption_and_answer_print_what_the_evaluation_decoded(small_demo_source,
         assert answer == row["prediction"] and float(score) == pytest.approx(row["score"], abs=1e-3)
 
 
+@pytest.mark.integration
 def test_wrong_checkpoints_are_refused_clearly(stage1_checkpoint, stage2_model, small_demo_source, tmp_path):
     video = str(small_demo_source["videos_dir"] / "video0.mp4")
     result = run_predict("caption", video, "--init_model", str(stage1_checkpoint), check=False, subprocess_run=True)

@@ -123,6 +123,7 @@ def test_first_token_head_trains_and_evaluates_and_an_original_checkpoint_evalua
     assert results[0]["accuracy"] == results[1]["accuracy"] and results[0]["checkpoint"] == str(released.resolve())
 
 
+@pytest.mark.integration
 def test_two_processes_count_each_question_once(classifier_run, small_demo_source, tiny_fusion_clip_checkpoint,
                                                 tmp_path):
     """17 test questions over 2 processes (9 + 8): the row and the predictions equal one process's."""
@@ -173,6 +174,7 @@ ORIGINAL_QA = (
 )
 
 
+@pytest.mark.integration
 def test_original_qa_command_from_the_task_folder(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint,
                                                   tmp_path):
     task_folder = original_task_folder(tmp_path, "video_qa", tiny_fusion_clip_checkpoint)

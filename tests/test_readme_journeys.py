@@ -85,19 +85,19 @@ def test_pretrain_on_your_own_videos(demo, tmp_path):
     assert commands[1] == "export DATA_PATH=/data/t2vlp"
 
     convert = commands[2].replace(".venv/bin/python", sys.executable).replace("~/videos", str(tmp_path / "videos"))
-    run(convert.replace("--workers 16", "--workers 1") + " --no_progress", env, tmp_path)
+    run(convert.replace("--workers 16", "--workers 1") + " --no_progress", env, ROOT)
     labels = json.loads((data / "WebVid_TFRecord" / "frozen_train_labels.json").read_text(encoding="utf-8"))
     assert len(labels) == n_videos and not (data / "frozen_train_labels.json").exists()
 
     train = commands[3].replace("NPROC_PER_NODE=8", "NPROC_PER_NODE=1").replace("runs/", f"{tmp_path}/runs/")
-    run(f"{train} {TINY_RUN} --max_steps 2", env, tmp_path)
+    run(f"{train} {TINY_RUN} --max_steps 2", env, ROOT)
     stage1 = tmp_path / "runs" / "stage1"
     assert (stage1 / "ckpt" / "pytorch_model.bin.2").is_file()
     trained = [json.loads(line) for line in (stage1 / "metrics.jsonl").read_text().splitlines()]
     assert trained[-1]["task"] == "retrieval" and trained[-1]["step"] == 2 and trained[-1]["n_videos"] == 6
 
     evaluate = commands[4].replace("pytorch_model.bin.N", "pytorch_model.bin.2").replace("runs/", f"{tmp_path}/runs/")
-    run(f"{evaluate} {TINY_RUN}", env, tmp_path)
+    run(f"{evaluate} {TINY_RUN}", env, ROOT)
     evaluated = [json.loads(line) for line in (tmp_path / "runs" / "stage1_eval" / "metrics.jsonl").read_text()
                  .splitlines()]
     assert len(evaluated) == 1 and not (tmp_path / "runs" / "stage1_eval" / "ckpt").exists()
@@ -116,7 +116,7 @@ def test_evaluate_a_released_checkpoint(demo, tmp_path):
     data = msrvtt_layout(demo, tmp_path / "msrvtt")
     evaluate = commands[2].replace("/data/msrvtt", str(data)).replace("checkpoints/", f"{tmp_path}/checkpoints/")
     output = tmp_path / "output"
-    run(f"OUTPUT_PATH={output} {evaluate} {TINY_RUN} --fusion_layers 2 --rerank_top_k 3", base_env(demo), tmp_path)
+    run(f"OUTPUT_PATH={output} {evaluate} {TINY_RUN} --fusion_layers 2 --rerank_top_k 3", base_env(demo), ROOT)
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [row["scoring"] for row in rows] == ["meanP", "rerank"]
     assert all(row["task"] == "retrieval" and row["n_videos"] == 6 and row["n_texts"] == 6 for row in rows)

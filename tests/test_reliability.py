@@ -199,6 +199,7 @@ def test_stale_temporary_files_are_removed_at_start_up(small_demo, tiny_clip_che
 # 10 -----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_converter_exit_codes_and_reports(small_demo, tmp_path):
     def convert(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "frozen_tfrecord.py"), *args, "--workers", "0",
@@ -223,6 +224,7 @@ def test_converter_exit_codes_and_reports(small_demo, tmp_path):
 # 11 and the one-line errors -------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_smaller_input_checks(small_demo, tiny_clip_checkpoint, webvid_demo, tmp_path, capsys):
     out = tmp_path / "run"
     argv = replace_flag(stage1_argv(small_demo, tiny_clip_checkpoint, out), "data_path", str(tmp_path))
@@ -260,6 +262,7 @@ def test_metrics_are_rounded_and_a_lost_evaluation_is_redone(small_demo, tiny_cl
     assert "did not finish before the run stopped: evaluating now" in (out / "log.txt").read_text()
 
 
+@pytest.mark.integration
 def test_bad_input_prints_one_line_and_logs_the_traceback(small_demo, tiny_clip_checkpoint, tmp_path):
     out = tmp_path / "run"
     argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--resume_model=/nonexistent/restore.bin")
@@ -305,6 +308,7 @@ def test_run_json_records_every_invocation(small_demo, tiny_clip_checkpoint, tmp
     assert entries[1]["changed_flags"] == {"max_steps": {"before": 1, "now": 2}}
 
 
+@pytest.mark.integration
 def test_start_scripts_check_their_inputs_before_launching(tmp_path):
     for script in ("start_clip.sh", "start_fusion.sh"):
         env = {**os.environ, **CPU_ENV, "DATA_PATH": str(tmp_path / "nowhere"), "INIT_MODEL": "x",
@@ -325,11 +329,13 @@ def launch_command(nproc: int) -> list[str]:
     return result.stdout.split()
 
 
+@pytest.mark.integration
 def test_launchers_use_torchrun_only_for_more_than_one_process():
     assert launch_command(1) == ["py"]
     assert launch_command(2)[:3] == ["py", "-m", "torch.distributed.run"] and "--nproc_per_node=2" in launch_command(2)
 
 
+@pytest.mark.integration
 def test_one_process_launch_reports_the_scripts_own_error_and_exit_code(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "clip.pt").write_bytes(b"not a checkpoint")
@@ -344,6 +350,7 @@ def test_one_process_launch_reports_the_scripts_own_error_and_exit_code(tmp_path
 
 @pytest.mark.parametrize("script, dataset", [("start_retrieval.sh", "msvd"), ("start_caption.sh", "msvd"),
                                              ("start_qa.sh", "msrvtt")])
+@pytest.mark.integration
 def test_task_launchers_check_their_inputs_before_launching(tmp_path, script, dataset):
     clip = tmp_path / "clip.pt"
     clip.write_bytes(b"x")

@@ -111,6 +111,7 @@ ORIGINAL_RETRIEVAL = (
 )
 
 
+@pytest.mark.integration
 def test_original_retrieval_command_from_the_task_folder(small_demo_source, tiny_fusion_clip_checkpoint,
                                                          stage1_checkpoint, tmp_path):
     # The original ran from video_text_retrieval/, CLIP at ../CLIP-modules/ViT-B-16.pt; DATA_PATH holds MSR-VTT.

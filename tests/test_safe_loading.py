@@ -35,6 +35,7 @@ class CreatesAFile:
         return open, (str(self.path), "w")
 
 
+@pytest.mark.integration
 def test_a_crafted_captions_pickle_runs_nothing_through_the_msvd_entry_script(small_demo_source,
                                                                               tiny_fusion_clip_checkpoint, tmp_path):
     msvd = tmp_path / "MSVD"

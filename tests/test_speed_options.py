@@ -72,6 +72,7 @@ def test_grad_checkpointing_gives_identical_gradients(clip_path, stage):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler (apt-get install -y g++)")
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_and_keep_checkpoint_keys(clip_path):
     eager = build(clip_path, STAGE2)
     compiled = copy.deepcopy(eager)
@@ -89,6 +90,7 @@ def test_compiled_blocks_match_eager_and_keep_checkpoint_keys(clip_path):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler (apt-get install -y g++)")
+@pytest.mark.slow
 def test_compiled_blocks_serve_training_and_evaluation_without_falling_back_to_eager(clip_path):
     """Every block of every tower shares one compiled code object, so training and evaluation, full and last
     batches, masked and causal fusion all land on it: none of them may exceed dynamo's recompile limit (past it,

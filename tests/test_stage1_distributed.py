@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import main_task_clip
@@ -9,6 +10,8 @@ from engine.checkpointing import load_restore
 from tests import dist_stage1_helper
 from tests.stage1_helpers import stage1_argv
 from tests.torchrun import ROOT, run_torchrun
+
+pytestmark = pytest.mark.integration
 
 
 def test_two_processes_equal_one_process(tiny_clip_checkpoint, tmp_path):

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import main_task_clip
@@ -147,6 +148,7 @@ def test_evaluating_a_saved_checkpoint_reproduces_the_training_evaluation(small_
     assert not (evaluated / "ckpt").exists()
 
 
+@pytest.mark.integration
 def test_sigterm_saves_restore_and_the_rerun_resumes(small_demo, tiny_clip_checkpoint, tmp_path):
     out = tmp_path / "run"
     argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=200")

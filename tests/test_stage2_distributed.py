@@ -3,12 +3,15 @@ global batch, and draw the same hard negatives, never the positive, for unevenly
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from modules.checkpoint import write_random_clip_checkpoint
 from tests import dist_stage2_helper
 from tests.model_helpers import TINY_FUSION_CLIP
 from tests.torchrun import ROOT, run_torchrun
+
+pytestmark = pytest.mark.integration
 
 
 def assert_same_as_one_process(expected_losses: dict, expected_grads: dict, rank_files: list) -> None:

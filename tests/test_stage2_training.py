@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
 import torch
 
 import main_task_fusion
@@ -93,6 +94,7 @@ ORIGINAL_STAGE2 = (
 )
 
 
+@pytest.mark.integration
 def test_original_stage2_command(webvid_demo, tiny_fusion_clip_checkpoint, stage1_checkpoint, tmp_path):
     # The original's stage 2 read CLIP from ./CLIP-modules/ViT-B-16.pt and WebVid from ./WebVid_TFRecord
     work, data = original_layout(webvid_demo, tiny_fusion_clip_checkpoint, tmp_path)

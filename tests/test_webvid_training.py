@@ -5,7 +5,11 @@ from __future__ import annotations
 import collections
 import json
 
+import pytest
+
 from tests.torchrun import ROOT, run_torchrun
+
+pytestmark = pytest.mark.integration
 
 
 def test_two_processes_two_workers_see_every_clip_once_per_epoch(webvid_demo, tiny_clip_checkpoint, tmp_path):
