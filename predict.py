@@ -39,6 +39,8 @@ def _precision(device: torch.device) -> str:
 def _model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--init_model", required=required, help="the checkpoint (ours or the original's)")
     parser.add_argument("--visual_pretrain_path", help="CLIP .pt, only for a checkpoint without CLIP weights")
+    parser.add_argument("--clip_model", help="open_clip architecture of the backbone (default: what the checkpoint "
+                                             "records, else OpenAI's layout with QuickGELU)")
     parser.add_argument("--fusion_layers", type=int, help="fusion blocks executed (default: run.json, else 6)")
     parser.add_argument("--match_norm", choices=["group", "pair"], help="default: run.json, else group")
     parser.add_argument("--max_frames", type=int, help="frames per clip (default: run.json, else 12)")
@@ -52,7 +54,7 @@ def _load(args: argparse.Namespace, checkpoint: str | None = None) -> TrainedMod
     overrides = {name: getattr(args, name, None) for name in
                  ("fusion_layers", "match_norm", "max_frames", "feature_framerate", "slice_framepos", "max_words")}
     return load_trained_model(checkpoint or args.init_model, clip_path=args.visual_pretrain_path,
-                              overrides=overrides, device=_device(args.device))
+                              clip_model=args.clip_model, overrides=overrides, device=_device(args.device))
 
 
 def _clip(trained: TrainedModel, path: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@
 #   INIT_MODEL       stage-2 checkpoint (ours or the original's), or a captioning one; required with DATA_PATH
 #   OUTPUT_PATH      output folder (default ./output/caption_$DATASET, or ./output/demo_caption_<time>)
 #   CLIP_PATH        OpenAI ViT-B-16.pt (default ./CLIP-modules/ViT-B-16.pt)
+#   CLIP_MODEL       open_clip architecture of CLIP_PATH (e.g. ViT-B-16 for LAION-2B / DataComp weights);
+#                    default: OpenAI's layout, or what INIT_MODEL records (docs/training.md §0.1)
 #   NPROC_PER_NODE   processes (GPUs) per node (default: number of visible GPUs, 1 without GPUs)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (defaults 1, 0, 127.0.0.1, 29500)
 #   MAX_RESTARTS     restart the workers this many times when one dies (default 0); with it, and on several

@@ -110,7 +110,12 @@ def _add_original_flags(parser: argparse.ArgumentParser) -> None:
     add("--visual_pretrain_path", type=str, default=None,
         help="OpenAI CLIP checkpoint (ViT-B-16.pt). Default: the first of ./CLIP-modules/ViT-B-16.pt, "
              "../CLIP-modules/ViT-B-16.pt (the original's task scripts ran from their folder) and "
-             "<--cross_config_path>/ViT-B-16.pt that exists.")
+             "<--cross_config_path>/ViT-B-16.pt that exists. Also an open_clip state dict (.bin or "
+             ".safetensors) with --clip_model.")
+    add("--clip_model", type=str, default=None,
+        help="open_clip architecture of the CLIP weights (e.g. ViT-B-16 for LAION-2B or DataComp weights, "
+             "ViT-B-16-quickgelu for MetaCLIP, ViT-L-14): its activation and sizes come from open_clip's config. "
+             "Default: OpenAI's layout with QuickGELU, or what --init_model / the resumed run recorded.")
 
 
 def add_ignored_flag(group: argparse._ActionsContainer, *names: str, hint: str, **options: Any) -> None:

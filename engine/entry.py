@@ -24,12 +24,13 @@ from engine.args import (
     report_ignored_flags,
     resolve_clip_path,
 )
-from engine.checkpointing import CheckpointWriteError
+from engine.checkpointing import RESTORE_NAME, CheckpointWriteError
 from engine.precision import resolve_precision
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.tasks.registry import RunContext, TaskDefinition, task_definition
 from engine.trainer import NonFiniteLossError, Outcome, Trainer, TrainSettings
+from modules.checkpoint import read_model_settings
 from modules.clip import compile_blocks, set_grad_checkpointing
 from modules.errors import InputError
 from modules.model import T2VLP, T2VLPConfig
@@ -64,7 +65,7 @@ def train_settings(args: argparse.Namespace, world_size: int, precision: str) ->
 # Flags of every stage and task that shape the model or the data: restore.bin fixes them (engine.checkpointing).
 RUN_CONFIG_FLAGS = (
     "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num", "slice_framepos",
-    "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers",
+    "train_frame_order", "feature_framerate", "expand_msrvtt_sentences", "fusion_layers", "clip_model",
 )
 FUSION_RUN_CONFIG_FLAGS = ("head_dropout", "match_norm", "train_encoders")
 
@@ -91,7 +92,9 @@ def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
         )
     config = replace(config, **config_overrides)
     model = T2VLP.from_pretrained(resolve_clip_path(args), init_model=args.init_model, config=config,
-                                  trust_checkpoint=args.trust_checkpoint)
+                                  trust_checkpoint=args.trust_checkpoint, clip_model=args.clip_model,
+                                  recorded=resumed_model_settings(args))
+    args.clip_model = model.clip_config.clip_model  # as resolved (the flag, --init_model or restore.bin): run_config
     fusion_extra_tokens = (1 + args.max_frames + model.config.num_centers + definition.extra_fusion_positions
                            if config.with_fusion else None)
     check_model_limits(args, context_length=model.clip_config.context_length,
@@ -101,6 +104,13 @@ def build_model(args: argparse.Namespace, **config_overrides: object) -> T2VLP:
     if args.compile:
         logger.info("torch.compile on %d transformer blocks", compile_blocks(model))
     return model
+
+
+def resumed_model_settings(args: argparse.Namespace) -> dict | None:
+    """The model settings the restore.bin this run will resume from records (None when it does not resume or
+    the file records none), so that a resumed run rebuilds its network without flags."""
+    restore = args.resume_model or (Path(args.output_dir) / RESTORE_NAME if args.do_train else None)
+    return (read_model_settings(restore) or None) if restore and Path(restore).is_file() else None
 
 
 def run_task(definition: TaskDefinition, context: RunContext) -> int:

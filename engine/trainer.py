@@ -206,7 +206,13 @@ class Trainer:
             "world_size": self.dist.world_size,
             "settings": asdict(self.settings),
             "run_config": self.run_config,
+            "model_settings": self._model_settings(),
         }
+
+    def _model_settings(self) -> dict[str, Any]:
+        """What the model's checkpoints record of it (the backbone), for a model that says (T2VLP does)."""
+        settings = getattr(self.model, "model_settings", None)
+        return settings() if callable(settings) else {}
 
     def resume_if_possible(self, path: str | None = None, trust: bool = False) -> bool:
         """Resume from `path` (an explicit --resume_model: it must exist), else from `<output_dir>/restore.bin` when
@@ -276,7 +282,8 @@ class Trainer:
 
     def _write_state(self, state: dict[str, Any], with_checkpoint: bool) -> None:
         if with_checkpoint:
-            path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"])
+            path = save_model_checkpoint(self.output_dir, self.progress.global_step, state["model_state_dict"],
+                                         extra={"model_settings": state["model_settings"]})
             logger.info("saved %s", path)
             if self.settings.keep_checkpoints:
                 prune_model_checkpoints(self.output_dir, self.settings.keep_checkpoints)

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
+from modules.backbones import resolve_backbone
 from modules.checkpoint import (
     CheckpointError,
     init_state_from_clip,
     load_state_dict_checked,
     read_clip_state_dict,
-    read_model_state_dict,
+    read_model_checkpoint,
 )
 from modules.clip import CLIPConfig
 from modules.errors import InputError
@@ -67,13 +68,13 @@ def run_settings(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_trained_model(
-    checkpoint: str | Path, *, clip_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-    device: torch.device | None = None,
+    checkpoint: str | Path, *, clip_path: str | Path | None = None, clip_model: str | None = None,
+    overrides: dict[str, Any] | None = None, device: torch.device | None = None,
 ) -> TrainedModel:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist")
-    state = read_model_state_dict(checkpoint)
+    state, model_settings = read_model_checkpoint(checkpoint)
     recorded = run_settings(checkpoint)
     settings = {**DEFAULT_SETTINGS, **{k: v for k, v in recorded.items() if k in DEFAULT_SETTINGS},
                 **{k: v for k, v in (overrides or {}).items() if v is not None}}
@@ -84,9 +85,10 @@ def load_trained_model(
     else:
         raise InputError(f"{checkpoint} has no CLIP weights (clip.visual.*): give --visual_pretrain_path")
     try:
-        clip_config = CLIPConfig.from_state_dict(clip_state)
+        weights = CLIPConfig.from_state_dict(clip_state)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{checkpoint}: not a T2VLP checkpoint ({error})") from error
+    clip_config = resolve_backbone(weights, clip_model, model_settings, checkpoint, checkpoint)
     config = T2VLPConfig(
         num_centers=state["clip.fusion_center"].shape[2] if "clip.fusion_center" in state else 8,
         split_layer=settings["split_layer"], tube_layers=_count_tube_layers(state),

@@ -26,10 +26,13 @@ class CheckpointError(InputError, RuntimeError):
 
 
 def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """OpenAI CLIP weights from a TorchScript archive (e.g. `ViT-B-16.pt`) or a plain state dict file."""
+    """CLIP weights in OpenAI's key layout: a TorchScript archive (e.g. `ViT-B-16.pt`), a plain state dict file
+    (e.g. open_clip's `open_clip_pytorch_model.bin`) or a `.safetensors` file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"CLIP checkpoint not found: {path} (fetch ViT-B/16 with CLIP-modules/fetch_clip.py)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():
             # "torch.jit.load is deprecated" (a Future- or DeprecationWarning by version): OpenAI ships TorchScript
@@ -42,10 +45,17 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_model_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
-    """A T2VLP checkpoint (original or ours): a state dict, or `{"model_state_dict": ...}` around one; a
-    `restore.bin` of this project gives its model weights. Files are loaded with `weights_only=True` (tensors and
-    plain containers: nothing in them can run code); a restore.bin of an earlier version of this project, which
-    needs an unrestricted load, is read only with `trust` (--trust_checkpoint)."""
+    """The weights of a T2VLP checkpoint (see `read_model_checkpoint`)."""
+    return read_model_checkpoint(path, trust)[0]
+
+
+def read_model_checkpoint(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, recorded model settings) of a T2VLP checkpoint (original or ours): a state dict, or
+    `{"model_state_dict": ..., "model_settings": ...}` around one (the original's loader reads only
+    `model_state_dict`); a `restore.bin` of this project gives its model weights. Files are loaded with
+    `weights_only=True` (tensors and plain containers: nothing in them can run code); a restore.bin of an earlier
+    version of this project, which needs an unrestricted load, is read only with `trust` (--trust_checkpoint).
+    The settings are {} for a checkpoint that records none (the original's)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
@@ -62,7 +72,32 @@ def read_model_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[
         state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, Mapping) and "optim_state_dict" in state:
         logger.info("%s is a restore.bin: taking its model weights only (to resume a run, use --resume_model)", path)
-    return _unwrap_state_dict(state, path)
+    return _unwrap_state_dict(state, path), _recorded_settings(state)
+
+
+def read_model_settings(path: str | os.PathLike) -> dict:
+    """The model settings a checkpoint of this project records ({} for any other file), read without loading its
+    tensors (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a file of ours in the current format: it records nothing
+        return {}
+    return _recorded_settings(state)
+
+
+def _recorded_settings(state: object) -> dict:
+    settings = state.get("model_settings") if isinstance(state, Mapping) else None
+    return dict(settings) if isinstance(settings, Mapping) else {}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({error})") from error
 
 
 # Keys a model may lack in its --init_model because the stage that produces them is the one being started:

@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """Sizes of a CLIP model; `from_state_dict` infers them from a checkpoint."""
+    """Sizes of a CLIP model (`from_state_dict` infers them from a checkpoint) and its activation: QuickGELU as
+    OpenAI's, or GELU as most open_clip architectures (`clip_model`: the open_clip name, modules/backbones.py)."""
 
     embed_dim: int = 512
     image_resolution: int = 224
@@ -30,6 +31,8 @@ class CLIPConfig:
     vocab_size: int = 49408
     transformer_width: int = 512
     transformer_layers: int = 12
+    quick_gelu: bool = True
+    clip_model: str | None = None
 
     @property
     def vision_heads(self) -> int:
@@ -121,14 +124,14 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))` with QuickGELU.
+    """Pre-LN block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))` with QuickGELU (or exact GELU).
 
     With `checkpointed` (see `set_grad_checkpointing`) its activations are recomputed in the backward pass instead
     of kept, whenever it runs with gradients."""
 
     checkpointed: bool = False
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True) -> None:
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
@@ -136,7 +139,7 @@ class ResidualAttentionBlock(nn.Module):
             OrderedDict(
                 [
                     ("c_fc", nn.Linear(width, width * 4)),
-                    ("gelu", QuickGELU()),
+                    ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
                     ("c_proj", nn.Linear(width * 4, width)),
                 ]
             )
@@ -187,11 +190,11 @@ def compile_blocks(model: nn.Module, **compile_options: object) -> int:
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int) -> None:
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -205,7 +208,8 @@ class VisionTransformer(nn.Module):
     """OpenAI's ViT. `forward_frames` adds joint attention across the frames of a clip from `split_layer` on."""
 
     def __init__(
-        self, resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int
+        self, resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+        quick_gelu: bool = True,
     ):
         super().__init__()
         if resolution % patch_size:
@@ -220,7 +224,7 @@ class VisionTransformer(nn.Module):
             scale * torch.randn((resolution // patch_size) ** 2 + 1, width)
         )
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -268,7 +272,7 @@ def build_text_parts(config: CLIPConfig) -> dict[str, nn.Module | nn.Parameter]:
     """The modules and parameters OpenAI keeps at the top level of CLIP for the text tower."""
     width = config.transformer_width
     return {
-        "transformer": Transformer(width, config.transformer_layers, config.transformer_heads),
+        "transformer": Transformer(width, config.transformer_layers, config.transformer_heads, config.quick_gelu),
         "token_embedding": nn.Embedding(config.vocab_size, width),
         "positional_embedding": nn.Parameter(torch.empty(config.context_length, width)),
         "ln_final": LayerNorm(width),
@@ -316,6 +320,7 @@ class CLIP(nn.Module):
             config.vision_layers,
             config.vision_heads,
             config.embed_dim,
+            config.quick_gelu,
         )
         for name, part in build_text_parts(config).items():
             setattr(self, name, part)

@@ -37,7 +37,7 @@ def build_fusion_parts(clip: CLIPConfig) -> dict[str, nn.Module | nn.Parameter]:
     """The stage-2 modules and parameters kept under `clip.` (docs/method.md §10.1), with the original's init."""
     width, dim = clip.transformer_width, clip.embed_dim
     return {
-        "fusion_transformer": Transformer(width, clip.transformer_layers, clip.transformer_heads),
+        "fusion_transformer": Transformer(width, clip.transformer_layers, clip.transformer_heads, clip.quick_gelu),
         "fusion_positional_embedding": nn.Parameter(torch.empty(clip.context_length, width).normal_(std=0.01)),
         "fusion_proj_embedding": nn.Parameter(torch.randn(dim, dim) * dim**-0.5),
         "fusion_logit_bias": nn.Parameter(torch.zeros(clip.vocab_size)),

@@ -13,12 +13,13 @@ from torch import nn
 
 from modules.alignment import local_alignment_loss, text_side_centers
 from modules.answer_head import AnswerClassifier
+from modules.backbones import backbone_settings, describe, resolve_backbone
 from modules.checkpoint import (
     check_init_coverage,
     init_state_from_clip,
     load_state_dict_checked,
     read_clip_state_dict,
-    read_model_state_dict,
+    read_model_checkpoint,
 )
 from modules.clip import CLIPConfig, VisionTransformer, build_text_parts, encode_text_tokens, init_text_parts
 from modules.errors import ModelConfigError
@@ -109,6 +110,7 @@ class ClipWithTubes(nn.Module):
             layers,
             clip.vision_heads,
             clip.embed_dim,
+            clip.quick_gelu,
         )
 
     @property
@@ -147,13 +149,20 @@ class T2VLP(nn.Module):
         init_model: str | os.PathLike | None = None,
         config: T2VLPConfig | None = None,
         trust_checkpoint: bool = False,
+        clip_model: str | None = None,
+        recorded: dict | None = None,
     ) -> T2VLP:
         """Sizes from the CLIP checkpoint, CLIP initialisation (docs/method.md §10.3), then `init_model` on top
-        (`trust_checkpoint`: see `read_model_state_dict`)."""
+        (`trust_checkpoint`: see `read_model_checkpoint`). The backbone (modules/backbones.py) is `clip_model`
+        (open_clip's architecture name), else the one `recorded` (a resumed run's) or `init_model` records, else
+        OpenAI's layout with QuickGELU."""
         clip_state = read_clip_state_dict(clip_path)
-        clip_config = CLIPConfig.from_state_dict(clip_state)
+        init_state, init_settings = (read_model_checkpoint(init_model, trust=trust_checkpoint) if init_model
+                                     else (None, {}))
+        recorded_in = "the run being resumed" if recorded is not None else init_model
+        clip_config = resolve_backbone(CLIPConfig.from_state_dict(clip_state), clip_model,
+                                       recorded if recorded is not None else init_settings, clip_path, recorded_in)
         model = cls(clip_config, config)
-        init_state = read_model_state_dict(init_model, trust=trust_checkpoint) if init_model else None
         if init_state is not None:
             check_init_coverage(model, init_state, init_model)
         state = init_state_from_clip(
@@ -163,13 +172,18 @@ class T2VLP(nn.Module):
         load_state_dict_checked(model, state)
         model.init_keys = frozenset(init_state or ())
         logger.info(
-            "built T2VLP from %s%s: %s, %s",
+            "built T2VLP from %s%s on %s: %s, %s",
             clip_path,
             f" + {init_model}" if init_model else "",
+            describe(clip_config),
             clip_config,
             model.config,
         )
         return model
+
+    def model_settings(self) -> dict:
+        """What this model's checkpoints record of it, so that a later stage rebuilds the same network."""
+        return backbone_settings(self.clip_config)
 
     @property
     def image_resolution(self) -> int:

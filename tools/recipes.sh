@@ -7,10 +7,11 @@
 # with one line) and, for a demo, prepare the demo data and the checkpoint it starts from.
 
 # What the original scripts always passed: meanP similarity without a cross encoder, 2-D patches, and where the
-# cross config lives; then the CLIP file.
+# cross config lives; then the CLIP file, and its open_clip architecture when CLIP_MODEL names one.
 clip_options() {  # clip_options CLIP_FILE
   echo_flags --loose_type --linear_patch 2d --sim_header meanP --visual_pretrain_path "$1" \
     --cross_config_path ./CLIP-modules
+  if [[ -n "${CLIP_MODEL:-}" ]]; then echo_flags --clip_model "$CLIP_MODEL"; fi
 }
 # The original recipes' common settings: 12 frames cut uniformly, backbone at lr x 1e-3, only the stem frozen.
 ORIGINAL_FRAMES=(--max_frames 12 --batch_size_val 32 --coef_lr 1e-3 --freeze_layer_num 0 --slice_framepos 2)
