@@ -3,6 +3,7 @@
     python bench/train_step.py                                  # GPU, ViT-B/16 sizes, B = 32, 12 frames
     python bench/train_step.py --batch 32 64 --configs bf16 bf16+compile bf16+compile+ckpt
     python bench/train_step.py --tiny                           # CPU smoke run in seconds (tiny model)
+    python bench/train_step.py --clip_model ViT-L-14 --batch 16   # another open_clip backbone's sizes
 
 A step is what the trainer does: forward of the stage's objective under autocast (or fp32), backward, gradient
 clipping, AdamW step. Configurations: `fp32`, `bf16` (autocast over fp32 weights), `+compile` (`--compile`:
@@ -19,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,12 +34,21 @@ from engine.precision import autocast_context  # noqa: E402
 from engine.tasks.base import StepContext  # noqa: E402
 from engine.tasks.clip_pretraining import contrastive_objective  # noqa: E402
 from engine.tasks.fusion_pretraining import FusionLossWeights, fusion_pretraining_objective  # noqa: E402
+from modules.backbones import backbone_config, describe  # noqa: E402
 from modules.clip import CLIPConfig, compile_blocks, set_grad_checkpointing  # noqa: E402
+from modules.errors import ModelConfigError  # noqa: E402
 from modules.model import T2VLP, T2VLPConfig  # noqa: E402
 
 TINY = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
                   context_length=77, vocab_size=49408, transformer_width=32, transformer_layers=2)
 CONTEXT = StepContext(seed=0, step=0, micro=0, epoch=0)
+
+
+def backbone(clip_model: str | None, tiny: bool) -> CLIPConfig:
+    """The sizes and activation measured: ViT-B/16 in OpenAI's layout by default (CLIPConfig's defaults), an
+    open_clip architecture by name; with `tiny` the tiny sizes with that architecture's activation."""
+    named = backbone_config(clip_model) if clip_model else CLIPConfig()
+    return replace(TINY, quick_gelu=named.quick_gelu, clip_model=named.clip_model) if tiny else named
 
 
 def bench_model(clip: CLIPConfig, stage: str, config_name: str, device: torch.device) -> T2VLP:
@@ -155,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed repeats, the median reported (default 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3, covers compilation; --tiny: 1)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
+    parser.add_argument("--clip_model", help="open_clip architecture whose sizes and activation to measure, e.g. "
+                                             "ViT-L-14 (default: ViT-B/16 in OpenAI's layout; with --tiny: the tiny "
+                                             "sizes with that activation)")
     parser.add_argument("--largest_batch", nargs="+", default=[], metavar="CONFIG",
                         help="after the table, find the largest batch one training step of these configurations "
                              "fits in (e.g. bf16+ckpt): from the batch memory at 8 and 16 predicts (GPU) or by "
@@ -165,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 8: each try near the edge is a full step of a large batch)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    clip = TINY if args.tiny else CLIPConfig()  # the defaults are ViT-B/16's sizes
+    try:
+        clip = backbone(args.clip_model, args.tiny)
+    except ModelConfigError as error:
+        parser.error(str(error))
     resolve_counts(parser, args, {"batch": ([2], [32], 2), "frames": (3, 12, 1), "words": (32, 32, 3),
                                   "steps": (1, 5, 1), "repeats": (3, 3, 1), "warmup": (1, 3, 0)})
     configs = args.configs or (["fp32", "bf16", "fp32+ckpt"] if args.tiny else
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}; dense matmul peak measured: {peak / 1e12:.3g} TFLOP/s "
           f"({'bf16' if device.type == 'cuda' else 'fp32'}); {frames} frames x {clip.image_resolution}px, "
-          f"{args.words} words")
+          f"{args.words} words; {describe(clip)}")
     print(f"{'stage':7} {'config':20} {'B':>4} {'clips/s':>9} {'ratio':>6} {'TFLOP/clip':>10} {'of peak':>8} "
           f"{'peak GiB':>9}")
     for stage in args.stages:

@@ -142,7 +142,7 @@ def test_clip_path_found_like_the_original(tmp_path, monkeypatch):
 
 SHARED_RUN_CONFIG = ["task", "max_words", "max_frames", "num_centers", "split_layer", "tube_layers", "freeze_layer_num",
                      "slice_framepos", "train_frame_order", "feature_framerate", "expand_msrvtt_sentences",
-                     "fusion_layers"]
+                     "fusion_layers", "clip_model"]
 FUSION_RUN_CONFIG = ["head_dropout", "match_norm", "train_encoders"]
 
 

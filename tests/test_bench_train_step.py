@@ -118,3 +118,10 @@ def test_bad_settings_are_one_line_errors_before_measuring(script, argv, message
     lines = captured.err.strip().splitlines()  # argparse: the usage, then one error line
     assert lines[0].startswith("usage: ") and f": error: {message.format(tmp=tmp_path)}" in lines[-1]
     assert not any("Traceback" in line for line in lines)
+
+
+def test_tiny_run_measures_a_named_open_clip_backbone(capsys):
+    assert train_step.main(["--tiny", "--repeats", "1", "--stages", "stage1", "--configs", "fp32",
+                            "--clip_model", "ViT-L-14"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("open_clip's ViT-L-14 (GELU)") and lines[2].split()[:3] == ["stage1", "fp32", "2"]
