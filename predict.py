@@ -89,6 +89,7 @@ def run_query(args: argparse.Namespace) -> int:
     index = VideoIndex.load(args.index)
     settings = index.meta["settings"]
     checkpoint = check_index_checkpoint(args.index, settings, args.init_model, args.allow_other_model)
+    use_index_settings(args, settings)
     trained = _load(args, checkpoint)
     if args.rerank:
         trained.require_fusion("--rerank")
@@ -105,6 +106,22 @@ def run_query(args: argparse.Namespace) -> int:
         for rank, hit in enumerate(hits, start=1):
             print(f"{rank:3d}  {hit.score:9.4f}  {hit.path}")
     return 0
+
+
+# What an index records of the settings its videos were encoded with, which its queries must share.
+INDEX_SETTINGS = ("fusion_layers", "match_norm", "max_frames", "feature_framerate", "slice_framepos", "max_words")
+
+
+def use_index_settings(args: argparse.Namespace, settings: dict) -> None:
+    """Query with the settings the index was built with; a flag that contradicts one is refused."""
+    for name in INDEX_SETTINGS:
+        if name not in settings:  # an index of an earlier version: the flag or the checkpoint decides
+            continue
+        given = getattr(args, name, None)
+        if given is not None and given != settings[name]:
+            raise InputError(f"--{name} {given} contradicts the index {args.index}, built with {name} "
+                             f"{settings[name]}: omit the flag (the index's settings apply) or rebuild the index")
+        setattr(args, name, settings[name])
 
 
 def check_index_checkpoint(index: str, settings: dict, init_model: str | None, allow_other: bool) -> str:
@@ -136,6 +153,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     trained = _load(args)
     trained.require_fusion("caption")
+    trained.warn_unless_fine_tuned("caption", "captioning")
     device, tokenizer = _device(args.device), ClipTokenizer()
     for path in args.videos:
         video, video_mask = _clip(trained, path, device)
@@ -156,10 +174,13 @@ def run_answer(args: argparse.Namespace) -> int:
 
     trained = _load(args)
     trained.require_fusion("answer")
+    trained.warn_unless_fine_tuned("qa", "question answering")
     model, device, tokenizer = trained.model, _device(args.device), ClipTokenizer()
     head = "classifier" if model.config.num_answers else "first_token"
     labels = None
-    if head == "classifier":
+    if head == "classifier" and trained.answers is not None and not args.ans2label:
+        labels = dict(enumerate(trained.answers))  # recorded in the checkpoint
+    elif head == "classifier":
         path = args.ans2label or _recorded_ans2label(trained)
         if path is None:
             raise InputError(f"{trained.checkpoint} has an answer classifier: give its --ans2label "

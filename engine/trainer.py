@@ -210,9 +210,11 @@ class Trainer:
         }
 
     def _model_settings(self) -> dict[str, Any]:
-        """What the model's checkpoints record of it (the backbone), for a model that says (T2VLP does)."""
+        """What a checkpoint records of the settings that shape the model's results: the run configuration
+        (task, text length, frames, frame rate, fusion blocks, match normalisation, ...) and what the model says
+        of itself (T2VLP: the backbone, the answer vocabulary), so that the file alone gives the same results."""
         settings = getattr(self.model, "model_settings", None)
-        return settings() if callable(settings) else {}
+        return {**self.run_config, **(settings() if callable(settings) else {})}
 
     def resume_if_possible(self, path: str | None = None, trust: bool = False) -> bool:
         """Resume from `path` (an explicit --resume_model: it must exist), else from `<output_dir>/restore.bin` when

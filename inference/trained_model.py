@@ -1,10 +1,12 @@
 """A trained model from its checkpoint alone, for using it (predict.py) rather than training it.
 
 Sizes come from the checkpoint (`clip.*` keys: CLIP sizes, tube depth, centers; fusion keys; the answer
-classifier). The settings a model must be run with but that a state dict cannot hold (fusion blocks executed,
-match-head normalisation, frame sampling, text length) come, in this order, from explicit arguments, from the
-`run.json` of the run that wrote the checkpoint (`<run>/ckpt/pytorch_model.bin.N` -> `<run>/run.json`), and from
-the original recipe's defaults. `--visual_pretrain_path` is only needed for a checkpoint without the CLIP keys.
+classifier). The settings a model must be run with but that a state dict cannot hold (backbone, fusion blocks
+executed, match-head normalisation, frame sampling, text length, answers) come, in this order, from explicit
+arguments, from what the checkpoint records (`model_settings`, written by this project), from the `run.json` of
+the run that wrote it (`<run>/ckpt/pytorch_model.bin.N` -> `<run>/run.json`), and from the original recipe's
+defaults, which are then named in one line. `--visual_pretrain_path` is only needed for a checkpoint without the
+CLIP keys.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class TrainedModel:
     model: T2VLP
     checkpoint: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None  # the task that wrote the checkpoint, when it says
+    answers: list[str] | None = None  # the answer classifier's answers in label order, when the checkpoint has them
 
     @property
     def has_fusion(self) -> bool:
@@ -54,6 +58,14 @@ class TrainedModel:
         if not self.has_fusion:
             raise InputError(f"{self.checkpoint} has no fusion encoder (a stage-1 checkpoint?): {what} needs a "
                              f"stage-2 or downstream checkpoint")
+
+    def warn_unless_fine_tuned(self, task: str, what: str) -> None:
+        """One line when the checkpoint records that another task wrote it (e.g. stage-2 pre-training used to
+        caption): its output does not come from a head trained for `what`."""
+        if self.task is not None and self.task != task:
+            logger.warning("%s was written by the '%s' %s, not fine-tuned for %s: its output does not come from a "
+                           "fine-tuned model", self.checkpoint, self.task,
+                           "pre-training" if self.task in ("clip", "fusion") else "task", what)
 
 
 def run_settings(checkpoint: Path) -> dict[str, Any]:
@@ -75,9 +87,9 @@ def load_trained_model(
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist")
     state, model_settings = read_model_checkpoint(checkpoint)
-    recorded = run_settings(checkpoint)
-    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in recorded.items() if k in DEFAULT_SETTINGS},
-                **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    recorded = {**run_settings(checkpoint), **model_settings}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in recorded.items() if k in DEFAULT_SETTINGS}, **given}
     if "clip.visual.conv1.weight" in state:
         clip_state = {key[len("clip."):]: value for key, value in state.items() if key.startswith("clip.")}
     elif clip_path is not None:
@@ -96,10 +108,16 @@ def load_trained_model(
         match_norm=settings["match_norm"],
         num_answers=state[ANSWER_KEY].shape[0] if ANSWER_KEY in state else 0,
     )
+    relevant = [k for k in DEFAULT_SETTINGS if config.with_fusion or k not in ("fusion_layers", "match_norm")]
+    assumed = [k for k in relevant if k not in recorded and k not in given]
+    assumption = (f"{checkpoint} records no {', '.join(assumed)} (no run.json beside it either: a checkpoint of "
+                  f"the original code?); assumed the original recipe's: "
+                  f"{', '.join(f'{k} {settings[k]}' for k in assumed)}") if assumed else ""
     try:
         model = T2VLP(clip_config, config)
     except ValueError as error:  # settings that do not fit the checkpoint's sizes, e.g. --fusion_layers
-        raise InputError(f"{checkpoint}: {error}") from error
+        raise InputError(f"{checkpoint}: {error}" + (f" ({assumption}; give the flags it was trained with)"
+                                                     if assumption else "")) from error
     full_state = init_state_from_clip(clip_state, state, clip_config.vision_layers, config.tube_layers,
                                       with_fusion=config.with_fusion)
     missing, _ = load_state_dict_checked(model, full_state)
@@ -110,7 +128,11 @@ def load_trained_model(
     model.eval().to(device or torch.device("cpu"))
     logger.info("loaded %s (%s; settings %s%s)", checkpoint, "with fusion encoder" if config.with_fusion else
                 "stage 1", settings, f", answers {config.num_answers}" if config.num_answers else "")
-    return TrainedModel(model, checkpoint, settings)
+    if assumption:
+        logger.warning(assumption)
+    answers = model_settings.get("answers")
+    return TrainedModel(model, checkpoint, settings, task=recorded.get("task"),
+                        answers=list(answers) if isinstance(answers, list) else None)
 
 
 def _count_tube_layers(state: dict[str, torch.Tensor]) -> int:

@@ -204,7 +204,7 @@ def _update_index(trained: TrainedModel, video_dir: Path, out: Path, *, batch_si
     known = previous.meta["settings"].get("checkpoint_identity") if previous is not None else None
     identity = checkpoint_identity(trained.checkpoint, known)
     settings = {"checkpoint": str(trained.checkpoint.resolve()), **sampling_settings(trained),
-                "fusion_layers": trained.settings["fusion_layers"], "match_norm": trained.settings["match_norm"],
+                **{name: trained.settings[name] for name in ("fusion_layers", "match_norm", "max_words")},
                 "checkpoint_identity": identity}
     old_meta, old_arrays = None, {}
     if previous is not None:

@@ -133,6 +133,7 @@ class T2VLP(nn.Module):
             self.answer_head = AnswerClassifier(self.config.num_answers, clip_config.embed_dim)
         self._bert_style_init()
         self.init_keys: frozenset[str] = frozenset()  # the keys `from_pretrained` read from `init_model`
+        self.answers: list[str] | None = None  # the classifier's answers in label order, when it has one
 
     def _bert_style_init(self) -> None:
         """docs/method.md §10.3 step 4: Linear and Embedding weights N(0, 0.02), zero biases (before loading)."""
@@ -182,8 +183,9 @@ class T2VLP(nn.Module):
         return model
 
     def model_settings(self) -> dict:
-        """What this model's checkpoints record of it, so that a later stage rebuilds the same network."""
-        return backbone_settings(self.clip_config)
+        """What this model's checkpoints record of it (the backbone; the classifier's answers), so that a later
+        stage or predict.py rebuilds the same network and reads its outputs the same way."""
+        return {**backbone_settings(self.clip_config), **({"answers": list(self.answers)} if self.answers else {})}
 
     @property
     def image_resolution(self) -> int:

@@ -227,6 +227,8 @@ def model_options(context: RunContext) -> dict[str, Any]:
 def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
     args, dataset = context.args, context.dataset
     ans2label = answer_vocabulary(context)
+    if args.qa_head == "classifier":
+        model.answers = sorted(ans2label, key=ans2label.get)  # recorded in the checkpoints
     if args.qa_head == "classifier" and ANSWER_HEAD_KEY not in model.init_keys:
         tokenizer = ClipTokenizer()
         answers = sorted(ans2label, key=ans2label.get)
