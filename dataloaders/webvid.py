@@ -362,7 +362,8 @@ class WebVidDataset(Dataset):
         index = WebVidIndex(index_path)
         self._shards, self._offsets = index.locate_many(video_ids)
         self.shard_paths = index.shard_paths
-        missing = int((self._shards < 0).sum())
+        missing = self.n_missing = int((self._shards < 0).sum())
+        self.index_path = index.index_path
         if missing:
             logger.warning("%d of %d labels in %s have no record in %s; those samples are skipped",
                            missing, len(video_ids), labels_json, index.index_path)

@@ -209,6 +209,9 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--no_verify_crc", dest="verify_crc", action="store_false",
         help="Do not check the CRCs of WebVid TFRecords when training reads them (checked by default: a damaged "
              "record is skipped and counted like an undecodable video).")
+    add("--max_missing_fraction", type=float, default=0.5,
+        help="Refuse to train when more than this share of the WebVid labels has no record in the index "
+             "(default 0.5; labels without a record are skipped and counted). None at all is always refused.")
 
 
 def _add_fusion_flags(parser: argparse.ArgumentParser, head_dropout: float) -> None:
@@ -278,6 +281,7 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
         (args.lr > 0, "--lr must be > 0"),
         (args.coef_lr >= 0 and args.new_params_lr >= 0, "--coef_lr and --new_params_lr must be >= 0"),
         (0 <= args.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
+        (0 <= args.max_missing_fraction <= 1, "--max_missing_fraction must be in [0, 1]"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
         (args.batch_size >= 1 and args.batch_size_val >= 1, "--batch_size and --batch_size_val must be >= 1"),
         (args.max_words >= 2, "--max_words must be >= 2 (SOT and EOT)"),

@@ -49,6 +49,7 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
             verify_crc=args.verify_crc,
         ), "--data_path / --dir_path")
         _check_stored_frames(dataset, args.max_frames)
+        _check_labels_have_records(dataset, args)
     else:
         logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)
         dataset = build_checked(lambda: MSRVTTTrainDataset(
@@ -69,6 +70,18 @@ def build_checked(build, flags: str):
         return build()
     except FileNotFoundError as error:
         raise InputError(f"{flags}: {error.strerror or 'not found'}: {error.filename or error}") from error
+
+
+def _check_labels_have_records(dataset: WebVidDataset, args: argparse.Namespace) -> None:
+    """Labels of one store with the index of another train on nothing: refuse before training starts."""
+    total, missing = len(dataset), dataset.n_missing
+    if total and missing == total:
+        raise InputError(f"none of the {total} labels in --data_path {args.data_path} has a record in "
+                         f"{dataset.index_path}: do --data_path and --dir_path name the same store?")
+    if missing > args.max_missing_fraction * total:
+        raise InputError(f"{missing} of {total} labels in --data_path {args.data_path} have no record in "
+                         f"{dataset.index_path}, more than --max_missing_fraction {args.max_missing_fraction}: "
+                         f"is the store complete? (raise the flag to train on what is there)")
 
 
 def _check_stored_frames(dataset: WebVidDataset, max_frames: int) -> None:

@@ -122,12 +122,13 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
         logger.warning("--datatype %s is ignored: this script runs on %s", args.datatype, context.dataset)
     model = build_model(args, **(definition.model_options(context) if definition.model_options else {}))
     prepared = definition.prepare(context, model)
+    train_dataset = prepared.train_dataset() if args.do_train else None  # a bad training set stops the run here
     evaluate_before_training(args, dist_info, prepared.task, model)
     if not args.do_train:
         evaluate_once(dist_info, prepared.task, model)
         return EXIT_OK
     trainer = Trainer(
-        model, prepared.train_dataset(), train_settings(args, dist_info.world_size, context.precision), context.run,
+        model, train_dataset, train_settings(args, dist_info.world_size, context.precision), context.run,
         dist_info, args.output_dir, prepared.task, freeze_layer_num=args.freeze_layer_num,
         run_config=run_config(args),
     )

@@ -1,0 +1,45 @@
+"""A run that would train on nothing stops with one line instead of "finishing": labels whose clips are not in the
+store's index."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import main_task_clip
+from tests.stage1_helpers import stage1_argv
+
+
+def relabelled(labels_path, out, rename) -> str:
+    labels = json.loads(labels_path.read_text(encoding="utf-8"))
+    out.write_text(json.dumps([{**label, "video_id": rename(i, label["video_id"])} for i, label in enumerate(labels)]),
+                   encoding="utf-8")
+    return str(out)
+
+
+def webvid_argv(demo, clip, output_dir, labels, *extra) -> list[str]:
+    return stage1_argv(demo, clip, output_dir, f"--data_path={labels}", f"--dir_path={demo['tfrecord_dir']}",
+                       "--epochs=1", "--max_steps=1", "--val_csv=", *extra)
+
+
+def test_labels_of_another_store_stop_the_run_before_training(webvid_demo, tiny_clip_checkpoint, tmp_path, capsys):
+    labels = relabelled(webvid_demo["labels"], tmp_path / "other_labels.json", lambda i, video_id: f"other{i}")
+    output = tmp_path / "run"
+    assert main_task_clip.main(webvid_argv(webvid_demo, tiny_clip_checkpoint, output, labels)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"none of the 64 labels in --data_path {labels} has a record in" in lines[0]
+    assert str(webvid_demo["tfrecord_dir"] / "path.index") in lines[0]
+    assert not (output / "ckpt").exists() and not (output / "restore.bin").exists()
+    assert json.loads((output / "run.json").read_text())[-1]["outcome"].startswith("bad input")
+
+
+def test_too_many_missing_records_stop_the_run_unless_allowed(webvid_demo, tiny_clip_checkpoint, tmp_path, capsys,
+                                                              caplog):
+    labels = relabelled(webvid_demo["labels"], tmp_path / "partial.json",
+                        lambda i, video_id: video_id if i % 4 == 0 else f"gone{i}")
+    assert main_task_clip.main(webvid_argv(webvid_demo, tiny_clip_checkpoint, tmp_path / "a", labels)) == 2
+    assert "48 of 64 labels in --data_path" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="t2vlp"):
+        assert main_task_clip.main(webvid_argv(webvid_demo, tiny_clip_checkpoint, tmp_path / "b", labels,
+                                               "--max_missing_fraction=0.8")) == 0
+    assert "48 of 64 labels" in caplog.text and (tmp_path / "b" / "ckpt" / "pytorch_model.bin.1").is_file()
