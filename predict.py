@@ -28,8 +28,22 @@ from inference.video_index import VideoIndex, same_checkpoint, sampling_settings
 from modules.errors import InputError
 
 
+DEVICE_FORMS = "cpu, cuda, cuda:N"
+
+
 def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device as a torch device: one line (exit 2) for a name that is none, or a GPU this machine lacks."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name} is not a device: use one of {DEVICE_FORMS}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name} is not supported: use one of {DEVICE_FORMS}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _precision(device: torch.device) -> str:
@@ -72,8 +86,8 @@ def _clip(trained: TrainedModel, path: str, device: torch.device) -> tuple[torch
 
 
 def run_index(args: argparse.Namespace) -> int:
-    trained = _load(args)
     device = _device(args.device)
+    trained = _load(args)
     update = update_index(trained, args.video_dir, args.out, batch_size=args.batch_size,
                           num_workers=args.num_workers, device=device, precision=_precision(device))
     print(f"index {args.out}: {len(update['encoded'])} encoded, {update['reused']} unchanged, "
@@ -87,6 +101,9 @@ def run_query(args: argparse.Namespace) -> int:
     if not args.text.strip():
         raise InputError("the query is empty: give the text to search for")
     index = VideoIndex.load(args.index)
+    if not index.meta.get("videos"):
+        raise InputError(f"the index {args.index} holds no video: nothing to search (index a folder of videos "
+                         f"into it with `predict.py index`)")
     settings = index.meta["settings"]
     checkpoint = check_index_checkpoint(args.index, settings, args.init_model, args.allow_other_model)
     use_index_settings(args, settings)
