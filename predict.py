@@ -27,7 +27,6 @@ from inference.trained_model import TrainedModel, load_trained_model
 from inference.video_index import VideoIndex, same_checkpoint, sampling_settings, search, update_index
 from modules.errors import InputError
 
-
 DEVICE_FORMS = "cpu, cuda, cuda:N"
 
 

@@ -322,10 +322,10 @@ class Trainer:
                         Path(self.output_dir) / "ckpt")
             return Outcome.ALREADY_FINISHED
         logger.info(
-            "training: %d epochs x %d optimiser steps (global batch %d = %d processes x %d x %d accumulation)",
+            "training: %d epochs x %d optimiser steps (global batch %d = %d processes x %d x %d accumulation); %s",
             settings.epochs, self.steps_per_epoch,
             self.dist.world_size * settings.micro_batch_size * settings.accumulation_steps,
-            self.dist.world_size, settings.micro_batch_size, settings.accumulation_steps,
+            self.dist.world_size, settings.micro_batch_size, settings.accumulation_steps, self._end_of_run(),
         )
         outcome = Outcome.EPOCH_END
         with StopRequest() as stop:
@@ -340,7 +340,22 @@ class Trainer:
         if outcome is Outcome.MAX_STEPS:
             logger.info("reached --max_steps %d: the run is finished (checkpoint %s)", settings.max_steps,
                         Path(self.output_dir) / "ckpt" / f"pytorch_model.bin.{self.progress.global_step}")
+        else:
+            logger.info("finished the last of %d epochs at step %d%s", settings.epochs, self.progress.global_step,
+                        f", before --max_steps {settings.max_steps}: the epochs ended the run" if settings.max_steps
+                        else "")
         return outcome
+
+    def _end_of_run(self) -> str:
+        """Which limit will end the run: the epochs, or --max_steps when it comes first."""
+        epochs_end = self.steps_per_epoch * self.settings.epochs
+        max_steps = self.settings.max_steps
+        if max_steps and max_steps <= epochs_end:
+            return f"the run ends at --max_steps {max_steps}"
+        if max_steps:
+            return (f"the run ends after epoch {self.settings.epochs}, at step {epochs_end}, before --max_steps "
+                    f"{max_steps} (raise --epochs to reach it)")
+        return f"the run ends after epoch {self.settings.epochs}, at step {epochs_end}"
 
     def train_epoch(self, stop: StopRequest) -> Outcome:
         """Train from the saved position to the end of the epoch (`Outcome.EPOCH_END`), to `max_steps`, or to a

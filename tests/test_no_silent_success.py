@@ -43,3 +43,16 @@ def test_too_many_missing_records_stop_the_run_unless_allowed(webvid_demo, tiny_
         assert main_task_clip.main(webvid_argv(webvid_demo, tiny_clip_checkpoint, tmp_path / "b", labels,
                                                "--max_missing_fraction=0.8")) == 0
     assert "48 of 64 labels" in caplog.text and (tmp_path / "b" / "ckpt" / "pytorch_model.bin.1").is_file()
+
+
+def test_the_log_says_which_limit_ends_the_run(webvid_demo, tiny_clip_checkpoint, tmp_path, caplog):
+    # 64 clips, batch 8: 8 steps per epoch; --max_steps 12 is beyond the one epoch asked for.
+    argv = webvid_argv(webvid_demo, tiny_clip_checkpoint, tmp_path / "run", webvid_demo["labels"])
+    with caplog.at_level(logging.INFO, logger="t2vlp"):
+        assert main_task_clip.main([*argv, "--max_steps=12"]) == 0
+    assert "the run ends after epoch 1, at step 8, before --max_steps 12 (raise --epochs to reach it)" in caplog.text
+    assert "finished the last of 1 epochs at step 8, before --max_steps 12: the epochs ended the run" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="t2vlp"):
+        assert main_task_clip.main([*argv, "--output_dir", str(tmp_path / "b"), "--max_steps=3"]) == 0
+    assert "the run ends at --max_steps 3" in caplog.text and "reached --max_steps 3" in caplog.text
