@@ -18,6 +18,7 @@ from conversion.decoders import DECODERS
 from conversion.encoding import EncodeOptions
 from conversion.sources import SampleFields
 from conversion.tables import PRESETS, TableLayout
+from conversion.verify import verify_store
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -43,6 +44,8 @@ Inputs (one of):
                     DIR/<videoid>/*.jpg|png, read in sorted file-name order.
   --merge [DIR ...] write path.index, the labels and failures.tsv over the parts (--num_parts) converted into
                     DIR ... (default: --output_dir) without copying any shard; index paths are relative.
+  --verify DIR      check a store instead of writing one: every index entry's record read (CRCs, Example,
+                    frames), its clip id compared with the entry's, the labels checked against the index.
 
 Tables (with --video_dir; repeat each flag for several files; with tables only the listed videos are converted):
   --csv FILE        WebVid metadata (results_2M_*.csv, results_10M_*.csv): columns videoid and name, picked by name.
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="webdataset tar shards: brace pattern, folder, shard list or shard; local or s3://")
     source.add_argument("--merge", nargs="*", metavar="DIR",
                         help="merge the parts converted into these folders (default: --output_dir)")
+    source.add_argument("--verify", metavar="DIR",
+                        help="check the store in DIR: every record readable and naming its clip, the labels "
+                             "(--labels_name) all in the index; exit 0 when it is sound, 1 when not")
     parser.add_argument("--csv", action="append", default=[], dest="csv_paths", metavar="FILE",
                         help="WebVid csv with videoid and name columns; repeat for several files")
     tables = parser.add_argument_group("tables of videos or clips (with --video_dir)")
@@ -234,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 a conversion that wrote no clip or stopped on an I/O error (complete shards are
     kept: re-run to resume), 2 bad input (a missing folder, csv or table, a table without the needed columns)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.verify is not None:
+        return run_verify(args.verify, args.labels_name)
     config = parse_args(argv)
     try:
         summary = convert(config)
@@ -244,6 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("conversion stopped (%s); complete shards are kept, re-run the same command to resume", error)
         return 1
     return report(config, summary)
+
+
+def run_verify(folder: str, labels_name: str) -> int:
+    try:
+        check = verify_store(folder, labels_name)
+    except (OSError, ValueError) as error:  # no index, a malformed index line, unreadable labels
+        print(f"frozen_tfrecord.py: error: --verify {folder}: {error}", file=sys.stderr, flush=True)
+        return 2
+    print("\n".join(check.report()), flush=True)
+    return 0 if check.ok else 1
 
 
 def report(config: ConversionConfig, summary: ConversionSummary) -> int:

@@ -12,7 +12,7 @@ def clip_sample(
     input_ids: list[int], attention_mask: list[int], video: torch.Tensor, video_mask: torch.Tensor, video_id: str,
     index: int,
 ) -> dict[str, Any]:
-    """One dataset sample in the shape every video-text dataset returns (docs/CONTRACTS.md)."""
+    """One dataset sample in the shape every video-text dataset returns (docs/architecture.md §2.3)."""
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": torch.tensor(attention_mask, dtype=torch.long),

@@ -31,7 +31,7 @@ from dataloaders.video import (
     clip_frame_indices,
     pad_clip,
 )
-from dataloaders.webvid import ClipRecordError, WebVidIndex, index_file, parse_clip_record
+from dataloaders.webvid import ClipRecordError, WebVidIndex, check_record_id, index_file, parse_clip_record
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")
@@ -124,6 +124,7 @@ class FrameStore:
             raise VideoDecodeError(f"video {key} is not in the frame store {self.path}")
         try:
             record = parse_clip_record(self._reader.read(*location))
+            check_record_id(record, key)
             available = self._frames_in_window(record, start_time, end_time)
             indices = clip_frame_indices(len(available), sampling.max_frames, sampling.slice_framepos,
                                          sampling.frame_order, sampling.pad_mode, rng)

@@ -45,7 +45,7 @@ def language_model_targets(
 
 
 def sample_targets(sample: dict[str, Any], mask_ratio: float, seed: int, epoch: int) -> dict[str, Any]:
-    """`sample` (docs/CONTRACTS.md) plus its LM targets, drawn from (seed, epoch, sample["index"])."""
+    """`sample` (docs/architecture.md §2.3) plus its LM targets, drawn from (seed, epoch, sample["index"])."""
     rng = np.random.default_rng([seed, epoch, int(sample["index"]), _STREAM])
     return {**sample, **language_model_targets(sample["input_ids"], sample["attention_mask"], mask_ratio, rng)}
 

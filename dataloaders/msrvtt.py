@@ -1,6 +1,6 @@
 """MSR-VTT retrieval datasets in the CLIP4Clip layout (docs/method.md §7a, §9.3; docs/data.md §3.1).
 
-Videos are `<features_path>/<video_id>.mp4`. Samples follow docs/CONTRACTS.md (see dataloaders/raw_video_text.py).
+Videos are `<features_path>/<video_id>.mp4`. Samples follow docs/architecture.md §2.3 (see dataloaders/raw_video_text.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 flags, tokenising its caption, skipping undecodable videos, reproducible per-sample randomness, and the
 retrieval evaluation split.
 
-Samples follow docs/CONTRACTS.md: a dict with input_ids, attention_mask, video (uint8), video_mask, video_id and
+Samples follow docs/architecture.md §2.3: a dict with input_ids, attention_mask, video (uint8), video_mask, video_id and
 index, or `None` when the video cannot be decoded (logged once per video id and counted; batches report it
 through `collate_clips`' `n_skipped`).
 """

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,6 +100,14 @@ def encode_raw_clip_record(frames_bgr: np.ndarray) -> bytes:
     if frames_bgr.dtype != np.uint8 or frames_bgr.shape[1:] != (RAW_SIDE, RAW_SIDE, 3):
         raise ValueError(f"raw layout needs uint8 [N, 256, 256, 3], got {frames_bgr.dtype} {frames_bgr.shape}")
     return encode_example({"image": np.ascontiguousarray(frames_bgr).tobytes()})
+
+
+def check_record_id(record: ClipRecord, video_id: str) -> None:
+    """A record that names another clip than the one its index entry is for (an index edited or merged wrongly)
+    would pair this caption with another clip's frames: refuse it (ClipRecordError). The original's raw records
+    carry no id and pass."""
+    if record.video_id is not None and record.video_id != video_id:
+        raise ClipRecordError(f"the index entry for {video_id} points at the record of {record.video_id}")
 
 
 @dataclass
@@ -184,6 +193,35 @@ def index_file(index_path: str | os.PathLike) -> str:
     )
 
 
+def index_lines(index_path: str, text: str) -> Iterator[tuple[int, str, str, int]]:
+    """(line number, video id, shard path as written, byte offset) of every entry of an index's text, duplicates
+    included; a malformed line is a ValueError naming it."""
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) < 3 or not fields[2].strip().isdigit():
+            raise ValueError(f"{index_path}, line {line_number}: expected 'id<TAB>shard<TAB>offset', got {line!r}")
+        yield line_number, fields[0].strip(), fields[1], int(fields[2])
+
+
+def resolve_shard_path(index_path: str, recorded: str) -> str:
+    """A shard path as an index records it, resolved against the index's location (paths relative to the index,
+    or to the writer's working folder as the original wrote them)."""
+    if is_s3_url(recorded):
+        return recorded
+    if is_s3_url(index_path):
+        bucket, index_key = split_s3_url(index_path)
+        return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(index_key), recorded))
+    index_dir = Path(index_path).parent
+    candidates = [Path(recorded)] if Path(recorded).is_absolute() else [index_dir / recorded, Path(recorded)]
+    candidates.append(index_dir / Path(recorded).name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    return str(candidates[0])
+
+
 class WebVidIndex:
     """`video_id -> (shard path, byte offset)`, held in numpy arrays (compact, shared copy-on-write by workers)."""
 
@@ -201,35 +239,14 @@ class WebVidIndex:
     def _parse(self, text: str) -> tuple[list[bytes], list[int], list[int], list[str]]:
         ids, shard_numbers, offsets, shard_paths = [], [], [], []
         numbers: dict[str, int] = {}
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) < 3 or not fields[2].strip().isdigit():
-                raise ValueError(f"{self.index_path}, line {line_number}: expected 'id<TAB>shard<TAB>offset', "
-                                 f"got {line!r}")
-            recorded = fields[1]
+        for _, video_id, recorded, offset in index_lines(self.index_path, text):
             if recorded not in numbers:
                 numbers[recorded] = len(shard_paths)
-                shard_paths.append(self._resolve(recorded))
-            ids.append(fields[0].strip().encode("utf-8"))
+                shard_paths.append(resolve_shard_path(self.index_path, recorded))
+            ids.append(video_id.encode("utf-8"))
             shard_numbers.append(numbers[recorded])
-            offsets.append(int(fields[2]))
+            offsets.append(offset)
         return ids, shard_numbers, offsets, shard_paths
-
-    def _resolve(self, recorded: str) -> str:
-        if is_s3_url(recorded):
-            return recorded
-        if is_s3_url(self.index_path):
-            bucket, index_key = split_s3_url(self.index_path)
-            return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(index_key), recorded))
-        index_dir = Path(self.index_path).parent
-        candidates = [Path(recorded)] if Path(recorded).is_absolute() else [index_dir / recorded, Path(recorded)]
-        candidates.append(index_dir / Path(recorded).name)
-        for candidate in candidates:
-            if candidate.is_file():
-                return str(candidate)
-        return str(candidates[0])
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -281,13 +298,16 @@ def read_frames(index_path: str | os.PathLike, video_id: str, *, verify_crc: boo
     """All stored frames of `video_id` as RGB uint8 [N, H, W, 3], from either record layout.
 
     `index_path` is a `.index` file or the folder holding `path.index`, local or `s3://`. Raises KeyError for an
-    id not in the index, `RecordCorruptError` (with `verify_crc`) for a damaged record.
+    id not in the index, `RecordCorruptError` (with `verify_crc`) for a damaged record, `ClipRecordError` for a
+    record of another clip.
     """
     location = load_index(index_path).locate(video_id)
     if location is None:
         raise KeyError(f"video id {video_id!r} is not in {index_file(index_path)}")
     reader = RecordReader(verify_crc=True) if verify_crc else _shared_reader
-    return parse_clip_record(reader.read(*location)).frames()
+    record = parse_clip_record(reader.read(*location))
+    check_record_id(record, video_id)
+    return record.frames()
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -333,7 +353,7 @@ def read_labels(labels_json: str | os.PathLike) -> tuple[list[str], list[str]]:
 class WebVidDataset(Dataset):
     """One sample per element of `frozen_train_labels.json`, frames read from the TFRecord store (docs/method.md §9.1).
 
-    Samples follow docs/CONTRACTS.md. Frames: more than `max_frames` are cut with `slice_framepos` (0 head,
+    Samples follow docs/architecture.md §2.3. Frames: more than `max_frames` are cut with `slice_framepos` (0 head,
     1 tail, 2 uniform), fewer are zero-padded with `video_mask` 0; `frame_order` 0 keeps, 1 reverses, 2 shuffles
     (with a Generator from (seed, epoch, index); call `set_epoch`). Each frame: shorter side to `image_size`
     (bicubic, antialiased), center crop. Captions: CLIP BPE with id 0 ("!") deleted, as the original WebVid
@@ -421,6 +441,7 @@ class WebVidDataset(Dataset):
         path, offset = self.shard_paths[shard], int(self._offsets[index])
         try:
             record = parse_clip_record(self._reader.read(path, offset))
+            check_record_id(record, video_id)
             rng = np.random.default_rng([self.seed, self.epoch, index])
             indices = clip_frame_indices(record.num_frames, self.max_frames, self.slice_framepos, self.frame_order,
                                          "zero", rng)

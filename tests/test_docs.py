@@ -86,6 +86,16 @@ def test_nothing_outside_the_repository_is_cited():
     assert not cited, "\n".join(cited)
 
 
+def test_every_cited_document_exists():
+    """A document named in code or docs (`docs/x.md`, `bench/RESULTS.md`), with or without a section, exists."""
+    missing = [f"{path.relative_to(ROOT)}:{number}: {match.group(0)}"
+               for path in tracked_text_files() if path.name != "test_docs.py"
+               for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+               for match in re.finditer(r"\b(?:docs|bench)/[\w-]+\.md\b", line)
+               if not (ROOT / match.group(0)).is_file()]
+    assert not missing, "\n".join(missing)
+
+
 def test_relative_links_of_the_readme_and_docs_resolve():
     broken = []
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
