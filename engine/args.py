@@ -175,6 +175,9 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--save_steps", type=int, default=0, help="Checkpoint every n optimiser steps; 0: only after each epoch.")
     add("--max_bad_steps", type=int, default=20,
         help="Stop the run after this many consecutive non-finite losses (those steps are skipped).")
+    add("--max_empty_batches", type=int, default=20,
+        help="Stop the run (exit 65) after this many consecutive micro-batches without one readable video, or an "
+             "epoch without any: the training data stopped being readable.")
     add("--keep_checkpoints", type=int, default=0,
         help="Keep only the newest n ckpt/pytorch_model.bin.<step> files (0: keep all, as the original).")
     add("--max_steps", type=int, default=0, help="Stop after this many optimiser steps (0: no limit).")
@@ -292,6 +295,7 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
         (args.max_steps >= 0, "--max_steps must be >= 0"),
         (args.keep_checkpoints >= 0, "--keep_checkpoints must be >= 0"),
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
+        (args.max_empty_batches >= 1, "--max_empty_batches must be >= 1"),
         (args.n_display >= 1, "--n_display must be >= 1"),
         (args.num_thread_reader >= 0, "--num_thread_reader must be >= 0"),
         (args.num_centers >= 1 and args.tube_layers >= 1, "--num_centers and --tube_layers must be >= 1"),

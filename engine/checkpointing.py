@@ -279,7 +279,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # restore.bin unless --allow_changed_settings is given. The global batch is compared, not the per-process one, so a
 # run may resume on another number of processes.
 MAY_CHANGE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_steps", "save_steps", "n_display", "keep_checkpoints",
-                                  "num_workers", "max_bad_steps", "allow_changed_settings"})
+                                  "num_workers", "max_bad_steps", "max_empty_batches", "allow_changed_settings"})
 RESTORE_KEYS = frozenset({"model_state_dict", "progress", "optim_state_dict"})
 
 

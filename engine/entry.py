@@ -29,7 +29,7 @@ from engine.precision import resolve_precision
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
 from engine.tasks.registry import RunContext, TaskDefinition, task_definition
-from engine.trainer import NonFiniteLossError, Outcome, Trainer, TrainSettings
+from engine.trainer import NonFiniteLossError, Outcome, Trainer, TrainingDataError, TrainSettings
 from modules.checkpoint import read_model_settings
 from modules.clip import compile_blocks, set_grad_checkpointing
 from modules.errors import InputError
@@ -40,6 +40,7 @@ logger = logging.getLogger("t2vlp")
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3  # too many consecutive non-finite losses
+EXIT_DATA_UNREADABLE = 65  # sysexits' EX_DATAERR: the training data stopped being readable mid-run
 EXIT_WRITE_FAILED = 74  # sysexits' EX_IOERR: a checkpoint or restore.bin could not be written (a full disk?)
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after saving restore.bin; rerun to resume
 
@@ -58,6 +59,7 @@ def train_settings(args: argparse.Namespace, world_size: int, precision: str) ->
         warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm, precision=precision,
         seed=args.seed, num_workers=args.num_thread_reader, n_display=args.n_display, eval_steps=args.eval_steps,
         save_steps=args.save_steps, max_steps=args.max_steps, max_bad_steps=args.max_bad_steps,
+        max_empty_batches=args.max_empty_batches,
         keep_checkpoints=args.keep_checkpoints, allow_changed_settings=args.allow_changed_settings,
     )
 
@@ -170,7 +172,8 @@ def run_main(task: str, argv: Sequence[str] | None = None, dataset: str | None =
     folder (one writer per folder), log to `--output_dir`, run the task, leave the group.
 
     Exit codes (docs/operations.md §4): 0 finished, 2 bad input (an `InputError`, including an output
-    folder another run writes into), 3 stopped by too many non-finite losses, 74 a checkpoint or restore.bin that
+    folder another run writes into), 3 stopped by too many non-finite losses, 65 the training data stopped being
+    readable, 74 a checkpoint or restore.bin that
     could not be written (a full disk), 75 stopped by a signal after saving restore.bin: one line on stderr and
     the traceback in log.txt (or shown with --debug). Other exceptions propagate with their traceback. Every way
     a run ends is recorded as the outcome of its run.json entry.
@@ -206,7 +209,7 @@ def run_main(task: str, argv: Sequence[str] | None = None, dataset: str | None =
         if dist_info.is_main:
             record_run_outcome(args.output_dir, "stopped by a signal" if code == EXIT_STOPPED else "finished")
         return code
-    except (InputError, NonFiniteLossError, CheckpointWriteError) as error:
+    except (InputError, NonFiniteLossError, CheckpointWriteError, TrainingDataError) as error:
         if dist_info.is_main:
             record_run_outcome(args.output_dir, outcome_of(error))
         if args.debug:
@@ -238,4 +241,6 @@ def exit_code_of(error: BaseException) -> int:
         return EXIT_NON_FINITE
     if isinstance(error, CheckpointWriteError):
         return EXIT_WRITE_FAILED
+    if isinstance(error, TrainingDataError):
+        return EXIT_DATA_UNREADABLE
     return EXIT_BAD_INPUT

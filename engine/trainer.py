@@ -49,6 +49,11 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: the run stops, the last saved checkpoint is intact."""
 
 
+class TrainingDataError(RuntimeError):
+    """The training data stopped being readable (a store deleted or unreachable mid-run): the run stops rather
+    than "finish" on nothing; the last saved checkpoint is intact."""
+
+
 @dataclass
 class TrainSettings:
     epochs: int
@@ -68,6 +73,7 @@ class TrainSettings:
     save_steps: int = 0
     max_steps: int = 0
     max_bad_steps: int = 20
+    max_empty_batches: int = 20  # consecutive micro-batches without one readable video that stop the run
     keep_checkpoints: int = 0  # newest model checkpoints kept; 0 keeps all
     allow_changed_settings: bool = False  # resume even if fixed settings changed (the new ones take effect)
 
@@ -190,6 +196,7 @@ class Trainer:
         self._last_evaluated_step = -1
         self._last_checkpoint_step = -1
         self._last_saved_step = -1  # restore.bin written by this run
+        self._empty_in_a_row = 0  # micro-batches without a readable video, across epochs
 
     # ---------------------------------------------------------------- state
 
@@ -364,13 +371,19 @@ class Trainer:
         settings = self.settings
         micro_batches = AgreedMicroBatches(iter(self._loader()), self._batch_flags)
         window: list[dict[str, torch.Tensor]] = []
+        used = 0  # micro-batches of this epoch with a readable video on every rank
         while (item := micro_batches.next(settings.accumulation_steps - len(window))) is not None:
             batch, (skipped, empty_ranks) = item
             self.progress.samples_in_epoch += settings.micro_batch_size * self.dist.world_size
             self.progress.skipped_videos += int(skipped)  # all ranks
             if empty_ranks > 0:
                 logger.warning("a micro-batch with no decodable video on some rank was skipped on every rank")
+                self._empty_in_a_row += 1
+                if self._empty_in_a_row >= settings.max_empty_batches:
+                    raise TrainingDataError(self._unreadable_data(f"{self._empty_in_a_row} micro-batches in a row "
+                                                                  f"had no readable video"))
                 continue
+            self._empty_in_a_row, used = 0, used + 1
             window.append(self._forward_backward(batch, micro=len(window)))
             if len(window) < settings.accumulation_steps:
                 continue
@@ -388,7 +401,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # an incomplete last accumulation window is dropped
         if distributed.all_reduce_sum(float(stop.requested)) > 0:  # once per epoch: before its checkpoint/eval
             return self._stop_for_signal()
+        if used == 0 and self._empty_in_a_row:
+            raise TrainingDataError(self._unreadable_data(f"no micro-batch of epoch {self.progress.epoch + 1} had "
+                                                          f"a readable video"))
         return Outcome.EPOCH_END
+
+    def _unreadable_data(self, what: str) -> str:
+        source = getattr(self.train_dataset, "index_path", None)
+        return (f"{what} ({self.progress.skipped_videos} videos skipped so far{f', reading {source}' if source else ''}"
+                f"; the reasons are in log.txt): the training data stopped being readable (moved, deleted or "
+                f"unreachable?), stopped: {self._saved_so_far()} in {self.output_dir}; make it readable and rerun "
+                f"the same command to resume (--max_empty_batches {self.settings.max_empty_batches})")
 
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.progress.epoch)

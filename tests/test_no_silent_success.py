@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import main_task_clip
 from tests.stage1_helpers import stage1_argv
@@ -56,3 +57,35 @@ def test_the_log_says_which_limit_ends_the_run(webvid_demo, tiny_clip_checkpoint
     with caplog.at_level(logging.INFO, logger="t2vlp"):
         assert main_task_clip.main([*argv, "--output_dir", str(tmp_path / "b"), "--max_steps=3"]) == 0
     assert "the run ends at --max_steps 3" in caplog.text and "reached --max_steps 3" in caplog.text
+
+
+def vanished_store(webvid_demo, folder):
+    """A copy of the demo store whose shards are gone (its index and labels are there)."""
+    shutil.copytree(webvid_demo["tfrecord_dir"], folder)
+    for shard in folder.glob("*.tfrecord"):
+        shard.unlink()
+    return folder
+
+
+def test_a_store_that_vanished_stops_the_run(webvid_demo, tiny_clip_checkpoint, tmp_path, capsys):
+    store = vanished_store(webvid_demo, tmp_path / "store")
+    demo = {**webvid_demo, "tfrecord_dir": store}
+    output = tmp_path / "run"
+    argv = webvid_argv(demo, tiny_clip_checkpoint, output, store / "frozen_train_labels.json",
+                       "--max_empty_batches=3", "--max_steps=0")
+    assert main_task_clip.main(argv) == 65
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].split(": error: ", 1)[1].startswith("3 micro-batches in a row had no "
+                                                   "readable video (24 videos skipped so far, reading ")
+    assert str(store / "path.index") in lines[0] and "stopped: nothing saved yet" in lines[0]
+    assert not (output / "ckpt").exists()
+    assert json.loads((output / "run.json").read_text())[-1]["outcome"].startswith("error: TrainingDataError: ")
+
+
+def test_an_epoch_without_a_readable_video_stops_the_run(webvid_demo, tiny_clip_checkpoint, tmp_path, capsys):
+    store = vanished_store(webvid_demo, tmp_path / "store")
+    demo = {**webvid_demo, "tfrecord_dir": store}
+    argv = webvid_argv(demo, tiny_clip_checkpoint, tmp_path / "run", store / "frozen_train_labels.json",
+                       "--max_steps=0")  # 8 micro-batches an epoch, fewer than --max_empty_batches 20
+    assert main_task_clip.main(argv) == 65
+    assert "no micro-batch of epoch 1 had a readable video" in capsys.readouterr().err
