@@ -90,8 +90,9 @@ class ConversionSummary:
     def report(self) -> str:
         failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.failures.items())) or "none"
         where = f"{self.part}: " if self.part else ""
+        rows = f"table rows: {self.n_csv_rows}; " if self.n_csv_rows else ""  # files mode reads no table
         inputs = (f"webdataset shards: {self.n_input_shards}" if self.n_input_shards else
-                  f"csv rows: {self.n_csv_rows}; videos found: {self.n_sources_found}; selected: {self.n_selected}")
+                  f"{rows}videos found: {self.n_sources_found}; selected: {self.n_selected}")
         return (f"{where}{inputs}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
                 f"kept from an earlier run); failures: {failures}")
 

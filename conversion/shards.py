@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from conversion.encoding import EncodeOptions
 from conversion.items import Failure, Unit
-from dataloaders.files import file_sha256
+from dataloaders.files import file_sha256, temporary_beside
 from dataloaders.frame_store import FrameStoreManifest, manifest_path
 from dataloaders.tfrecord_io import iter_records, write_record
 from dataloaders.webvid import parse_clip_record
@@ -109,9 +108,9 @@ class OutputLayout:
 
 def unique_temporary(path: Path) -> Path:
     """A new, empty temp file beside `path` (`.<name>.<random>.tmp`): no two writers ever share one."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = temporary_beside(path)
     os.close(fd)
-    return Path(name)
+    return name
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,17 @@ def files_by_name(paths: Iterable[Path], key: str = "stem") -> dict[str, Path]:
             continue
         found[name] = path
     return found
+
+
+def temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new temp file beside `path` (`.<name>.<random>.tmp`, for an atomic rename over it), open (its fd), with
+    the mode a plain open() gives (0666 less the umask): mkstemp's 0600 would survive the rename and keep a shared
+    store or checkpoint from its group."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, Path(name)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

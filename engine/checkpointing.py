@@ -9,7 +9,6 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataloaders.files import temporary_beside
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.checkpointing")
@@ -51,7 +51,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
