@@ -94,7 +94,7 @@ whose sidecar matches the plan and the options, so an interrupted conversion res
 byte-identical to an uninterrupted run. Bad rows, samples and videos are reported in failures.tsv and skipped,
 never fatal; a clip id already stored is reported (duplicate_id) and the first kept. Exit status: 0 when every
 shard is complete, 1 when no clip was written or an I/O error stopped the run (re-run to resume), 2 for bad input
-(a missing folder, csv or table, a table without the needed columns).
+(a missing folder, csv or table, a table without the needed columns, nothing to convert).
 
 Over many machines: --num_parts N --part K converts the shards n with n mod N == K (a SLURM array: --part
 $SLURM_ARRAY_TASK_ID) into one --output_dir on shared storage or N folders; each part resumes like a whole
@@ -238,7 +238,8 @@ def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 a conversion that wrote no clip or stopped on an I/O error (complete shards are
-    kept: re-run to resume), 2 bad input (a missing folder, csv or table, a table without the needed columns)."""
+    kept: re-run to resume), 2 bad input (a missing folder, csv or table, a table without the needed columns,
+    nothing to convert)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.verify is not None:
@@ -275,6 +276,13 @@ def report(config: ConversionConfig, summary: ConversionSummary) -> int:
             logger.error("this part wrote no clip: see the failures in its shards' sidecars")
             return 1
         return 0
+    if summary.n_selected == 0 and not summary.n_input_shards:
+        source = (f"--video_dir {config.video_dir}" if config.video_dir else f"--frames_dir {config.frames_dir}")
+        why = (f"no video under {source}" if summary.n_sources_found == 0 else
+               f"none of the {summary.n_sources_found} videos under {source} is listed with a caption (see "
+               f"{out / 'failures.tsv'})")
+        print(f"frozen_tfrecord.py: error: nothing to convert: {why}", file=sys.stderr, flush=True)
+        return 2
     logger.info("wrote %s, failures in %s", out / f"{config.output_name}.index", out / "failures.tsv")
     if summary.n_written == 0:
         logger.error("no video was written (%d selected): see %s", summary.n_selected, out / "failures.tsv")

@@ -89,3 +89,14 @@ def test_an_epoch_without_a_readable_video_stops_the_run(webvid_demo, tiny_clip_
                        "--max_steps=0")  # 8 micro-batches an epoch, fewer than --max_empty_batches 20
     assert main_task_clip.main(argv) == 65
     assert "no micro-batch of epoch 1 had a readable video" in capsys.readouterr().err
+
+
+def test_converting_an_empty_folder_is_one_line_saying_why(tmp_path, capsys):
+    import frozen_tfrecord
+
+    (tmp_path / "videos").mkdir()
+    argv = ["--video_dir", str(tmp_path / "videos"), "--output_dir", str(tmp_path / "out"), "--workers", "0",
+            "--no_progress"]
+    assert frozen_tfrecord.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"frozen_tfrecord.py: error: nothing to convert: no video under --video_dir {tmp_path / 'videos'}"]

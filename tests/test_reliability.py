@@ -216,7 +216,7 @@ def test_converter_exit_codes_and_reports(small_demo, tmp_path):
     csv_path = tmp_path / "rows.csv"
     csv_path.write_text("videoid,name,page_idx,page_dir,duration,contentUrl\n,,,,,\n1,a caption,1,d,2,u\n")
     nothing = convert("--video_dir", str(empty), "--csv", str(csv_path), "--output_dir", str(tmp_path / "c"))
-    assert nothing.returncode == 1 and "no video was written" in nothing.stderr + nothing.stdout
+    assert nothing.returncode == 2 and f"nothing to convert: no video under --video_dir {empty}" in nothing.stderr
     failures = (tmp_path / "c" / "failures.tsv").read_text()
     assert "malformed_row\t\t" in failures and "rows.csv:2" in failures  # the ",,,,," row is reported
 
