@@ -364,9 +364,10 @@ def check_model_limits(args: argparse.Namespace, *, context_length: int, num_fra
 CLIP_FILE_NAME = "ViT-B-16.pt"
 
 
-def resolve_clip_path(args: argparse.Namespace) -> str:
+def resolve_clip_path(args: argparse.Namespace) -> str | None:
     """`--visual_pretrain_path`, or where the original scripts found CLIP: ./CLIP-modules (stages 1 and 2),
-    ../CLIP-modules (the task scripts, run from their folder), or beside `--cross_config_path`."""
+    ../CLIP-modules (the task scripts, run from their folder), or beside `--cross_config_path`. None when there is
+    none but an --init_model may hold every weight (T2VLP.from_pretrained then says what the file lacks)."""
     if args.visual_pretrain_path:
         return args.visual_pretrain_path
     candidates = [os.path.join("CLIP-modules", CLIP_FILE_NAME), os.path.join("..", "CLIP-modules", CLIP_FILE_NAME),
@@ -374,6 +375,8 @@ def resolve_clip_path(args: argparse.Namespace) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
+    if args.init_model:
+        return None
     raise InputError(f"no CLIP checkpoint found: tried {', '.join(dict.fromkeys(candidates))} from {os.getcwd()}; "
                      f"fetch it with 'python CLIP-modules/fetch_clip.py' or pass --visual_pretrain_path")
 

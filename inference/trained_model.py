@@ -86,7 +86,14 @@ def load_trained_model(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(f"checkpoint {checkpoint} does not exist")
-    state, model_settings = read_model_checkpoint(checkpoint)
+    try:
+        state, model_settings = read_model_checkpoint(checkpoint)
+    except CheckpointError:
+        if _is_clip_file(checkpoint):
+            raise InputError(_clip_not_t2vlp(checkpoint)) from None
+        raise
+    if "visual.conv1.weight" in state:
+        raise InputError(_clip_not_t2vlp(checkpoint))
     recorded = {**run_settings(checkpoint), **model_settings}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = {**DEFAULT_SETTINGS, **{k: v for k, v in recorded.items() if k in DEFAULT_SETTINGS}, **given}
@@ -133,6 +140,18 @@ def load_trained_model(
     answers = model_settings.get("answers")
     return TrainedModel(model, checkpoint, settings, task=recorded.get("task"),
                         answers=list(answers) if isinstance(answers, list) else None)
+
+
+def _is_clip_file(path: Path) -> bool:
+    try:
+        return "visual.conv1.weight" in read_clip_state_dict(path)
+    except CheckpointError:
+        return False
+
+
+def _clip_not_t2vlp(path: Path) -> str:
+    return (f"{path} is a CLIP file, not a T2VLP checkpoint: predict.py uses a model trained by this project or the "
+            f"original (stage 1 or later); train one from it with CLIP_PATH={path} bash start_clip.sh")
 
 
 def _count_tube_layers(state: dict[str, torch.Tensor]) -> int:

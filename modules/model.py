@@ -15,6 +15,7 @@ from modules.alignment import local_alignment_loss, text_side_centers
 from modules.answer_head import AnswerClassifier
 from modules.backbones import backbone_settings, describe, resolve_backbone
 from modules.checkpoint import (
+    CheckpointError,
     check_init_coverage,
     init_state_from_clip,
     load_state_dict_checked,
@@ -118,6 +119,25 @@ class ClipWithTubes(nn.Module):
         return self.fusion_center.reshape(-1, self.fusion_center.shape[-1])
 
 
+# Weights a new stage or task initialises itself (not from CLIP): a checkpoint may lack them.
+SELF_INITIALISED = ("clip.lm_head.", "clip.fusion_proj_embedding", "clip.fusion_logit_bias", "clip.fusion_match_matrix",
+                    "clip.fusion_unmatch_matrix", "visual_linear.", "answer_head.", "clip.fusion_center",
+                    "clip.fusion_proj_center.")
+
+
+def _require_complete(model: nn.Module, init_state: dict, init_model: str | os.PathLike) -> None:
+    """Without a CLIP file the checkpoint must hold every weight that would come from CLIP."""
+    lacking = [key for key in model.state_dict() if key not in init_state and not key.startswith(SELF_INITIALISED)]
+    if lacking:
+        raise CheckpointError(_needs_clip(init_model, f"{len(lacking)} weights that come from CLIP (e.g. "
+                                                      f"{', '.join(lacking[:3])})"))
+
+
+def _needs_clip(init_model: str | os.PathLike, what: str) -> str:
+    return (f"--init_model {init_model} lacks {what} and no CLIP file was found: fetch it with 'python "
+            f"CLIP-modules/fetch_clip.py' or pass --visual_pretrain_path")
+
+
 class T2VLP(nn.Module):
     """The one model of every stage and task. Public API in docs/architecture.md §2; outputs are fp32."""
 
@@ -146,7 +166,7 @@ class T2VLP(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        clip_path: str | os.PathLike,
+        clip_path: str | os.PathLike | None,
         init_model: str | os.PathLike | None = None,
         config: T2VLPConfig | None = None,
         trust_checkpoint: bool = False,
@@ -156,10 +176,20 @@ class T2VLP(nn.Module):
         """Sizes from the CLIP checkpoint, CLIP initialisation (docs/method.md §10.3), then `init_model` on top
         (`trust_checkpoint`: see `read_model_checkpoint`). The backbone (modules/backbones.py) is `clip_model`
         (open_clip's architecture name), else the one `recorded` (a resumed run's) or `init_model` records, else
-        OpenAI's layout with QuickGELU."""
-        clip_state = read_clip_state_dict(clip_path)
+        OpenAI's layout with QuickGELU. Without `clip_path`, a complete `init_model` (a downstream checkpoint)
+        supplies the CLIP weights itself."""
         init_state, init_settings = (read_model_checkpoint(init_model, trust=trust_checkpoint) if init_model
                                      else (None, {}))
+        clip_from_init = clip_path is None
+        if clip_from_init:
+            if init_state is None:
+                raise CheckpointError("no CLIP file and no --init_model: nothing to build the model from")
+            clip_path = init_model
+            clip_state = {key[len("clip."):]: value for key, value in init_state.items() if key.startswith("clip.")}
+            if "visual.conv1.weight" not in clip_state:
+                raise CheckpointError(_needs_clip(init_model, "the CLIP towers"))
+        else:
+            clip_state = read_clip_state_dict(clip_path)
         recorded_in = "the run being resumed" if recorded is not None else init_model
         clip_config = resolve_backbone(CLIPConfig.from_state_dict(clip_state), clip_model,
                                        recorded if recorded is not None else init_settings, clip_path, recorded_in)
@@ -170,6 +200,8 @@ class T2VLP(nn.Module):
             clip_state, init_state, clip_config.vision_layers, model.config.tube_layers,
             with_fusion=model.config.with_fusion,
         )
+        if clip_from_init:
+            _require_complete(model, init_state, init_model)
         load_state_dict_checked(model, state)
         model.init_keys = frozenset(init_state or ())
         logger.info(

@@ -103,3 +103,29 @@ def test_queries_use_the_index_s_settings_and_refuse_contradicting_flags(qa_run,
     refused = run_predict("query", str(tmp_path / "ix"), "a red circle", "--rerank", "--match_norm", "group",
                           check=False)
     assert refused.returncode == 2 and "--match_norm group contradicts the index" in refused.stderr
+
+
+def test_evaluating_a_complete_checkpoint_needs_no_clip_file(small_demo_source, tiny_fusion_clip_checkpoint,
+                                                             stage1_checkpoint, tmp_path, capsys):
+    from tests.test_retrieval_training import main_task_retrieval_msrvtt, retrieval_argv
+
+    def argv(init_model, output, *extra):
+        return [flag for flag in retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, init_model, output,
+                                                *extra)
+                if not flag.startswith("--visual_pretrain_path") and flag != "--do_train"]
+
+    trained = tmp_path / "trained"
+    assert main_task_retrieval_msrvtt.main(retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint,
+                                                          stage1_checkpoint, trained, "--max_steps=2")) == 0
+    checkpoint = trained / "ckpt" / "pytorch_model.bin.2"
+    assert main_task_retrieval_msrvtt.main(argv(checkpoint, tmp_path / "eval", "--do_eval")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    during = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    last = {row["scoring"]: row for row in during if row["step"] == 2}
+    assert [row["scoring"] for row in rows] == ["meanP", "rerank"]
+    assert all(row["t2v"] == last[row["scoring"]]["t2v"] for row in rows)
+    # A stage-1 checkpoint lacks what comes from CLIP (the fusion encoder's copy of the text tower): one line.
+    assert main_task_retrieval_msrvtt.main(argv(stage1_checkpoint, tmp_path / "eval1", "--do_eval")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lacks 25 weights that come from CLIP (e.g. clip.fusion_" in line
+    assert "fetch it with 'python CLIP-modules/fetch_clip.py' or pass --visual_pretrain_path" in line

@@ -43,3 +43,17 @@ def test_querying_an_index_of_no_video_is_one_line(stage1_checkpoint, tmp_path):
     assert result.stderr.strip().splitlines() == [f"predict.py: error: the index {tmp_path / 'ix'} holds no video: "
                                                   f"nothing to search (index a folder of videos into it with "
                                                   f"`predict.py index`)"]
+
+
+def test_a_clip_file_as_the_model_says_what_to_do_with_it(tiny_fusion_clip_checkpoint, small_demo_source, tmp_path):
+    video = str(small_demo_source["videos_dir"] / "video0.mp4")
+    plain = tmp_path / "open_clip_pytorch_model.bin"
+    from modules.checkpoint import read_clip_state_dict
+
+    torch.save(read_clip_state_dict(tiny_fusion_clip_checkpoint), plain)
+    for clip_file in (tiny_fusion_clip_checkpoint, plain):
+        result = run_predict("caption", video, "--init_model", str(clip_file), check=False)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"predict.py: error: {clip_file} is a CLIP file, not a T2VLP checkpoint: predict.py uses a model trained "
+            f"by this project or the original (stage 1 or later); train one from it with CLIP_PATH={clip_file} bash "
+            f"start_clip.sh"]
