@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 VALID_ID = re.compile(r"[^\s/\\]+")  # a video or clip id: no whitespace, no path separators
 
 
+def id_problem(value: object) -> str | None:
+    """Why `value` cannot be a video or clip id (None when it can): the one rule for ids from every source (table
+    cells, file names, webdataset keys, json fields). A tab or newline would break path.index's lines, a path
+    separator the files named after the id; a json null or list is no id at all."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return f"not a string but {'null' if value is None else type(value).__name__}"
+    if not VALID_ID.fullmatch(str(value)):
+        return f"{str(value)!r} is empty or holds whitespace or a path separator"
+    return None
+
+
 @dataclass
 class Failure:
     """One line of failures.tsv: why a row, a sample or a clip was not stored (or, for `fewer_frames`, stored with

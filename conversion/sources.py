@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conversion.items import VALID_ID, Clip, Failure, Selection, Unit
+from conversion.items import Clip, Failure, Selection, Unit, id_problem
 from conversion.tables import TableLayout, TableRows, read_tables
 from dataloaders.files import files_by_name, is_video_file, walk_files
 from modules.errors import InputError
@@ -69,7 +69,12 @@ def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], 
         selection.has_captions = True
         _units_from_captions_beside(walked, fields, selection)
     else:
-        selection.units = [Unit(video_id, found[video_id], kind, (Clip(video_id, None),)) for video_id in sorted(found)]
+        for video_id in sorted(found):
+            if problem := id_problem(video_id):
+                selection.failures.append(Failure("bad_id", " ".join(video_id.split()), found[video_id],
+                                                  f"the file name {problem}"))
+            else:
+                selection.units.append(Unit(video_id, found[video_id], kind, (Clip(video_id, None),)))
     return selection
 
 
@@ -122,10 +127,17 @@ def sample_clip(key: str, meta: dict[str, Any] | Failure, text: str | None, fiel
         return key, None, Failure(meta.kind, key, where, meta.detail)
     clip_id = key
     if fields.id_field is not None:
-        clip_id = str(meta.get(fields.id_field, "")).strip()
-        if not VALID_ID.fullmatch(clip_id):
-            return key, None, Failure("no_id", key, where, f"json field {fields.id_field!r} missing or not an id "
-                                                           f"({meta.get(fields.id_field)!r})")
+        if fields.id_field not in meta:
+            return key, None, Failure("no_id", key, where, f"no json field {fields.id_field!r}")
+        value = meta[fields.id_field]
+        clip_id = value.strip() if isinstance(value, str) else value
+        problem = id_problem(clip_id)
+        if problem:
+            return key, None, Failure("bad_id", " ".join(str(key).split()), where,
+                                      f"json field {fields.id_field!r}: {problem}")
+        clip_id = str(clip_id)
+    elif problem := id_problem(key):
+        return key, None, Failure("bad_id", " ".join(key.split()), where, f"the sample key {problem}")
     status = meta.get("status")
     if status is not None and status != SUCCESS:
         return clip_id, None, Failure("failed_download", clip_id, where,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conversion.items import VALID_ID, Clip, Failure
+from conversion.items import Clip, Failure, id_problem
 from modules.errors import InputError
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -205,8 +205,8 @@ def _video_of(values: dict[str, Any], layout: TableLayout) -> tuple[str, str | N
         video_id = _text(values.get(layout.id_column)).strip()
     else:
         video_id = Path(path or "").stem
-    if not VALID_ID.fullmatch(video_id):
-        raise ValueError(f"invalid video id {video_id!r}")
+    if problem := id_problem(video_id):
+        raise ValueError(f"invalid video id: {problem}")
     if layout.video_column is not None and not path:
         raise ValueError(f"empty {layout.video_column!r}")
     return video_id, path

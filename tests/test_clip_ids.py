@@ -1,0 +1,55 @@
+"""One rule for every clip id, whatever its source: a webdataset key, a json id field, a file name or a table cell
+that holds a tab, a newline or a path separator, or a json null, is a failures.tsv line, and the store stays
+readable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import webdataset
+
+from conversion.items import id_problem
+from dataloaders.webvid import WebVidIndex, read_frames
+from tests.test_webdataset_input import convert, failures_of, meta, videos  # noqa: F401 (the member fixture)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("video1", None), (1066, None), ("a\tb", "holds whitespace"), ("a\nb", "holds whitespace"),
+    ("a/b", "path separator"), ("", "is empty"), (None, "not a string but null"), (True, "not a string but bool"),
+    ([1], "not a string but list"),
+])
+def test_the_id_rule(value, problem):
+    assert (id_problem(value) is None) if problem is None else (problem in id_problem(value))
+
+
+def test_bad_ids_from_webdataset_keys_and_json_fields_are_failures(tmp_path, videos):  # noqa: F811
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with webdataset.TarWriter(str(shards / "00000.tar")) as writer:
+        writer.write({"__key__": "good", "mp4": videos["mp4v"], "txt": "kept"})
+        writer.write({"__key__": "tab\there", "mp4": videos["mp4v"], "txt": "a key with a tab"})
+    with webdataset.TarWriter(str(shards / "00001.tar")) as writer:
+        writer.write({"__key__": "k1", "mp4": videos["mp4v"], "json": meta("k1", "null id", videoid=None)})
+        writer.write({"__key__": "k2", "mp4": videos["mp4v"], "json": meta("k2", "fine", videoid="2000")})
+    out = tmp_path / "store"
+    convert("--webdataset", str(shards / "00000.tar"), "--output_dir", str(out))
+    assert [row[0] for row in failures_of(out)] == ["bad_id"] and "the sample key" in failures_of(out)[0][3]
+    assert list(WebVidIndex(out / "path.index")._ids) == [b"good"] and read_frames(out, "good").shape[0] > 0
+    out = tmp_path / "by_field"
+    convert("--webdataset", str(shards / "00001.tar"), "--id_field", "videoid", "--output_dir", str(out))
+    assert [(row[0], row[1], row[3]) for row in failures_of(out)] == [
+        ("bad_id", "k1", "json field 'videoid': not a string but null")]
+    assert json.loads((out / "frozen_train_labels.json").read_text()) == [{"video_id": "2000", "caption": "fine"}]
+
+
+def test_file_names_that_are_no_ids_are_failures(tmp_path, videos):  # noqa: F811
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("plain", "new\nline", "tab\tbed"):
+        (folder / f"{name}.mp4").write_bytes(videos["mp4v"])
+    out = tmp_path / "store"
+    convert("--video_dir", str(folder), "--output_dir", str(out))
+    assert sorted((row[0], row[1]) for row in failures_of(out)) == [("bad_id", "new line"), ("bad_id", "tab bed")]
+    lines = (out / "path.index").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plain\t")
