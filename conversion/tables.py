@@ -232,7 +232,7 @@ def _row_clips(values: dict[str, Any], layout: TableLayout) -> list[tuple[str, t
         captions = captions * len(windows)
     if len(captions) != len(windows):
         raise ValueError(f"{len(windows)} windows but {len(captions)} captions")
-    texts = [_text(caption).strip() for caption in captions]
+    texts = [_caption_text(caption, layout.caption_column).strip() for caption in captions]
     if not windows or any(not text for text in texts):
         raise ValueError("empty caption")
     return list(zip(texts, windows))
@@ -289,3 +289,16 @@ def parse_timestamp(value: Any) -> float:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _caption_text(value: Any, column: str | None) -> str:
+    """A caption cell as text: a string, or UTF-8 bytes (a parquet binary column); anything else (a struct, a
+    number, binary that is not UTF-8) is no caption and names its type."""
+    if value is None or isinstance(value, str):
+        return _text(value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"caption column {column!r} holds bytes that are not UTF-8 text") from None
+    raise ValueError(f"caption column {column!r} holds a {type(value).__name__} ({str(value)[:40]!r}), not text")

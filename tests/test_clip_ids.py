@@ -53,3 +53,24 @@ def test_file_names_that_are_no_ids_are_failures(tmp_path, videos):  # noqa: F81
     assert sorted((row[0], row[1]) for row in failures_of(out)) == [("bad_id", "new line"), ("bad_id", "tab bed")]
     lines = (out / "path.index").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("plain\t")
+
+
+def test_only_text_is_a_caption(tmp_path, videos):  # noqa: F811
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.mp4").write_bytes(videos["mp4v"])
+    pq.write_table(pa.table({"path": ["a.mp4", "b.mp4"], "caption": pa.array([b"utf-8 bytes \xc3\xa9", b"\xff\xfe"],
+                                                                            pa.binary())}), tmp_path / "binary.parquet")
+    pq.write_table(pa.table({"path": ["c.mp4"], "caption": [{"a": 1}]}), tmp_path / "struct.parquet")
+    out = tmp_path / "store"
+    convert("--video_dir", str(folder), "--table", str(tmp_path / "binary.parquet"), "--table",
+            str(tmp_path / "struct.parquet"), "--video_column", "path", "--caption_column", "caption",
+            "--output_dir", str(out))
+    assert json.loads((out / "frozen_train_labels.json").read_text()) == [{"video_id": "a", "caption": "utf-8 bytes é"}]
+    assert sorted((row[0], row[3]) for row in failures_of(out)) == [
+        ("malformed_row", "caption column 'caption' holds a dict (\"{'a': 1}\"), not text"),
+        ("malformed_row", "caption column 'caption' holds bytes that are not UTF-8 text")]
