@@ -65,11 +65,16 @@ def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
 
 
 def build_checked(build, flags: str):
-    """Build a dataset; a missing annotation file is an InputError naming the flags."""
+    """Build a dataset; a missing or malformed annotation file or index (a truncated labels JSON, an index line
+    that is not id<TAB>shard<TAB>offset) is an InputError naming the flags."""
     try:
         return build()
     except FileNotFoundError as error:
         raise InputError(f"{flags}: {error.strerror or 'not found'}: {error.filename or error}") from error
+    except ValueError as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{flags}: {error}") from error
 
 
 def _check_labels_have_records(dataset: WebVidDataset, args: argparse.Namespace) -> None:

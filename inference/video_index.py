@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 @torch.no_grad()
 def encode_videos(trained: TrainedModel, paths: list[Path], *, batch_size: int, num_workers: int,
                   device: torch.device, precision: str) -> tuple[dict[str, np.ndarray], list[int], dict[int, str]]:
-    """Arrays of the decodable videos among `paths` (in order), their positions in `paths`, and the errors."""
+    """Arrays of the decodable videos among `paths` whose features are finite (in order), their positions in
+    `paths`, and the errors of the others; a model whose features are non-finite for every video is refused."""
     dataset = VideoFiles(paths, sampling_settings(trained))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         generator=torch.Generator().manual_seed(0))
@@ -90,6 +92,7 @@ def encode_videos(trained: TrainedModel, paths: list[Path], *, batch_size: int, 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
     rows: list[int] = []
     errors: dict[int, str] = {}
+    non_finite = 0
     for batch in tqdm(loader, desc="indexing videos", unit="batch"):
         errors.update(dict(batch["failed"]))
         if is_empty_batch(batch):
@@ -98,11 +101,21 @@ def encode_videos(trained: TrainedModel, paths: list[Path], *, batch_size: int, 
         video_mask = batch["video_mask"].to(device)
         with autocast_context(device, precision):
             frames, tubes = model.encode_video(video, video_mask)
-        parts["clip_features"].append(mean_pool_frames(frames, video_mask).cpu().numpy().astype(np.float32))
-        parts["frames"].append(frames.cpu().numpy().astype(np.float16))
-        parts["video_mask"].append(video_mask.cpu().numpy().astype(np.uint8))
-        parts["tubes"].append(tubes.cpu().numpy().astype(np.float16))
-        rows += [int(i) for i in batch["index"]]
+        features = mean_pool_frames(frames, video_mask).float()
+        finite = (torch.isfinite(features).all(dim=-1) & torch.isfinite(frames).flatten(1).all(dim=-1)
+                  & torch.isfinite(tubes).flatten(1).all(dim=-1)).cpu()
+        for position in (~finite).nonzero().flatten().tolist():
+            errors[int(batch["index"][position])] = "the model gives non-finite features for this video"
+        keep = finite.nonzero().flatten()
+        parts["clip_features"].append(features.cpu()[keep].numpy().astype(np.float32))
+        parts["frames"].append(frames.cpu()[keep].numpy().astype(np.float16))
+        parts["video_mask"].append(video_mask.cpu()[keep].numpy().astype(np.uint8))
+        parts["tubes"].append(tubes.cpu()[keep].numpy().astype(np.float16))
+        rows += [int(batch["index"][position]) for position in keep.tolist()]
+        non_finite += int((~finite).sum())
+    if non_finite and not rows:
+        raise InputError(f"{trained.checkpoint} gives non-finite features for every video ({non_finite}): the "
+                         f"checkpoint is damaged")
     arrays = {name: np.concatenate(values) for name, values in parts.items() if values}
     return arrays, rows, errors
 
@@ -134,8 +147,16 @@ class VideoIndex:
         return index
 
     def inconsistency(self) -> str | None:
-        """What in the arrays does not match index.json (a missing, unreadable or short array), or None."""
-        count = len(self.meta.get("videos", []))
+        """What in index.json or the arrays is not as an index writes it (entries that are not objects with a
+        path, settings that are not an object, a missing, unreadable, short or misshapen array), or None."""
+        videos, settings = self.meta.get("videos"), self.meta.get("settings")
+        if not isinstance(settings, dict) or "checkpoint" not in settings:
+            return "index.json has no settings object naming its checkpoint"
+        if not isinstance(videos, list) or not all(isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                                                   for entry in videos):
+            return "index.json's videos are not a list of objects with a path"
+        count = len(videos)
+        shapes: dict[str, tuple[int, ...]] = {}
         for name in ARRAYS:
             path = self.folder / f"{name}.npy"
             if not path.is_file():
@@ -143,11 +164,13 @@ class VideoIndex:
                     return f"{name}.npy is missing"
                 continue
             try:
-                rows = np.load(path, mmap_mode="r").shape[0]
+                shapes[name] = np.load(path, mmap_mode="r").shape
             except (OSError, ValueError) as error:
                 return f"{name}.npy cannot be read ({error})"
-            if rows != count:
-                return f"{name}.npy has {rows} rows for the {count} videos of index.json"
+            if shapes[name][0] != count:
+                return f"{name}.npy has {shapes[name][0]} rows for the {count} videos of index.json"
+        if "clip_features" in shapes and len(shapes["clip_features"]) != 2:
+            return f"clip_features.npy is {len(shapes['clip_features'])}-D, not [videos, dimension]"
         return None
 
     @property
@@ -297,8 +320,16 @@ def search(trained: TrainedModel, index: VideoIndex, text: str, *, top_k: int = 
     with autocast_context(device, precision):
         eot, tokens = model.encode_text(input_ids, attention_mask)
     query = torch.nn.functional.normalize(eot.float(), dim=-1)[0] * model.clip.logit_scale.float().exp()
+    if not torch.isfinite(query).all():
+        raise InputError(f"{trained.checkpoint} gives a non-finite text feature: the checkpoint is damaged")
+    features = index.array("clip_features")
+    if features.shape[1] != query.shape[0]:
+        raise InputError(f"{index.folder}: clip_features.npy holds {features.shape[1]}-wide features, the model's are "
+                         f"{query.shape[0]} wide; rebuild the index with this model")
     keep = max(top_k, rerank_top_k if rerank else 0)
-    best_scores, best_rows = top_rows(index.array("clip_features"), query, keep)
+    best_scores, best_rows = top_rows(features, query, keep)
+    ranked = torch.isfinite(best_scores)  # a row of non-finite features (a damaged array) is never a hit
+    best_scores, best_rows = best_scores[ranked], best_rows[ranked]
     if rerank:
         trained.require_fusion("--rerank")
         best_scores = _rerank(trained, index, best_rows, best_scores, tokens, attention_mask, device, precision)
@@ -317,7 +348,7 @@ def top_rows(features: np.ndarray, query: torch.Tensor, keep: int,
     best_rows = torch.empty(0, dtype=torch.long)
     for start in range(0, features.shape[0], chunk_rows):
         chunk = torch.from_numpy(np.array(features[start : start + chunk_rows], dtype=np.float32)).to(query.device)
-        scores = torch.cat([best_scores, (chunk @ query.float()).cpu()])
+        scores = torch.cat([best_scores, (chunk @ query.float()).nan_to_num(nan=-math.inf).cpu()])  # never a NaN
         rows = torch.cat([best_rows, torch.arange(start, start + len(chunk))])
         order = scores.topk(min(keep, len(scores))).indices
         best_scores, best_rows = scores[order], rows[order]

@@ -190,8 +190,13 @@ class T2VLP(nn.Module):
                 raise CheckpointError(_needs_clip(init_model, "the CLIP towers"))
         else:
             clip_state = read_clip_state_dict(clip_path)
+        try:
+            weights = CLIPConfig.from_state_dict(clip_state)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{clip_path} is not a CLIP model in OpenAI's layout "
+                                  f"({str(error).strip(chr(39))})") from None
         recorded_in = "the run being resumed" if recorded is not None else init_model
-        clip_config = resolve_backbone(CLIPConfig.from_state_dict(clip_state), clip_model,
+        clip_config = resolve_backbone(weights, clip_model,
                                        recorded if recorded is not None else init_settings, clip_path, recorded_in)
         model = cls(clip_config, config)
         if init_state is not None:
