@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parts = parser.add_argument_group("conversion over many machines")
     parts.add_argument("--num_parts", type=int, default=1, help="split the conversion into this many parts (1)")
     parts.add_argument("--part", type=int, default=0, help="the part this run converts, 0 .. num_parts - 1")
+    tables.add_argument("--allow_outside_paths", action="store_true",
+                        help="read a table's video paths that are absolute or lead above --video_dir (refused and "
+                             "reported as outside_video_dir by default)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="decoding processes; 0 decodes in this process (default: CPU count)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -193,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> ConversionConfig:
         args.output_dir, args.video_dir, args.frames_dir, args.csv_paths, args.output_name, args.labels_name,
         args.shard_size, args.workers, not args.no_progress, options, tables=_tables(parser, args),
         webdataset=args.webdataset or [], fields=SampleFields(args.caption_field, args.id_field),
-        num_parts=args.num_parts, part=args.part, merge_dirs=args.merge,
+        num_parts=args.num_parts, part=args.part, merge_dirs=args.merge, allow_outside_paths=args.allow_outside_paths,
     )
 
 

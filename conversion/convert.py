@@ -70,6 +70,7 @@ class ConversionConfig:
     num_parts: int = 1
     part: int = 0
     merge_dirs: list[str] | None = None  # set: merge the parts in these folders (empty: --output_dir)
+    allow_outside_paths: bool = False  # a table's video paths may lead outside --video_dir
 
     def all_tables(self) -> list[tuple[str, TableLayout]]:
         return [(path, PRESETS["webvid"]) for path in self.csv_paths] + list(self.tables)
@@ -183,7 +184,8 @@ def plan_conversion(config: ConversionConfig, summary: ConversionSummary) -> Pla
         if not Path(path).is_file():
             raise InputError(f"{'--csv' if path in config.csv_paths else '--table'} {path} does not exist")
     selection = select_files(folder, "frames" if config.frames_dir else "video", config.all_tables(),
-                             use_captions_beside=not config.options.is_frame_store, fields=config.fields)
+                             use_captions_beside=not config.options.is_frame_store, fields=config.fields,
+                             allow_outside=config.allow_outside_paths)
     summary.n_csv_rows, summary.n_sources_found = selection.n_rows, selection.n_sources_found
     summary.n_selected = sum(len(unit.clips) for unit in selection.units)
     has_captions = selection.has_captions and not config.options.is_frame_store

@@ -44,7 +44,7 @@ def find_frame_folders(frames_dir: str | Path) -> dict[str, str]:
 
 
 def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], *, use_captions_beside: bool,
-                 fields: SampleFields) -> Selection:
+                 fields: SampleFields, allow_outside: bool = False) -> Selection:
     """The units to convert from `folder` (`kind` "video": --video_dir, "frames": --frames_dir), in id order.
 
     With `tables` only the videos they name, with their clips and captions (a named video missing from the
@@ -64,7 +64,7 @@ def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], 
             read_tables([path], layout, rows)
         selection.n_rows, selection.has_captions = rows.n_rows, True
         selection.failures += rows.failures
-        _units_from_tables(rows, found, folder, kind, selection)
+        _units_from_tables(rows, found, folder, kind, selection, allow_outside)
     elif use_captions_beside and any(not is_video_file(path.name) for path in walked):
         selection.has_captions = True
         _units_from_captions_beside(walked, fields, selection)
@@ -78,13 +78,19 @@ def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], 
     return selection
 
 
-def _units_from_tables(rows: TableRows, found: dict[str, str], folder: str, kind: str, selection: Selection) -> None:
+def _units_from_tables(rows: TableRows, found: dict[str, str], folder: str, kind: str, selection: Selection,
+                       allow_outside: bool) -> None:
     missing = []
     for video_id in sorted(rows.clips):
         clips = rows.clips[video_id]
         if not clips:
             continue
         relative = rows.video_paths.get(video_id)
+        if relative is not None and not allow_outside and not _stays_inside(relative):
+            selection.failures.append(Failure("outside_video_dir", video_id, clips[0].where,
+                                              f"{relative} leads outside --video_dir {folder} "
+                                              f"(--allow_outside_paths reads it)"))
+            continue
         location = str(Path(folder) / relative) if relative is not None else found.get(video_id)
         if location is None or (relative is not None and not os.path.exists(location)):
             where = clips[0].where if relative is not None else ""
@@ -94,6 +100,13 @@ def _units_from_tables(rows: TableRows, found: dict[str, str], folder: str, kind
             continue
         selection.units.append(Unit(video_id, location, kind, tuple(clips)))
     selection.failures += missing
+
+
+def _stays_inside(relative: str) -> bool:
+    """A table's path stays under the folder it is relative to: not absolute, no `..` above it (links inside the
+    folder may still point anywhere: the folder's owner made them)."""
+    normal = os.path.normpath(relative)
+    return not os.path.isabs(relative) and normal != ".." and not normal.startswith(".." + os.sep)
 
 
 def _units_from_captions_beside(walked: list[Path], fields: SampleFields, selection: Selection) -> None:

@@ -74,3 +74,24 @@ def test_only_text_is_a_caption(tmp_path, videos):  # noqa: F811
     assert sorted((row[0], row[3]) for row in failures_of(out)) == [
         ("malformed_row", "caption column 'caption' holds a dict (\"{'a': 1}\"), not text"),
         ("malformed_row", "caption column 'caption' holds bytes that are not UTF-8 text")]
+
+
+def test_table_paths_outside_the_video_folder_are_refused_unless_allowed(tmp_path, videos):  # noqa: F811
+    folder, outside = tmp_path / "videos", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (folder / "inside.mp4").write_bytes(videos["mp4v"])
+    for name in ("x", "y"):
+        (outside / f"{name}.mp4").write_bytes(videos["mp4v"])
+    table = tmp_path / "clips.csv"
+    table.write_text(f"path,caption\ninside.mp4,kept\n../outside/x.mp4,climbs out\n{outside / 'y.mp4'},absolute\n")
+    args = ["--video_dir", str(folder), "--table", str(table), "--video_column", "path", "--caption_column",
+            "caption"]
+    out = tmp_path / "store"
+    convert(*args, "--output_dir", str(out))
+    assert [label["caption"] for label in json.loads((out / "frozen_train_labels.json").read_text())] == ["kept"]
+    assert sorted((row[0], row[1], row[3].split(" leads")[0]) for row in failures_of(out)) == [
+        ("outside_video_dir", "x", "../outside/x.mp4"), ("outside_video_dir", "y", str(outside / "y.mp4"))]
+    convert(*args, "--output_dir", str(tmp_path / "allowed"), "--allow_outside_paths")
+    labels = json.loads((tmp_path / "allowed" / "frozen_train_labels.json").read_text())
+    assert sorted(label["caption"] for label in labels) == ["absolute", "climbs out", "kept"]
