@@ -64,10 +64,19 @@ def _shards_of(name: str) -> list[str]:
 
 
 def _s3_folder(prefix: str) -> list[str]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, key = split_s3_url(prefix)
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-    found = sorted(item["Key"] for page in pages for item in page.get("Contents", [])
-                   if item["Key"].endswith(SHARD_SUFFIX))
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        found = sorted(item["Key"] for page in pages for item in page.get("Contents", [])
+                       if item["Key"].endswith(SHARD_SUFFIX))
+    except ClientError as error:  # no such bucket, access denied, ...
+        detail = error.response.get("Error", {})
+        raise InputError(f"--webdataset {prefix}: S3 refused the listing ({detail.get('Code', 'error')}: "
+                         f"{detail.get('Message', error)})") from None
+    except BotoCoreError as error:  # no endpoint, no credentials, a connection that fails
+        raise InputError(f"--webdataset {prefix}: S3 cannot be reached ({error})") from None
     if not found:
         raise InputError(f"--webdataset {prefix}: no {SHARD_SUFFIX} object under this prefix")
     return [f"s3://{bucket}/{item}" for item in found]

@@ -12,6 +12,7 @@ import webdataset
 from conversion.items import id_problem
 from dataloaders.webvid import WebVidIndex, read_frames
 from tests.test_webdataset_input import convert, failures_of, meta, videos  # noqa: F401 (the member fixture)
+from tests.test_webvid_s3 import s3_env, s3_server  # noqa: F401 (the moto S3 fixtures)
 
 
 @pytest.mark.parametrize("value, problem", [
@@ -95,3 +96,21 @@ def test_table_paths_outside_the_video_folder_are_refused_unless_allowed(tmp_pat
     convert(*args, "--output_dir", str(tmp_path / "allowed"), "--allow_outside_paths")
     labels = json.loads((tmp_path / "allowed" / "frozen_train_labels.json").read_text())
     assert sorted(label["caption"] for label in labels) == ["absolute", "climbs out", "kept"]
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line(s3_env, monkeypatch, tmp_path, capsys):  # noqa: F811
+    import frozen_tfrecord
+    from tests.test_webvid_s3 import free_port
+
+    def run(output: str) -> list[str]:
+        argv = ["--webdataset", "s3://no-such-bucket/shards/", "--output_dir", str(tmp_path / output), "--workers",
+                "0", "--no_progress"]
+        assert frozen_tfrecord.main(argv) == 2
+        return [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+
+    assert run("a") == ["frozen_tfrecord.py: error: --webdataset s3://no-such-bucket/shards/: S3 refused the listing "
+                        "(NoSuchBucket: The specified bucket does not exist)"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    errors = run("b")
+    assert len(errors) == 1 and "--webdataset s3://no-such-bucket/shards/: S3 cannot be reached (" in errors[0]
