@@ -13,11 +13,14 @@ exact: one matrix product per chunk of rows, read memory-mapped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,18 +123,45 @@ def encode_videos(trained: TrainedModel, paths: list[Path], *, batch_size: int, 
     return arrays, rows, errors
 
 
+SWAP_LOCK = ".index.swap.lock"  # held shared by readers while they open a version, exclusively for the swap
+
+
+@contextlib.contextmanager
+def swap_lock(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Readers (shared) open index.json and every array under it; the writer (exclusive) replaces them all under
+    it: a reader sees one version, whole (its memory maps keep the files it opened after they are replaced). A
+    folder the reader cannot write to is read without it."""
+    try:
+        handle = open(folder / SWAP_LOCK, "a+b")  # noqa: SIM115 - held for the with block
+    except OSError:
+        if exclusive:
+            raise
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
 @dataclass
 class VideoIndex:
     folder: Path
     meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # opened (memory-mapped) with index.json
 
     @classmethod
     def load(cls, folder: str | Path, check_arrays: bool = True) -> VideoIndex:
-        """The index in `folder`, its arrays checked against index.json (InputError naming what is wrong)."""
+        """The index in `folder`, its arrays checked against index.json (InputError naming what is wrong);
+        index.json and the arrays are opened together, as one version even while `predict.py index` updates it."""
         folder = Path(folder)
         path = folder / "index.json"
         if not path.is_file():
             raise InputError(f"{folder} is not an index (no index.json): build one with `predict.py index`")
+        with swap_lock(folder, exclusive=False):
+            return cls._load(folder, path, check_arrays)
+
+    @classmethod
+    def _load(cls, folder: Path, path: Path, check_arrays: bool) -> VideoIndex:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -140,7 +170,7 @@ class VideoIndex:
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise InputError(f"{path}: index format {found} is not {INDEX_FORMAT}; rebuild it")
-        index = cls(folder, meta)
+        index = cls(folder, meta, _open_arrays(folder))
         problem = index.inconsistency() if check_arrays else None
         if problem:
             raise InputError(f"{folder}: {problem}; run `predict.py index` on its folder again to repair it")
@@ -158,15 +188,14 @@ class VideoIndex:
         count = len(videos)
         shapes: dict[str, tuple[int, ...]] = {}
         for name in ARRAYS:
-            path = self.folder / f"{name}.npy"
-            if not path.is_file():
+            opened = self.arrays.get(name)
+            if opened is None:
                 if name == "clip_features" and count:
                     return f"{name}.npy is missing"
                 continue
-            try:
-                shapes[name] = np.load(path, mmap_mode="r").shape
-            except (OSError, ValueError) as error:
-                return f"{name}.npy cannot be read ({error})"
+            if isinstance(opened, str):
+                return f"{name}.npy cannot be read ({opened})"
+            shapes[name] = opened.shape
             if shapes[name][0] != count:
                 return f"{name}.npy has {shapes[name][0]} rows for the {count} videos of index.json"
         if "clip_features" in shapes and len(shapes["clip_features"]) != 2:
@@ -178,10 +207,23 @@ class VideoIndex:
         return [entry["path"] for entry in self.meta["videos"]]
 
     def array(self, name: str) -> np.ndarray:
-        path = self.folder / f"{name}.npy"
-        if not path.is_file():
+        opened = self.arrays.get(name)
+        if not isinstance(opened, np.ndarray):
             raise InputError(f"{self.folder} has no {name}.npy (built from a model without a fusion encoder?)")
-        return np.load(path, mmap_mode="r")
+        return opened
+
+
+def _open_arrays(folder: Path) -> dict[str, np.ndarray | str]:
+    """Every array of the index, memory-mapped, or the reason it cannot be read; absent ones left out."""
+    opened: dict[str, np.ndarray | str] = {}
+    for name in ARRAYS:
+        path = folder / f"{name}.npy"
+        if path.is_file():
+            try:
+                opened[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                opened[name] = str(error)
+    return opened
 
 
 def _stat(path: Path) -> dict[str, Any]:
@@ -233,7 +275,7 @@ def _update_index(trained: TrainedModel, video_dir: Path, out: Path, *, batch_si
     if previous is not None:
         if previous.meta["settings"] == settings:
             old_meta = previous.meta
-            old_arrays = {name: previous.array(name) for name in ARRAYS if (out / f"{name}.npy").is_file()}
+            old_arrays = {name: previous.array(name) for name in ARRAYS if name in previous.arrays}
         else:
             logger.warning("%s was built with other settings or another checkpoint (or the checkpoint changed): "
                            "re-encoding everything", out)
@@ -284,18 +326,23 @@ def _previous_index(out: Path) -> VideoIndex | None:
 def _write_index(out: Path, settings: dict[str, Any], entries: list[dict], arrays: dict[str, np.ndarray],
                  update: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    written = []  # (temporary, final name); one writer: the folder is locked
     for name in ARRAYS:
-        if name not in arrays:
-            (out / f"{name}.npy").unlink(missing_ok=True)
-            continue
-        temporary = out / f".{name}.npy.tmp"  # one writer: the folder is locked
-        with open(temporary, "wb") as handle:
-            np.save(handle, arrays[name])
-        os.replace(temporary, out / f"{name}.npy")
+        if name in arrays:
+            temporary = out / f".{name}.npy.tmp"
+            with open(temporary, "wb") as handle:
+                np.save(handle, arrays[name])
+            written.append((temporary, out / f"{name}.npy"))
     meta = {"format": INDEX_FORMAT, "settings": settings, "videos": entries, "last_update": update}
     temporary = out / ".index.json.tmp"
     temporary.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, out / "index.json")  # last: the arrays above already match it
+    written.append((temporary, out / "index.json"))
+    with swap_lock(out, exclusive=True):  # readers see the old version or this one, whole
+        for name in ARRAYS:
+            if name not in arrays:
+                (out / f"{name}.npy").unlink(missing_ok=True)
+        for source, target in written:
+            os.replace(source, target)
 
 
 @dataclass

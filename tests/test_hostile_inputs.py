@@ -101,3 +101,45 @@ def test_a_checkpoint_that_gives_non_finite_features_is_refused(stage1_checkpoin
                          str(tmp_path / "ix"), "--num_workers", "0", "--max_frames", "3", check=False)
     assert result.returncode == 2
     assert f"{broken} gives non-finite features for every video (6): the checkpoint is damaged" in result.stderr
+
+
+def test_readers_see_one_version_while_the_index_is_updated(stage1_checkpoint, small_demo_source, tmp_path,
+                                                            monkeypatch):
+    import fcntl
+    import threading
+
+    from inference import video_index
+
+    videos = tmp_path / "videos"
+    link_test_videos(small_demo_source, videos)
+    flags = ["--init_model", str(stage1_checkpoint), "--out", str(tmp_path / "ix"), "--num_workers", "0",
+             "--max_frames", "3", "--feature_framerate", "2", "--max_words", "16"]
+    run_predict("index", str(videos), *flags)
+    before = video_index.VideoIndex.load(tmp_path / "ix")
+    for path in sorted(videos.iterdir())[:3]:
+        path.unlink()  # the update drops three videos: every row after them moves
+
+    halfway, go = threading.Event(), threading.Event()
+    replace = video_index.os.replace
+
+    def slow_replace(source, target):
+        replace(source, target)
+        if str(target).endswith("clip_features.npy"):  # one file of the new version in place, the rest not yet
+            halfway.set()
+            assert go.wait(60)
+
+    monkeypatch.setattr(video_index.os, "replace", slow_replace)
+    writer = threading.Thread(target=run_predict, args=("index", str(videos), *flags))
+    writer.start()
+    assert halfway.wait(120)
+    with open(tmp_path / "ix" / video_index.SWAP_LOCK, "a+b") as handle:  # a reader would wait here
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    go.set()
+    writer.join(120)
+    after = video_index.VideoIndex.load(tmp_path / "ix")
+    assert len(after.paths) == 3 == after.array("clip_features").shape[0]
+    # Each remaining video keeps its own feature: rows follow paths.
+    rows_before = {path: row for row, path in enumerate(before.paths)}
+    for row, path in enumerate(after.paths):
+        np.testing.assert_array_equal(after.array("clip_features")[row], before.array("clip_features")[rows_before[path]])
