@@ -35,7 +35,7 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     for videos in ("MSRVTT_Videos", "MSVD_Videos", "LSMDC_Videos", "DiDeMo_Videos"):
         (root / videos).mkdir()
-    for name in ("clip.pt", "init.bin"):
+    for name in ("clip.pt", "init.bin", "frozen_train_labels.json"):
         (root / name).write_bytes(b"x")
     return root
 

@@ -319,6 +319,12 @@ def test_start_scripts_check_their_inputs_before_launching(tmp_path):
         (tmp_path / "nowhere").mkdir(exist_ok=True)
         result = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "missing.pt" in result.stderr and "fetch_clip.py" in result.stderr
+        (tmp_path / "clip.pt").write_bytes(b"x")
+        (tmp_path / "init.bin").write_bytes(b"x")
+        result = subprocess.run(["bash", str(ROOT / script)], env={**env, "CLIP_PATH": str(tmp_path / "clip.pt"),
+                                "INIT_MODEL": str(tmp_path / "init.bin")}, capture_output=True, text=True, timeout=60)
+        labels = tmp_path / "nowhere" / "WebVid_TFRecord" / "frozen_train_labels.json"
+        assert result.returncode == 2 and f"'{labels}' is not a file: convert a corpus" in result.stderr
         shutil.rmtree(tmp_path / "nowhere")
 
 

@@ -36,6 +36,13 @@ webvid_labels() {
     echo "$DATA_PATH/frozen_train_labels.json"
   else echo "$WEBVID_PATH/frozen_train_labels.json"; fi
 }
+# require_labels LABELS: the labels must exist before anything is launched (the converter writes them beside the
+# store; the original's layout has them in DATA_PATH)
+require_labels() {
+  [[ "$1" == s3://* ]] && return
+  require_file "$LAUNCHER" "$1" "convert a corpus into \$DATA_PATH/WebVid_TFRecord with frozen_tfrecord.py (its labels go \
+beside the store), or set LABELS / WEBVID_PATH"
+}
 
 # train_or_eval: --do_eval with EVAL_ONLY set (evaluate INIT_MODEL without training), else --do_train
 train_or_eval() { if [[ -n "${EVAL_ONLY:-}" ]]; then echo --do_eval; else echo --do_train; fi; }
@@ -47,6 +54,7 @@ original_clip() {
   OUTPUT_PATH=${OUTPUT_PATH:-./output/stage1}
   WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
   local labels; labels=$(webvid_labels)
+  require_labels "$labels"
   flags=("$(train_or_eval)" --num_thread_reader=2 --epochs=5 --batch_size="$BATCH_SIZE" --n_display=50
     --train_csv "$DATA_PATH/MSRVTT_train.9k.csv" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv"
     --data_path "$labels" --dir_path "$WEBVID_PATH"
@@ -84,6 +92,7 @@ original_fusion() {
   OUTPUT_PATH=${OUTPUT_PATH:-./output/stage2}
   WEBVID_PATH=${WEBVID_PATH:-$DATA_PATH/WebVid_TFRecord}
   local labels; labels=$(webvid_labels)
+  require_labels "$labels"
   flags=(--do_train --num_thread_reader=4 --epochs=10 --batch_size="$BATCH_SIZE" --n_display=50
     --train_csv "$labels" --val_csv "$DATA_PATH/MSRVTT_JSFUSION_test.csv"
     --data_path "$labels" --dir_path "$WEBVID_PATH"
