@@ -94,7 +94,8 @@ whose sidecar matches the plan and the options, so an interrupted conversion res
 byte-identical to an uninterrupted run. Bad rows, samples and videos are reported in failures.tsv and skipped,
 never fatal; a clip id already stored is reported (duplicate_id) and the first kept. Exit status: 0 when every
 shard is complete, 1 when no clip was written or an I/O error stopped the run (re-run to resume), 2 for bad input
-(a missing folder, csv or table, a table without the needed columns, nothing to convert).
+(a missing folder, csv or table, a table without the needed columns, nothing to convert), 130 stopped by Ctrl-C
+(SIGINT; complete shards kept, re-run to resume).
 
 Over many machines: --num_parts N --part K converts the shards n with n mod N == K (a SLURM array: --part
 $SLURM_ARRAY_TASK_ID) into one --output_dir on shared storage or N folders; each part resumes like a whole
@@ -242,7 +243,7 @@ def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 a conversion that wrote no clip or stopped on an I/O error (complete shards are
     kept: re-run to resume), 2 bad input (a missing folder, csv or table, a table without the needed columns,
-    nothing to convert)."""
+    nothing to convert), 130 stopped by Ctrl-C (complete shards are kept: re-run to resume)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.verify is not None:
@@ -250,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         summary = convert(config)
+    except KeyboardInterrupt:
+        kept = len(list(Path(config.output_dir).glob(f"{config.output_name}-*.meta.json")))
+        print(f"frozen_tfrecord.py: stopped; {kept} complete shard(s) kept in {config.output_dir}; rerun the same "
+              f"command to resume", file=sys.stderr, flush=True)
+        return 130
     except InputError as error:
         print(f"frozen_tfrecord.py: error: {error}", file=sys.stderr, flush=True)
         return 2

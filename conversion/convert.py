@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -255,10 +256,12 @@ _decode_threads = 0  # FFmpeg decoding threads per video; 0 = FFmpeg's choice (a
 
 
 def use_one_decoding_thread() -> None:
-    """What each worker process runs first: parallelism comes from the processes, not from FFmpeg's threads."""
+    """What each worker process runs first: parallelism comes from the processes, not from FFmpeg's threads; and
+    Ctrl-C (sent to the whole process group) is the parent's to handle: it stops the workers itself."""
     global _decode_threads
     _decode_threads = 1  # parallelism comes from the worker processes
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _convert_units(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig, has_captions: bool,
@@ -331,6 +334,10 @@ def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: C
             for plan, state in zip(todo, results):
                 states[plan.number] = state
                 bar.update(1)
+        except BaseException:
+            if config.workers > 0:
+                pool.terminate()  # Ctrl-C or a failure: the shards being written are abandoned, as planned
+            raise
         finally:
             if config.workers > 0:
                 pool.close()

@@ -277,3 +277,30 @@ def test_killed_conversion_resumes_to_byte_identical_output(tmp_path):
     assert (summary.n_shards, summary.n_shards_resumed) == (4, 2)
     assert output_bytes(out) == output_bytes(tmp_path / "reference")
     assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_conversion_with_one_line_and_a_rerun_completes_it(tmp_path):
+    videos = make_many_videos(tmp_path, 7)
+    args = ["--video_dir", str(videos), "--csv", str(tmp_path / "labels.csv"), "--shard_size", "2"]
+    convert(tmp_path / "reference", *args, "--workers", "0")
+    blocking = videos / "2004.mp4"  # a FIFO holds a worker in shard 2 until the interrupt
+    real_video = blocking.rename(tmp_path / "2004.mp4")
+    os.mkfifo(blocking)
+    out = tmp_path / "interrupted"
+    process = run_cli(*args, "--output_dir", str(out), "--workers", "2", "--no_progress", start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "path-00001.meta.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the converter ended before the interrupt"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the converter and its workers
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "Error" not in output
+    assert output.strip().splitlines()[-1] == (f"frozen_tfrecord.py: stopped; 2 complete shard(s) kept in {out}; "
+                                               f"rerun the same command to resume")
+    blocking.unlink()
+    real_video.rename(blocking)
+    summary = convert(out, *args, "--workers", "2")
+    assert (summary.n_shards, summary.n_shards_resumed) == (4, 2)
+    assert output_bytes(out) == output_bytes(tmp_path / "reference")
