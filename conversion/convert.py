@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips
 from conversion.encoding import EncodeOptions, encode_decoded_clip, encode_frame_store_clip
-from conversion.items import Failure, Unit
+from conversion.items import RETRIABLE_FAILURES, Failure, Unit
 from conversion.shards import (
     OutputLayout,
     PartManifest,
@@ -85,6 +85,7 @@ class ConversionSummary:
     n_written: int = 0
     n_shards: int = 0
     n_shards_resumed: int = 0
+    n_shards_retried: int = 0  # complete shards converted again: inputs of theirs had failed in a way that can change
     failures: dict[str, int] = field(default_factory=dict)
     part: str = ""  # "part K of N" for one part of a conversion
     n_input_shards: int = 0  # webdataset shards
@@ -95,8 +96,10 @@ class ConversionSummary:
         rows = f"table rows: {self.n_csv_rows}; " if self.n_csv_rows else ""  # files mode reads no table
         inputs = (f"webdataset shards: {self.n_input_shards}" if self.n_input_shards else
                   f"{rows}videos found: {self.n_sources_found}; selected: {self.n_selected}")
+        retried = (f", {self.n_shards_retried} converted again for inputs that had failed (unreadable, cut short "
+                   f"or missing)") if self.n_shards_retried else ""
         return (f"{where}{inputs}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
-                f"kept from an earlier run); failures: {failures}")
+                f"kept from an earlier run{retried}); failures: {failures}")
 
     def count(self, failures: list[Failure]) -> None:
         for failure in failures:
@@ -138,8 +141,13 @@ def _convert(config: ConversionConfig) -> ConversionSummary:
     layout.dir.mkdir(parents=True, exist_ok=True)
     mine = [plan for plan in planned.plans if plan.number % config.num_parts == config.part]
     remove_stale_temporaries(layout, [plan.number for plan in mine])
-    states = {plan.number: state for plan in mine
-              if (state := load_complete_shard(layout, plan, config.options)) is not None}
+    states: dict[int, ShardState] = {}
+    for plan in mine:
+        state = load_complete_shard(layout, plan, config.options)
+        if state is not None and any(failure[0] in RETRIABLE_FAILURES for failure in state.failures):
+            summary.n_shards_retried += 1  # complete, but an input of it may be readable now
+        elif state is not None:
+            states[plan.number] = state
     summary.n_shards, summary.n_shards_resumed = len(mine), len(states)
     todo = [plan for plan in mine if plan.number not in states]
     if config.webdataset:

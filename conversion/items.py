@@ -19,6 +19,11 @@ def id_problem(value: object) -> str | None:
     return None
 
 
+# Failures whose cause can go away (a shard or video unreadable, cut short, missing): a shard that recorded one is
+# converted again on a rerun; the others (not a video, a bad window, a malformed row, ...) are in the data itself.
+RETRIABLE_FAILURES = frozenset({"bad_shard", "bad_video", "missing_video"})
+
+
 @dataclass
 class Failure:
     """One line of failures.tsv: why a row, a sample or a clip was not stored (or, for `fewer_frames`, stored with

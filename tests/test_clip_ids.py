@@ -114,3 +114,48 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line(s3_env, monkeyp
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     errors = run("b")
     assert len(errors) == 1 and "--webdataset s3://no-such-bucket/shards/: S3 cannot be reached (" in errors[0]
+
+
+def test_a_rerun_converts_again_the_shards_whose_inputs_had_failed_and_can_be_read_now(tmp_path, videos):  # noqa: F811
+    from tests.test_frozen_tfrecord import output_bytes
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with webdataset.TarWriter(str(shards / "00000.tar")) as writer:
+        for n in range(4):
+            writer.write({"__key__": f"clip{n}", "mp4": videos["mp4v"], "txt": f"caption {n}"})
+    with webdataset.TarWriter(str(shards / "00001.tar")) as writer:
+        writer.write({"__key__": "other", "mp4": videos["mp4v"], "txt": "a sound shard"})
+    complete = (shards / "00000.tar").read_bytes()
+    reference = tmp_path / "reference"
+    convert("--webdataset", f"{shards}/{{00000,00001}}.tar", "--output_dir", str(reference))
+
+    (shards / "00000.tar").write_bytes(complete[: len(complete) // 3])  # a download cut short
+    out = tmp_path / "store"
+    first = convert("--webdataset", f"{shards}/{{00000,00001}}.tar", "--output_dir", str(out))
+    assert first.n_written < 5 and "bad_shard" in first.failures
+    (shards / "00000.tar").write_bytes(complete)  # the user downloads it again
+    again = convert("--webdataset", f"{shards}/{{00000,00001}}.tar", "--output_dir", str(out))
+    assert (again.n_shards_resumed, again.n_shards_retried, again.n_written) == (1, 1, 5)
+    assert "1 converted again for inputs that had failed" in again.report()
+    assert output_bytes(out) == output_bytes(reference)
+    assert convert("--webdataset", f"{shards}/{{00000,00001}}.tar", "--output_dir", str(out)).n_shards_retried == 0
+
+
+def test_a_truncated_video_restored_is_converted_on_the_rerun(tmp_path, videos):  # noqa: F811
+    from tests.test_frozen_tfrecord import output_bytes
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.mp4").write_bytes(videos["h264"])
+        (folder / f"{name}.txt").write_text(f"clip {name}")
+    reference = tmp_path / "reference"
+    convert("--video_dir", str(folder), "--output_dir", str(reference))
+    (folder / "b.mp4").write_bytes(videos["h264"][:200])  # cut short
+    out = tmp_path / "store"
+    assert convert("--video_dir", str(folder), "--output_dir", str(out)).failures.get("bad_video") == 1
+    (folder / "b.mp4").write_bytes(videos["h264"])
+    again = convert("--video_dir", str(folder), "--output_dir", str(out))
+    assert (again.n_shards_retried, again.n_written) == (1, 2) and not again.failures
+    assert output_bytes(out) == output_bytes(reference)
