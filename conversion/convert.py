@@ -15,11 +15,14 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 from tqdm import tqdm
@@ -264,12 +267,10 @@ _decode_threads = 0  # FFmpeg decoding threads per video; 0 = FFmpeg's choice (a
 
 
 def use_one_decoding_thread() -> None:
-    """What each worker process runs first: parallelism comes from the processes, not from FFmpeg's threads; and
-    Ctrl-C (sent to the whole process group) is the parent's to handle: it stops the workers itself."""
+    """What each worker process runs first: parallelism comes from the processes, not from FFmpeg's threads."""
     global _decode_threads
     _decode_threads = 1  # parallelism comes from the worker processes
     cv2.setNumThreads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _convert_units(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig, has_captions: bool,
@@ -307,6 +308,43 @@ def write_unit_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[li
         raise
 
 
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[threading.Event]:
+    """While workers run: Ctrl-C sets the event instead of raising inside the pool's waits (where it can leave the
+    pool's locks half-taken and its shutdown hanging); `polled` raises KeyboardInterrupt at a safe point."""
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def start_pool(processes: int) -> multiprocessing.pool.Pool:
+    """Worker processes that start with Ctrl-C ignored (an ignored signal stays ignored through exec, so not even a
+    worker still importing prints a KeyboardInterrupt); fresh interpreters, as forking a parent whose OpenCV thread
+    pool has run deadlocks cv2 in the children."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(processes, initializer=use_one_decoding_thread)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def polled(results: Any, flag: threading.Event) -> Iterator:
+    """The results of `Pool.imap`, in order, waking to check `flag` (Ctrl-C) while waiting for the next one."""
+    while True:
+        try:
+            item = results.next(timeout=0.2)
+        except multiprocessing.TimeoutError:
+            if flag.is_set():
+                raise KeyboardInterrupt from None
+            continue
+        except StopIteration:
+            return
+        yield item
+
+
 def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tuple[ShardPlan, Iterator]]:
     """(plan, ordered results) per shard; with workers, the next shard is already queued while one is written."""
     work = functools.partial(convert_unit, options=config.options)
@@ -314,11 +352,10 @@ def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tupl
         for plan in todo:
             yield plan, map(work, plan.units)
         return
-    # Fresh interpreters: forking a parent whose OpenCV thread pool has run deadlocks cv2 in the children.
-    with multiprocessing.get_context("spawn").Pool(config.workers, initializer=use_one_decoding_thread) as pool:
+    with interrupt_flag() as flag, start_pool(config.workers) as pool:
         queued: deque = deque()
         for plan in todo:
-            queued.append((plan, pool.imap(work, plan.units, chunksize=1)))
+            queued.append((plan, polled(pool.imap(work, plan.units, chunksize=1), flag)))
             if len(queued) == 2:
                 yield queued.popleft()
         while queued:
@@ -331,13 +368,13 @@ def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tupl
 def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig,
                           states: dict[int, ShardState]) -> None:
     work = functools.partial(convert_input_shard, layout=layout, options=config.options, fields=config.fields)
-    with tqdm(total=len(todo), unit="shard", disable=not config.progress, dynamic_ncols=True) as bar:
+    with (tqdm(total=len(todo), unit="shard", disable=not config.progress, dynamic_ncols=True) as bar,
+          interrupt_flag() if config.workers > 0 else contextlib.nullcontext() as flag):
         if config.workers <= 0:
             results = map(work, todo)
         else:
-            pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(todo)) or 1,
-                                                             initializer=use_one_decoding_thread)
-            results = pool.imap(work, todo, chunksize=1)
+            pool = start_pool(min(config.workers, len(todo)) or 1)
+            results = polled(pool.imap(work, todo, chunksize=1), flag)
         try:
             for plan, state in zip(todo, results):
                 states[plan.number] = state

@@ -190,7 +190,8 @@ def test_rerun_keeps_the_finished_shards(video_dir, stores, tmp_path):
     first = convert_store(video_dir, tmp_path, feature_framerate=1, image_size=IMAGE_SIZE, frame_format="png")
     shards = sorted(tmp_path.glob("*.tfrecord"))
     again = convert_store(video_dir, tmp_path, feature_framerate=1, image_size=IMAGE_SIZE, frame_format="png")
-    assert first.n_shards == again.n_shards_resumed == 2
+    # The shard holding the broken video is converted again (the video might have been restored), the other kept.
+    assert (first.n_shards, again.n_shards_resumed, again.n_shards_retried) == (2, 1, 1)
     assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted(stores[1].glob("*.tfrecord"))]
 
 

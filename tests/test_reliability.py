@@ -344,6 +344,7 @@ def test_launchers_use_torchrun_only_for_more_than_one_process():
 @pytest.mark.integration
 def test_one_process_launch_reports_the_scripts_own_error_and_exit_code(tmp_path):
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "frozen_train_labels.json").write_text("[]")
     (tmp_path / "clip.pt").write_bytes(b"not a checkpoint")
     env = {**os.environ, **CPU_ENV, "DATA_PATH": str(tmp_path / "data"), "CLIP_PATH": str(tmp_path / "clip.pt"),
            "OUTPUT_PATH": str(tmp_path / "out"), "NPROC_PER_NODE": "1"}
