@@ -19,7 +19,7 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest -q --durations=15
 
-# The fast part (about 2 minutes on 2 cores): everything not marked `integration` (tests that start processes)
+# The fast part (about 100 seconds on 2 cores): everything not marked `integration` (tests that start processes)
 # or `slow`; test-integration runs those.
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration and not slow"

@@ -50,6 +50,7 @@ def test_identical_captions_score_the_maximum_and_disjoint_ones_zero(protocol, s
     assert 0 < partial["METEOR"] < same["METEOR"]
 
 
+@pytest.mark.slow
 def test_bleu_on_a_hand_computed_case(scorer):
     """Unigrams: video a matches 5 of 5, video b 3 of 5 (not "moves", not "up") -> p1 = 0.8. Bigrams: 3 of 4 and
     2 of 4 -> p2 = 0.625. Candidate length 10; closest reference lengths 5 and 6 -> r = 11, BP = exp(1 - 11/10)."""

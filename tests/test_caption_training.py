@@ -114,6 +114,7 @@ def test_captioning_reports_val_selects_by_cider_and_tests_the_selected_checkpoi
         task_definition("retrieval").new_param_patterns)
 
 
+@pytest.mark.slow
 def test_do_eval_of_the_selected_checkpoint_reproduces_the_test_row(
         caption_run, small_demo_source, tiny_fusion_clip_checkpoint, tmp_path):
     best = json.loads((caption_run / "best_checkpoint.json").read_text())

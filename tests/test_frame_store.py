@@ -87,6 +87,7 @@ CLIP_FLAGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", [1, 2, 0])
 def test_stored_clips_equal_decoded_clips_for_every_sampling_flag(video_dir, stores, rate):
     store = FrameStore(stores[rate], feature_framerate=rate, image_size=IMAGE_SIZE)

@@ -64,6 +64,7 @@ def tiny_model(tiny_clip_path) -> T2VLP:
 # 1. numerical parity with open_clip at full ViT-B/16 shapes ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_clip_towers_match_open_clip_at_vit_b16_shapes():
     torch.manual_seed(0)
     config = CLIPConfig()  # ViT-B/16

@@ -150,6 +150,7 @@ def test_the_results_page_renders_with_thumbnails(stage2_model, small_demo_sourc
     assert shape_pixels > 2000, shape_pixels
 
 
+@pytest.mark.slow
 def test_caption_and_answer_print_what_the_evaluation_decoded(small_demo_source, tiny_fusion_clip_checkpoint,
                                                               stage1_checkpoint, tmp_path):
     import main_task_qa_msrvtt

@@ -94,6 +94,7 @@ def test_the_classifier_starts_as_the_token_head_restricted_to_the_answers(tiny_
     assert torch.allclose(classifier[:, 1], token_logits[:, pieces].mean(dim=1), atol=1e-5)  # the mean of pieces
 
 
+@pytest.mark.slow
 def test_first_token_head_trains_and_evaluates_and_an_original_checkpoint_evaluates_alike(
         small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, tmp_path):
     out = tmp_path / "first_token"

@@ -45,6 +45,7 @@ def test_a_missing_resume_model_is_an_error(small_demo, tiny_clip_checkpoint, tm
 # 2 ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_fixed_settings_and_applies_them_when_allowed(small_demo, tiny_clip_checkpoint,
                                                                               tmp_path, capsys):
     out = tmp_path / "run"

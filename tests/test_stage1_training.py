@@ -46,6 +46,7 @@ def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(small_demo, tiny_clip_checkpoint, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, straight)) == 0
@@ -192,6 +193,7 @@ def test_one_non_finite_micro_batch_skips_its_window_and_training_goes_on(small_
     assert moments and all(torch.isfinite(t).all() for t in moments)
 
 
+@pytest.mark.slow
 def test_an_empty_micro_batch_is_dropped_and_resume_stays_exact(small_demo, tiny_clip_checkpoint, tmp_path,
                                                                 monkeypatch, caplog):
     """A micro-batch with no decodable video is dropped on every rank and the window takes the next one instead

@@ -58,6 +58,7 @@ def test_stage2_trains_the_fusion_encoder_and_reports_every_row(small_demo, tiny
     assert "--mask_ratio" not in log  # stage 2 reads it
 
 
+@pytest.mark.slow
 def test_stage2_stop_and_resume_is_bit_identical(small_demo, tiny_fusion_clip_checkpoint, stage1_checkpoint,
                                                   tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
