@@ -22,6 +22,7 @@ import torch
 from modules.backbones import resolve_backbone
 from modules.checkpoint import (
     CheckpointError,
+    clip_weights_of,
     init_state_from_clip,
     load_state_dict_checked,
     read_clip_state_dict,
@@ -98,7 +99,7 @@ def load_trained_model(
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     settings = {**DEFAULT_SETTINGS, **{k: v for k, v in recorded.items() if k in DEFAULT_SETTINGS}, **given}
     if "clip.visual.conv1.weight" in state:
-        clip_state = {key[len("clip."):]: value for key, value in state.items() if key.startswith("clip.")}
+        clip_state = clip_weights_of(state)
     elif clip_path is not None:
         clip_state = read_clip_state_dict(clip_path)
     else:

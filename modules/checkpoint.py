@@ -75,6 +75,11 @@ def read_model_checkpoint(path: str | os.PathLike, trust: bool = False) -> tuple
     return _unwrap_state_dict(state, path), _recorded_settings(state)
 
 
+def clip_weights_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP part of a T2VLP state dict (its `clip.*` keys), in a CLIP file's key layout."""
+    return {key[len("clip."):]: value for key, value in state.items() if key.startswith("clip.")}
+
+
 def read_model_settings(path: str | os.PathLike) -> dict:
     """The model settings a checkpoint of this project records ({} for any other file), read without loading its
     tensors (memory-mapped)."""

@@ -17,6 +17,7 @@ from modules.backbones import backbone_settings, describe, resolve_backbone
 from modules.checkpoint import (
     CheckpointError,
     check_init_coverage,
+    clip_weights_of,
     init_state_from_clip,
     load_state_dict_checked,
     read_clip_state_dict,
@@ -185,7 +186,7 @@ class T2VLP(nn.Module):
             if init_state is None:
                 raise CheckpointError("no CLIP file and no --init_model: nothing to build the model from")
             clip_path = init_model
-            clip_state = {key[len("clip."):]: value for key, value in init_state.items() if key.startswith("clip.")}
+            clip_state = clip_weights_of(init_state)
             if "visual.conv1.weight" not in clip_state:
                 raise CheckpointError(_needs_clip(init_model, "the CLIP towers"))
         else:

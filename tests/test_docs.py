@@ -12,7 +12,10 @@ DOC_FILE = re.compile(r"[\w./-]*\b[\w-]+\.md\b")
 SECTION = re.compile(r"§\s?(\d[\da-z]*(?:\.\d+)*)(?:\s?[-–]\s?(\d[\da-z]*(?:\.\d+)*))?")
 HEADING = re.compile(r"^#+ (\d[\da-z]*(?:\.\d+)*)\.?\s", re.M)
 MARKDOWN_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
-OUTSIDE = ("METHOD.md", "ARCHITECTURE.md", "DATA_FORMATS.md", "../shared", "shared/design")
+# The specification and fixtures beside the checkout, which a user of the repository does not have (spelt out of
+# pieces so that this file does not cite them itself).
+OUTSIDE = tuple(name + suffix for name, suffix in (("METHOD", ".md"), ("ARCHITECTURE", ".md"), ("DATA_FORMATS", ".md"),
+                                                   ("../", "shared"), ("shared", "/design")))
 
 
 def tracked_text_files() -> list[Path]:
@@ -80,7 +83,7 @@ def test_the_reference_check_catches_a_missing_section_and_a_missing_document(tm
 
 def test_nothing_outside_the_repository_is_cited():
     cited = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-             for path in tracked_text_files() if path.name != "test_docs.py"
+             for path in tracked_text_files()
              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
              if any(name in line for name in OUTSIDE)]
     assert not cited, "\n".join(cited)
