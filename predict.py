@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dataloaders.files import printable
 from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip, normalize_video
 from engine.precision import autocast_context, resolve_precision
 from inference.results_page import write_results_page
@@ -92,7 +93,7 @@ def run_index(args: argparse.Namespace) -> int:
     print(f"index {args.out}: {len(update['encoded'])} encoded, {update['reused']} unchanged, "
           f"{len(update['removed'])} removed, {len(update['failed'])} unreadable")
     for failure in update["failed"]:
-        print(f"  unreadable: {failure['path']}: {failure['error']}")
+        print(f"  unreadable: {printable(failure['path'])}: {printable(failure['error'])}")
     return 0
 
 
@@ -120,7 +121,7 @@ def run_query(args: argparse.Namespace) -> int:
         print(json.dumps([{"path": hit.path, "score": round(hit.score, 6)} for hit in hits]))
     else:
         for rank, hit in enumerate(hits, start=1):
-            print(f"{rank:3d}  {hit.score:9.4f}  {hit.path}")
+            print(f"{rank:3d}  {hit.score:9.4f}  {printable(hit.path)}")
     return 0
 
 
@@ -178,7 +179,7 @@ def run_caption(args: argparse.Namespace) -> int:
             decoded = decode_captions(trained.model, frames, video_mask, tubes, beam_size=args.beam_size,
                                       max_steps=trained.settings["max_words"] - 1,
                                       length_penalty=args.length_penalty)
-        print(f"{path}\t{tokenizer.decode(decoded.tokens[0])}")
+        print(f"{printable(path)}\t{tokenizer.decode(decoded.tokens[0])}")
     return 0
 
 

@@ -25,7 +25,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from dataloaders.video import VideoDecodeError
+from dataloaders.files import printable
+from dataloaders.video import VideoDecodeError, open_capture
 
 FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DECODERS = ("opencv", "pyav")
@@ -121,7 +122,7 @@ class OpenCVVideo(SequentialVideo):
 
     def __init__(self, path: str, threads: int = 0) -> None:
         if not os.path.exists(path):
-            raise VideoDecodeError(f"file not found: {path}")
+            raise VideoDecodeError(f"file not found: {printable(path)}")
         self.path = path
         self.threads = threads
         capture = self._open()
@@ -133,10 +134,10 @@ class OpenCVVideo(SequentialVideo):
 
     def _open(self) -> cv2.VideoCapture:
         params = [cv2.CAP_PROP_N_THREADS, self.threads] if self.threads else []
-        capture = cv2.VideoCapture(self.path, cv2.CAP_FFMPEG, params)
+        capture = open_capture(self.path, cv2.CAP_FFMPEG, params)
         if not capture.isOpened():
             capture.release()
-            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {self.path}")
+            raise VideoDecodeError(f"cannot open video (corrupt or not a video?): {printable(self.path)}")
         return capture
 
     def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
@@ -161,10 +162,10 @@ class PyAVVideo(SequentialVideo):
 
     def __init__(self, source: str | bytes, threads: int = 0, name: str | None = None) -> None:
         self.source = source
-        self.name = name or (source if isinstance(source, str) else "video bytes")
+        self.name = printable(name or (source if isinstance(source, str) else "video bytes"))
         self.threads = threads
         if isinstance(source, str) and not os.path.exists(source):
-            raise VideoDecodeError(f"file not found: {source}")
+            raise VideoDecodeError(f"file not found: {printable(source)}")
         with self._open() as container:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from dataloaders.files import is_utf8, printable
+
 VALID_ID = re.compile(r"[^\s/\\]+")  # a video or clip id: no whitespace, no path separators
 
 
@@ -14,6 +16,8 @@ def id_problem(value: object) -> str | None:
     separator the files named after the id; a json null or list is no id at all."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         return f"not a string but {'null' if value is None else type(value).__name__}"
+    if not is_utf8(str(value)):
+        return f"{printable(str(value))!r} is not valid UTF-8 (a file name's bytes?)"
     if not VALID_ID.fullmatch(str(value)):
         return f"{str(value)!r} is empty or holds whitespace or a path separator"
     return None
@@ -33,6 +37,10 @@ class Failure:
     video_id: str
     where: str  # file:line of a table row, <shard>:<key> of a webdataset sample, or the video's path
     detail: str
+
+    def __post_init__(self) -> None:  # a file name that is not UTF-8 is shown escaped, not written as such
+        self.video_id, self.where, self.detail = (printable(str(f)) for f in (self.video_id, self.where,
+                                                                              self.detail))
 
     def tsv_line(self) -> str:
         fields = (self.kind, self.video_id, self.where, self.detail)

@@ -14,7 +14,7 @@ from typing import Any
 
 from conversion.items import Clip, Failure, Selection, Unit, id_problem
 from conversion.tables import TableLayout, TableRows, read_tables
-from dataloaders.files import files_by_name, is_video_file, walk_files
+from dataloaders.files import files_by_name, is_utf8, is_video_file, walk_files
 from modules.errors import InputError
 
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -70,7 +70,9 @@ def select_files(folder: str, kind: str, tables: list[tuple[str, TableLayout]], 
         _units_from_captions_beside(walked, fields, selection)
     else:
         for video_id in sorted(found):
-            if problem := id_problem(video_id):
+            if not is_utf8(video_id):
+                selection.failures.append(bad_name(found[video_id]))
+            elif problem := id_problem(video_id):
                 selection.failures.append(Failure("bad_id", " ".join(video_id.split()), found[video_id],
                                                   f"the file name {problem}"))
             else:
@@ -102,6 +104,12 @@ def _units_from_tables(rows: TableRows, found: dict[str, str], folder: str, kind
     selection.failures += missing
 
 
+def bad_name(path: str) -> Failure:
+    """The failure of a file whose name is not UTF-8: its id (the name) could not be stored in the index or labels."""
+    return Failure("bad_name", "", path, "the file name is not valid UTF-8, so it cannot be a clip id: rename the "
+                   "file (e.g. with convmv)")
+
+
 def _stays_inside(relative: str) -> bool:
     """A table's path stays under the folder it is relative to: not absolute, no `..` above it (links inside the
     folder may still point anywhere: the folder's owner made them)."""
@@ -118,6 +126,9 @@ def _units_from_captions_beside(walked: list[Path], fields: SampleFields, select
     units = []
     for (_, key), members in sorted(samples.items(), key=lambda item: item[0][1]):
         where = str(members.get("video") or members.get("json") or members.get("txt"))
+        if not is_utf8(key):
+            selection.failures.append(bad_name(where))
+            continue
         meta = _read_json(members["json"]) if "json" in members else {}
         clip_id, caption, failure = sample_clip(key, meta, _read_text(members.get("txt")), fields, where,
                                                 has_video="video" in members)

@@ -28,6 +28,26 @@ def is_video_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` is valid UTF-8 text: False for a file name whose bytes are not (Python reads such names with
+    surrogate escapes, which cannot be written to a UTF-8 file or handed to OpenCV)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a name that are not UTF-8 shown as \\xNN, so it can go into a UTF-8 file or a log."""
+    if is_utf8(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def walk_files(root: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Every file under `root` whose name `keep` accepts (all by default), folders and names in sorted order,
     following symbolic links; a folder reached a second time (a link to a folder already seen, or a link loop)

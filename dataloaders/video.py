@@ -6,6 +6,7 @@ Frames stay uint8 until they reach the device; `normalize_video` turns them into
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from dataloaders.files import is_utf8, printable
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,6 +29,22 @@ PAD_MODES = ("zero", "repeat")
 
 class VideoDecodeError(RuntimeError):
     """A video file is missing, empty, corrupt or yields no frame."""
+
+
+def open_capture(path: str, *args: object) -> cv2.VideoCapture:
+    """`cv2.VideoCapture(path, *args)` for any file name. OpenCV takes a name only as UTF-8 text (other bytes crash
+    it), so a file whose name is not UTF-8 is opened here and handed to it as /proc/self/fd/N."""
+    if is_utf8(path):
+        return cv2.VideoCapture(path, *args)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        through = f"/proc/self/fd/{fd}"
+        if not os.path.exists(through):
+            raise VideoDecodeError(f"{printable(path)}: the file name is not valid UTF-8 and OpenCV reads only such "
+                                   "names on this system: rename the file (or convert with --decoder pyav)")
+        return cv2.VideoCapture(through, *args)  # FFmpeg opens the file again; ours is closed below
+    finally:
+        os.close(fd)
 
 
 def read_frames(
@@ -59,14 +78,14 @@ def read_sampled_frames(
     """`read_frames` with the frame number of each frame and the frame rate."""
     path = Path(path)
     if not path.is_file():
-        raise VideoDecodeError(f"video file not found: {path}")
-    capture = cv2.VideoCapture(str(path))
+        raise VideoDecodeError(f"video file not found: {printable(str(path))}")
+    capture = open_capture(str(path))
     try:
         if not capture.isOpened():
-            raise VideoDecodeError(f"cannot open video (empty or corrupt file?): {path}")
+            raise VideoDecodeError(f"cannot open video (empty or corrupt file?): {printable(str(path))}")
         fps = int(capture.get(cv2.CAP_PROP_FPS))
         if fps <= 0:
-            raise VideoDecodeError(f"video reports {fps} frames per second (corrupt file?): {path}")
+            raise VideoDecodeError(f"video reports {fps} frames per second (corrupt file?): {printable(str(path))}")
         frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         first_second, last_second = _second_window(math.ceil(frame_count / fps), start_time, end_time)
         offsets = _offsets_within_second(fps, feature_framerate)
@@ -74,7 +93,7 @@ def read_sampled_frames(
     finally:
         capture.release()
     if not frames:
-        raise VideoDecodeError(f"no frame could be decoded from video: {path}")
+        raise VideoDecodeError(f"no frame could be decoded from video: {printable(str(path))}")
     return SampledFrames(np.stack(frames), np.asarray(positions, dtype=np.int64), fps)
 
 

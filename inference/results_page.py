@@ -11,27 +11,38 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloaders.video import VideoDecodeError, read_frames
+from dataloaders.files import printable
+from dataloaders.video import VideoDecodeError, open_capture
 
 THUMBNAILS = 6
 THUMBNAIL_HEIGHT = 96
 
 
 def thumbnails(path: str | Path, count: int = THUMBNAILS, height: int = THUMBNAIL_HEIGHT) -> list[bytes]:
-    """JPEG bytes of `count` frames spread over the video (fewer for a short video; none when unreadable)."""
+    """JPEG bytes of `count` frames spread over the video (fewer for a short video; none when unreadable). Each is
+    reached by a seek (FFmpeg decodes from the keyframe before it), not by decoding the whole video."""
     try:
-        frames = read_frames(path, feature_framerate=0)
-    except VideoDecodeError:
+        capture = open_capture(str(path))
+    except (VideoDecodeError, OSError):
         return []
-    picks = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
-    images = []
-    for frame in frames[picks]:
-        width = max(1, round(frame.shape[1] * height / frame.shape[0]))
-        resized = cv2.resize(np.ascontiguousarray(frame), (width, height), interpolation=cv2.INTER_AREA)
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(resized, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-        if ok:
-            images.append(encoded.tobytes())
-    return images
+    try:
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+        images = []
+        for position in np.linspace(0, max(total - 1, 0), min(count, total)).round().astype(int):
+            capture.set(cv2.CAP_PROP_POS_FRAMES, int(position))
+            ok, frame = capture.read()
+            if ok:
+                images.append(_thumbnail(frame, height))
+        return images
+    finally:
+        capture.release()
+
+
+def _thumbnail(frame: np.ndarray, height: int) -> bytes:
+    """A BGR frame scaled to `height`, as JPEG."""
+    width = max(1, round(frame.shape[1] * height / frame.shape[0]))
+    resized = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    return cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
 def write_results_page(out: str | Path, query: str, hits: Sequence[tuple[str, float]], scoring: str) -> Path:
@@ -41,7 +52,7 @@ def write_results_page(out: str | Path, query: str, hits: Sequence[tuple[str, fl
         images = "".join(f'<img alt="frame" src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">'
                          for jpeg in thumbnails(path))
         rows.append(f'<li><div class="meta"><b>{rank}.</b> <span class="score">{score:.3f}</span> '
-                    f'<a href="{html.escape(Path(path).resolve().as_uri())}">{html.escape(str(path))}</a></div>'
+                    f'<a href="{html.escape(Path(path).resolve().as_uri())}">{html.escape(printable(str(path)))}</a></div>'
                     f'<div class="strip">{images or "<i>(no frame could be read)</i>"}</div></li>')
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(query)}</title>
