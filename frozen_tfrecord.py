@@ -19,6 +19,7 @@ from conversion.encoding import EncodeOptions
 from conversion.sources import SampleFields
 from conversion.tables import PRESETS, TableLayout
 from conversion.verify import verify_store
+from conversion.webdataset_input import DEFAULT_MAX_MEMBER_BYTES
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     samples = parser.add_argument_group("video2dataset samples (--webdataset, and .json beside --video_dir videos)")
     samples.add_argument("--caption_field", help="take the caption from this .json field instead of the .txt")
     samples.add_argument("--id_field", help="take the clip id from this .json field (e.g. videoid) instead of the key")
+    samples.add_argument("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                         help="a webdataset member whose tar header declares more bytes is refused unread, its sample "
+                              f"reported as too_large (default {DEFAULT_MAX_MEMBER_BYTES} = 2 GiB)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"where shards, index, labels and failures.tsv go (default {DEFAULT_OUTPUT_DIR})")
     parser.add_argument("--output_name", default="path", help="shard/index file name prefix (default: path)")
@@ -187,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> ConversionConfig:
         parser.error("need --shard_size >= 1, --num_frames >= 0, --short_side >= 1, 1 <= --jpeg_quality <= 100")
     if args.min_frames < 1:
         parser.error("need --min_frames >= 1")
+    if args.max_member_bytes < 1:
+        parser.error("need --max_member_bytes >= 1")
     if args.num_parts < 1 or not 0 <= args.part < args.num_parts:
         parser.error(f"need --num_parts >= 1 and 0 <= --part < --num_parts, got --part {args.part} of "
                      f"{args.num_parts}")
@@ -198,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> ConversionConfig:
         args.shard_size, args.workers, not args.no_progress, options, tables=_tables(parser, args),
         webdataset=args.webdataset or [], fields=SampleFields(args.caption_field, args.id_field),
         num_parts=args.num_parts, part=args.part, merge_dirs=args.merge, allow_outside_paths=args.allow_outside_paths,
+        max_member_bytes=args.max_member_bytes,
     )
 
 

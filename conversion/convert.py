@@ -47,7 +47,7 @@ from conversion.shards import (
 )
 from conversion.sources import SampleFields, select_files
 from conversion.tables import PRESETS, TableLayout
-from conversion.webdataset_input import convert_input_shard, expand_shard_specs
+from conversion.webdataset_input import DEFAULT_MAX_MEMBER_BYTES, convert_input_shard, expand_shard_specs
 from dataloaders.files import LOCK_NAME, FolderLock
 from modules.errors import InputError
 
@@ -75,6 +75,7 @@ class ConversionConfig:
     part: int = 0
     merge_dirs: list[str] | None = None  # set: merge the parts in these folders (empty: --output_dir)
     allow_outside_paths: bool = False  # a table's video paths may lead outside --video_dir
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger webdataset member is refused unread
 
     def all_tables(self) -> list[tuple[str, TableLayout]]:
         return [(path, PRESETS["webvid"]) for path in self.csv_paths] + list(self.tables)
@@ -367,7 +368,8 @@ def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tupl
 
 def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig,
                           states: dict[int, ShardState]) -> None:
-    work = functools.partial(convert_input_shard, layout=layout, options=config.options, fields=config.fields)
+    work = functools.partial(convert_input_shard, layout=layout, options=config.options, fields=config.fields,
+                             max_member_bytes=config.max_member_bytes)
     with (tqdm(total=len(todo), unit="shard", disable=not config.progress, dynamic_ncols=True) as bar,
           interrupt_flag() if config.workers > 0 else contextlib.nullcontext() as flag):
         if config.workers <= 0:

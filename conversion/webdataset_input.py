@@ -4,20 +4,24 @@ error_message, extra columns).
 
 Shards are named by brace patterns (`shards/{00000..00099}.tar`), folders (their .tar files), files listing shards
 (one per line, relative to the list) or shard paths, local or `s3://` (boto3, configured by the usual environment
-as the TFRecord reader). Each is read as a stream, one sample at a time, parsed by the `webdataset` package's tar
-iterator and key grouping (member data is read into memory, never extracted to disk by its name); its video member
-is decoded from memory with PyAV.
+as the TFRecord reader). Each is read as a stream, one sample at a time: members by the standard library's tar
+reader (a member larger than --max_member_bytes is refused from its header, never read into memory), grouped into
+samples by the `webdataset` package's key grouping (member data is read into memory, never extracted to disk by its
+name); its video member is decoded from memory with PyAV.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from conversion.decoders import open_source, read_clips
 from conversion.encoding import EncodeOptions, encode_decoded_clip
@@ -30,6 +34,8 @@ from dataloaders.video import VideoDecodeError
 from modules.errors import InputError
 
 SHARD_SUFFIX = ".tar"
+DEFAULT_MAX_MEMBER_BYTES = 2 << 30  # far above any clip; a larger member is refused from its header, unread
+SKIP_CHUNK = 1 << 20
 LIST_SUFFIXES = (".txt", ".list", ".lst")
 # The video member of a sample, by preference when a sample has several.
 VIDEO_SUFFIXES = tuple(dict.fromkeys(("mp4", "webm", "mkv", "avi", "mov", "m4v",
@@ -110,17 +116,63 @@ class ShardErrors:
             yield member
 
 
-def samples_of(url: str, stream: BinaryIO, errors: ShardErrors) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class RefusedMember:
+    """In a sample, in place of the data of a member larger than the limit (never read into memory)."""
+
+    size: int
+    limit: int
+
+
+def samples_of(url: str, stream: BinaryIO, errors: ShardErrors, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+               ) -> Iterator[dict[str, Any]]:
     """The shard's samples ({"__key__", suffix: bytes, ...}), grouped by key by webdataset. A member that cannot
     be read (a truncated or damaged tar) ends the shard; the samples before it are complete, and a sample it cut
     short has lost that member and those after it (reported as such when that leaves it without video or
-    caption)."""
-    files = tar_file_expander([{"url": url, "stream": stream}], handler=errors, eof_value=None)
-    return group_by_keys(errors.members(files), handler=errors)
+    caption). A member over `max_member_bytes` is a `RefusedMember`."""
+    return group_by_keys(errors.members(tar_members(url, stream, errors, max_member_bytes)), handler=errors)
 
 
-def convert_input_shard(plan: ShardPlan, layout: OutputLayout, options: EncodeOptions, fields: SampleFields
-                        ) -> ShardState:
+def tar_members(url: str, stream: BinaryIO, errors: ShardErrors, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+    """The regular files of a tar stream as webdataset's tar iterator gives them ({"fname", "data", "__url__"}; its
+    metadata files skipped), except that a member whose header declares more than `max_member_bytes` is not read:
+    its bytes are skipped in chunks (memory stays bounded, and a header that claims more than the stream holds
+    ends at the end of the stream, not after counting through the claimed size)."""
+    try:
+        archive = tarfile.open(fileobj=stream, mode="r|*")
+        for info in archive:
+            name = info.name
+            if not info.isreg() or _is_metadata(name):
+                continue
+            if info.size > max_member_bytes:
+                yield {"fname": name, "data": RefusedMember(info.size, max_member_bytes), "__url__": url}
+                _skip_member(archive)
+                continue
+            yield {"fname": name, "data": archive.extractfile(info).read(), "__url__": url}
+            archive.members = []  # a stream of many members: keep no list of them
+    except Exception as error:  # noqa: BLE001 - a damaged or cut tar ends the shard; what came before is kept
+        errors(error)
+
+
+def _is_metadata(name: str) -> bool:
+    """webdataset's rule: `__key__`-style names at the top level and under any folder are not members."""
+    return ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)) or \
+        re.match(r"__[^/]*__($|/)", name) is not None
+
+
+def _skip_member(archive: tarfile.TarFile) -> None:
+    """Read past the current member's data (up to the next header) in chunks, discarding them."""
+    stream = archive.fileobj
+    remaining = archive.offset - stream.tell()  # the next header's position: after the data and its padding
+    while remaining > 0:
+        chunk = stream.read(min(SKIP_CHUNK, remaining))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data inside a member that was skipped")
+        remaining -= len(chunk)
+
+
+def convert_input_shard(plan: ShardPlan, layout: OutputLayout, options: EncodeOptions, fields: SampleFields,
+                        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardState:
     """Worker entry point: convert one webdataset shard into output shard `plan.number`, writing the shard and
     its sidecar; every sample that cannot be stored is a failure naming the shard and key."""
     url = plan.input
@@ -137,7 +189,7 @@ def convert_input_shard(plan: ShardPlan, layout: OutputLayout, options: EncodeOp
             stream = None
         if stream is not None:
             try:
-                for sample in samples_of(url, stream, errors):
+                for sample in samples_of(url, stream, errors, max_member_bytes):
                     _store(sample, url, options, fields, writer, labels, failures, stored)
             finally:
                 stream.close()
@@ -154,6 +206,12 @@ def _store(sample: dict[str, Any], url: str, options: EncodeOptions, fields: Sam
            labels: list[dict[str, str]], failures: list[Failure], stored: list[str]) -> None:
     key = Path(sample["__key__"]).name
     where = f"{url}:{key}"
+    refused = {suffix: value for suffix, value in sample.items() if isinstance(value, RefusedMember)}
+    if refused:
+        failures.append(Failure("too_large", key, where, "; ".join(
+            f"the member {key}.{suffix} declares {value.size} bytes, over --max_member_bytes {value.limit}: "
+            f"refused unread" for suffix, value in refused.items())))
+        return
     video_suffix = next((suffix for suffix in VIDEO_SUFFIXES if suffix in sample), None)
     meta = parse_sample_json(sample["json"]) if "json" in sample else {}
     text = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else None

@@ -166,3 +166,71 @@ def test_a_missing_shard_is_a_failure_and_the_others_convert(tmp_path, videos):
     summary = convert("--webdataset", f"{shards}/{{00000,00009}}.tar", "--output_dir", str(out))
     assert summary.n_written == 2
     assert ["bad_shard", "", str(shards / "00009.tar")] == failures_of(out)[-1][:3]
+
+
+def member_header(name: str, size: int) -> bytes:
+    """A tar header declaring `size` bytes (GNU base-256 sizes reach any size), without the data."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+class CountingReader:
+    """A file read through counted calls (what a shard's reader asked of its stream)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file, self.calls = open(path, "rb"), 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.calls += 1
+        return self.file.read(size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_a_header_declaring_a_terabyte_is_refused_unread_and_ends_at_the_real_end(tmp_path, videos):
+    from conversion.webdataset_input import RefusedMember, ShardErrors, samples_of
+
+    shard = tmp_path / "bomb.tar"
+    with webdataset.TarWriter(str(shard)) as writer:
+        writer.write({"__key__": "a", "mp4": videos["h264"], "txt": "kept"})
+    data = shard.read_bytes().rstrip(b"\0")  # the archive without its end blocks: more members follow
+    data += b"\0" * (-len(data) % 512) + member_header("b.txt", 5) + b"bomb!" + b"\0" * 507
+    shard.write_bytes(data + member_header("b.mp4", 1 << 40) + b"x" * 4096)  # claims 1 TB, holds 4 KB
+
+    stream, errors = CountingReader(shard), ShardErrors()
+    samples = list(samples_of(str(shard), stream, errors))
+    assert [sample["__key__"] for sample in samples] == ["a", "b"]
+    assert samples[0]["mp4"] == videos["h264"] and samples[1]["mp4"] == RefusedMember(1 << 40, 2 << 30)
+    assert len(errors.errors) == 1 and "unexpected end of data" in errors.errors[0]
+    assert stream.calls < 100  # the stream's end ends the skip (counting through 1 TB took minutes)
+
+    out = tmp_path / "store"
+    convert("--webdataset", str(shard), "--output_dir", str(out))
+    kinds = {kind: (video_id, detail) for kind, video_id, _, detail in failures_of(out)}
+    assert sorted(kinds) == ["bad_shard", "too_large"] and kinds["too_large"][0] == "b"
+    assert f"declares {1 << 40} bytes, over --max_member_bytes {2 << 30}: refused unread" in kinds["too_large"][1]
+    assert WebVidIndex(out).locate("a") is not None
+
+
+def test_a_member_over_the_limit_is_skipped_and_the_samples_after_it_kept(tmp_path, videos):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name, middle in (("with.tar", videos["h264_long"]), ("without.tar", None)):
+        with webdataset.TarWriter(str(shards / name)) as writer:
+            writer.write({"__key__": "first", "mp4": videos["h264"], "txt": "one"})
+            if middle is not None:
+                writer.write({"__key__": "big", "mp4": middle, "txt": "too big"})
+            writer.write({"__key__": "last", "mp4": videos["mp4v"], "txt": "three"})
+    limit = max(len(videos["h264"]), len(videos["mp4v"]))
+    assert len(videos["h264_long"]) > limit
+    for name in ("with", "without"):
+        convert("--webdataset", str(shards / f"{name}.tar"), "--output_dir", str(tmp_path / name),
+                "--max_member_bytes", str(limit))
+    assert failures_of(tmp_path / "with") == [["too_large", "big", f"{shards / 'with.tar'}:big",
+                                               f"the member big.mp4 declares {len(videos['h264_long'])} bytes, over "
+                                               f"--max_member_bytes {limit}: refused unread"]]
+    assert failures_of(tmp_path / "without") == []
+    assert (tmp_path / "with" / "path-00000.tfrecord").read_bytes() == \
+        (tmp_path / "without" / "path-00000.tfrecord").read_bytes()
