@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from conversion.convert import DEFAULT_OUTPUT_DIR, ConversionConfig, ConversionSummary, convert
+from conversion.convert import DEFAULT_OUTPUT_DIR, ConversionConfig, ConversionSummary, WorkerDied, convert
 from conversion.decoders import DECODERS
 from conversion.encoding import EncodeOptions
 from conversion.sources import SampleFields
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"frozen_tfrecord.py: error: {error}", file=sys.stderr, flush=True)
         return 2
-    except OSError as error:
+    except (OSError, WorkerDied) as error:
         logger.error("conversion stopped (%s); complete shards are kept, re-run the same command to resume", error)
         return 1
     return report(config, summary)

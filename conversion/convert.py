@@ -321,25 +321,37 @@ def interrupt_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def start_pool(processes: int) -> multiprocessing.pool.Pool:
+class WorkerDied(RuntimeError):
+    """A worker process ended while converting (a crash inside a decoder, the kernel's out-of-memory killer)."""
+
+
+def start_pool(processes: int) -> tuple[multiprocessing.pool.Pool, list[multiprocessing.Process]]:
     """Worker processes that start with Ctrl-C ignored (an ignored signal stays ignored through exec, so not even a
     worker still importing prints a KeyboardInterrupt); fresh interpreters, as forking a parent whose OpenCV thread
-    pool has run deadlocks cv2 in the children."""
+    pool has run deadlocks cv2 in the children. Returns the pool and its processes, which live as long as it does:
+    one that ends is a worker that died (the pool would wait for its task forever)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = set(multiprocessing.active_children())
     try:
-        return multiprocessing.get_context("spawn").Pool(processes, initializer=use_one_decoding_thread)
+        pool = multiprocessing.get_context("spawn").Pool(processes, initializer=use_one_decoding_thread)
     finally:
         signal.signal(signal.SIGINT, previous)
+    return pool, [child for child in multiprocessing.active_children() if child not in before]
 
 
-def polled(results: Any, flag: threading.Event) -> Iterator:
-    """The results of `Pool.imap`, in order, waking to check `flag` (Ctrl-C) while waiting for the next one."""
+def polled(results: Any, flag: threading.Event, workers: list[multiprocessing.Process], doing: str) -> Iterator:
+    """The results of `Pool.imap`, in order, waking to check `flag` (Ctrl-C) and that no worker died while waiting
+    for the next one."""
     while True:
         try:
             item = results.next(timeout=0.2)
         except multiprocessing.TimeoutError:
             if flag.is_set():
                 raise KeyboardInterrupt from None
+            if dead := [worker.exitcode for worker in workers if worker.exitcode is not None]:
+                how = f"killed by signal {-dead[0]}" if dead[0] < 0 else f"exit status {dead[0]}"
+                raise WorkerDied(f"a worker process died ({how}: a crash in a decoder, or out of memory) while "
+                                 f"converting {doing}") from None
             continue
         except StopIteration:
             return
@@ -353,10 +365,12 @@ def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tupl
         for plan in todo:
             yield plan, map(work, plan.units)
         return
-    with interrupt_flag() as flag, start_pool(config.workers) as pool:
+    pool, workers = start_pool(config.workers)
+    with interrupt_flag() as flag, pool:
         queued: deque = deque()
         for plan in todo:
-            queued.append((plan, polled(pool.imap(work, plan.units, chunksize=1), flag)))
+            doing = f"shard {plan.number} ({plan.units[0].location} .. {plan.units[-1].location})"
+            queued.append((plan, polled(pool.imap(work, plan.units, chunksize=1), flag, workers, doing)))
             if len(queued) == 2:
                 yield queued.popleft()
         while queued:
@@ -375,8 +389,8 @@ def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: C
         if config.workers <= 0:
             results = map(work, todo)
         else:
-            pool = start_pool(min(config.workers, len(todo)) or 1)
-            results = polled(pool.imap(work, todo, chunksize=1), flag)
+            pool, workers = start_pool(min(config.workers, len(todo)) or 1)
+            results = polled(pool.imap(work, todo, chunksize=1), flag, workers, "the webdataset shards")
         try:
             for plan, state in zip(todo, results):
                 states[plan.number] = state

@@ -178,8 +178,9 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--max_empty_batches", type=int, default=20,
         help="Stop the run (exit 65) after this many consecutive micro-batches without one readable video, or an "
              "epoch without any: the training data stopped being readable.")
-    add("--keep_checkpoints", type=int, default=0,
-        help="Keep only the newest n ckpt/pytorch_model.bin.<step> files (0: keep all, as the original).")
+    add("--keep_checkpoints", type=int, default=1,
+        help="Keep only the newest n ckpt/pytorch_model.bin.<step> files, and always the best by model selection "
+             "(default 1: the last and the best; 0: keep all, as the original).")
     add("--max_steps", type=int, default=0, help="Stop after this many optimiser steps (0: no limit).")
     add("--num_centers", type=int, default=8, help="Semantic centers / tube tokens per video.")
     add("--split_layer", type=int, default=None,

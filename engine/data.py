@@ -38,29 +38,43 @@ def training_source(data_path: str) -> str:
     raise InputError(f"--data_path {data_path} is neither a WebVid labels list nor an MSRVTT_data.json object")
 
 
-def build_train_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
-    """WebVid TFRecords (`--data_path` labels JSON, index under `--dir_path`) or MSR-VTT raw videos."""
+def build_train_dataset(args: argparse.Namespace, image_size: int, webvid: WebVidDataset | None = None) -> Dataset:
+    """WebVid TFRecords (`--data_path` labels JSON, index under `--dir_path`) or MSR-VTT raw videos. `webvid`: the
+    WebVid set `build_webvid_dataset` built before the model, given its frame size now."""
     source = training_source(args.data_path)
     if source == "webvid":
-        logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
-        dataset = build_checked(lambda: WebVidDataset(
-            args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames, image_size=image_size,
-            slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
-            verify_crc=args.verify_crc,
-        ), "--data_path / --dir_path")
-        _check_stored_frames(dataset, args.max_frames)
-        _check_labels_have_records(dataset, args)
-    else:
-        logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)
-        dataset = build_checked(lambda: MSRVTTTrainDataset(
-            args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
-            max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
-            image_size=image_size, frame_order=args.train_frame_order, slice_framepos=args.slice_framepos,
-            pad_mode="zero", seed=args.seed, frame_store=args.frame_store,
-        ), "--train_csv / --data_path")
+        dataset = webvid if webvid is not None else build_webvid_dataset(args)
+        dataset.image_size = image_size
+        return dataset
+    logger.info("training on MSR-VTT: %s + %s, videos in %s", args.train_csv, args.data_path, args.features_path)
+    dataset = build_checked(lambda: MSRVTTTrainDataset(
+        args.train_csv, args.data_path, args.features_path, expand_sentences=args.expand_msrvtt_sentences,
+        max_words=args.max_words, feature_framerate=args.feature_framerate, max_frames=args.max_frames,
+        image_size=image_size, frame_order=args.train_frame_order, slice_framepos=args.slice_framepos,
+        pad_mode="zero", seed=args.seed, frame_store=args.frame_store,
+    ), "--train_csv / --data_path")
     if len(dataset) == 0:
-        raise InputError(f"no training samples in --data_path {args.data_path}"
-                         + (f" with --train_csv {args.train_csv}" if source == "msrvtt" else ""))
+        raise InputError(f"no training samples in --data_path {args.data_path} with --train_csv {args.train_csv}")
+    return dataset
+
+
+def build_webvid_dataset(args: argparse.Namespace) -> WebVidDataset | None:
+    """The WebVid training set of a pre-training run (None when `--data_path` is MSR-VTT's), checked: labels that
+    have no record in the index (another store's, an incomplete one) are refused. It needs nothing of the model
+    (the frame size is set when the model is built), so a run builds it first: a bad training set stops the run
+    before minutes of model building."""
+    if training_source(args.data_path) != "webvid":
+        return None
+    logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
+    dataset = build_checked(lambda: WebVidDataset(
+        args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames,
+        slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
+        verify_crc=args.verify_crc,
+    ), "--data_path / --dir_path")
+    if len(dataset) == 0:
+        raise InputError(f"no training samples in --data_path {args.data_path}")
+    _check_stored_frames(dataset, args.max_frames)
+    _check_labels_have_records(dataset, args)
     return dataset
 
 

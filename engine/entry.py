@@ -25,6 +25,7 @@ from engine.args import (
     resolve_clip_path,
 )
 from engine.checkpointing import RESTORE_NAME, CheckpointWriteError
+from engine.data import build_webvid_dataset
 from engine.precision import resolve_precision
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
@@ -122,6 +123,8 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
     default_datatype = definition.defaults.get("datatype", DEFAULT_DATATYPE)
     if context.dataset and args.datatype not in (default_datatype, context.dataset, f"{context.dataset}_qa"):
         logger.warning("--datatype %s is ignored: this script runs on %s", args.datatype, context.dataset)
+    if args.do_train and definition.pretraining:  # a training set with nothing to train on stops the run here
+        context = replace(context, webvid_train=build_webvid_dataset(args))
     model = build_model(args, **(definition.model_options(context) if definition.model_options else {}))
     prepared = definition.prepare(context, model)
     train_dataset = prepared.train_dataset() if args.do_train else None  # a bad training set stops the run here

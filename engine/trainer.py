@@ -74,7 +74,7 @@ class TrainSettings:
     max_steps: int = 0
     max_bad_steps: int = 20
     max_empty_batches: int = 20  # consecutive micro-batches without one readable video that stop the run
-    keep_checkpoints: int = 0  # newest model checkpoints kept; 0 keeps all
+    keep_checkpoints: int = 1  # newest model checkpoints kept (and the best); 0 keeps all
     allow_changed_settings: bool = False  # resume even if fixed settings changed (the new ones take effect)
 
 

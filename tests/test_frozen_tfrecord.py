@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -303,4 +304,50 @@ def test_ctrl_c_stops_the_conversion_with_one_line_and_a_rerun_completes_it(tmp_
     real_video.rename(blocking)
     summary = convert(out, *args, "--workers", "2")
     assert (summary.n_shards, summary.n_shards_resumed) == (4, 2)
+    assert output_bytes(out) == output_bytes(tmp_path / "reference")
+
+
+def holders_of(path: Path, parent: int) -> list[int]:
+    """The child processes of `parent` that hold `path` open."""
+    found = []
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{child}/fd").iterdir()):
+                found.append(int(child))
+    return found
+
+
+@pytest.mark.integration
+def test_a_worker_that_dies_stops_the_conversion_with_one_line_instead_of_a_hang(tmp_path):
+    videos = make_many_videos(tmp_path, 7)
+    args = ["--video_dir", str(videos), "--csv", str(tmp_path / "labels.csv"), "--shard_size", "2"]
+    convert(tmp_path / "reference", *args, "--workers", "0")
+    blocking = videos / "2004.mp4"  # a FIFO: the worker that reads it waits for data
+    real_video = blocking.rename(tmp_path / "2004.mp4")
+    os.mkfifo(blocking)
+    out = tmp_path / "crashed"
+    process = run_cli(*args, "--output_dir", str(out), "--workers", "2", "--no_progress")
+    deadline = time.monotonic() + 120
+    while True:  # a writer can open the FIFO once a worker has it open for reading
+        assert process.poll() is None and time.monotonic() < deadline, "the converter ended before the crash"
+        with contextlib.suppress(OSError):
+            writer = os.open(blocking, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        time.sleep(0.02)
+    while not (holders := holders_of(blocking, process.pid)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(holders[0], signal.SIGKILL)  # as a crash inside the decoder would end it
+    try:
+        output, _ = process.communicate(timeout=120)  # the pool alone would wait for the lost task forever
+    finally:
+        process.kill()
+        os.close(writer)
+    assert process.returncode == 1, output
+    assert "Traceback" not in output
+    assert "conversion stopped (a worker process died (killed by signal 9: a crash in a decoder, or out of memory) " \
+           "while converting shard 2" in output
+    blocking.unlink()
+    real_video.rename(blocking)
+    convert(out, *args, "--workers", "2")
     assert output_bytes(out) == output_bytes(tmp_path / "reference")

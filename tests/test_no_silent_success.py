@@ -23,7 +23,14 @@ def webvid_argv(demo, clip, output_dir, labels, *extra) -> list[str]:
                        "--epochs=1", "--max_steps=1", "--val_csv=", *extra)
 
 
-def test_labels_of_another_store_stop_the_run_before_training(webvid_demo, tiny_clip_checkpoint, tmp_path, capsys):
+def test_labels_of_another_store_stop_the_run_before_the_model_is_built(webvid_demo, tiny_clip_checkpoint, tmp_path,
+                                                                       capsys, monkeypatch):
+    import engine.entry
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the training set was checked")
+
+    monkeypatch.setattr(engine.entry, "build_model", no_model)
     labels = relabelled(webvid_demo["labels"], tmp_path / "other_labels.json", lambda i, video_id: f"other{i}")
     output = tmp_path / "run"
     assert main_task_clip.main(webvid_argv(webvid_demo, tiny_clip_checkpoint, output, labels)) == 2

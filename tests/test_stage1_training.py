@@ -49,13 +49,14 @@ def metrics(output_dir) -> list[dict]:
 @pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(small_demo, tiny_clip_checkpoint, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, straight)) == 0
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, straight, "--keep_checkpoints=0")) == 0
     # 24 pairs / batch 8 = 3 steps per epoch: stop inside epoch 2, then rerun the plain command
-    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted, "--max_steps=4")) == 0
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted, "--max_steps=4",
+                                                   "--keep_checkpoints=0")) == 0
     stopped = load_restore(interrupted)
     assert stopped["global_step"] == 4 and stopped["progress"]["epoch"] == 1
     assert stopped["progress"]["samples_in_epoch"] == 8
-    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted)) == 0
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, interrupted, "--keep_checkpoints=0")) == 0
 
     expected, resumed = final_state(straight), final_state(interrupted)
     assert load_restore(interrupted)["global_step"] == 6
@@ -236,3 +237,9 @@ def test_an_empty_micro_batch_is_dropped_and_resume_stays_exact(small_demo, tiny
         assert restore["global_step"] == 8 and restore["progress"]["skipped_videos"] == 24
     expected, resumed = final_state(straight), final_state(interrupted)
     assert [key for key in expected if not torch.equal(expected[key], resumed[key])] == []
+
+
+def test_the_last_checkpoint_is_kept_by_default(small_demo, tiny_clip_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert main_task_clip.main(stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=2")) == 0
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["pytorch_model.bin.6"]  # 3 steps per epoch

@@ -42,10 +42,12 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
     args, image_size = context.args, model.image_resolution
     eval_dataset = build_eval_dataset(args, image_size)
     evaluate = make_clip_evaluator(eval_dataset, context.eval_context()) if eval_dataset is not None else None
-    return PreparedRun(clip_pretraining_task(evaluate), lambda: build_train_dataset(args, image_size))
+    return PreparedRun(clip_pretraining_task(evaluate), lambda: build_train_dataset(args, image_size,
+                                                                                 context.webvid_train))
 
 
 DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=NEW_PARAM_PATTERNS,
     defaults={"eval_steps": 500, "save_steps": 0, "new_params_lr": 1e-5},  # the original script's (docs/method.md §8)
+    pretraining=True,
 ))

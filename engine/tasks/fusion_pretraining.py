@@ -272,7 +272,8 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
                                          seed=args.seed)
     weights = FusionLossWeights(args.mlm_weight, args.plm_weight, args.vtm_weight, args.align_weight)
     task = fusion_pretraining_task(weights, detach_encoders=not args.train_encoders, evaluate=evaluate)
-    return PreparedRun(task, lambda: WithLanguageModelTargets(build_train_dataset(args, image_size), args.mask_ratio,
+    return PreparedRun(task, lambda: WithLanguageModelTargets(build_train_dataset(args, image_size, context.webvid_train),
+                                                              args.mask_ratio,
                                                               args.seed))
 
 
@@ -286,5 +287,6 @@ DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
     defaults={"eval_steps": 1000, "save_steps": 2000, "new_params_lr": 1e-5},  # the original script's (docs/method.md §8)
     head_dropout=0.2, loss_weights=("mlm", "plm", "vtm", "align"), add_flags=add_rerank_flags,
+    pretraining=True,
     check_flags=check_flags, run_config_flags=("mask_ratio",), reads_compat_flags=frozenset({"mask_ratio"}),
 ))

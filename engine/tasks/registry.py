@@ -41,6 +41,7 @@ class RunContext:
     run: RunLogger
     precision: str
     dataset: str | None = None
+    webvid_train: Any = None  # a pre-training run's WebVid training set, built (and checked) before the model
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +93,7 @@ class TaskDefinition:
     datasets: tuple[str, ...] = ()  # what its entry scripts pass as `dataset` (empty: none)
     model_options: Callable[[RunContext], dict[str, Any]] | None = None  # extra T2VLPConfig fields (QA: answers)
     extra_fusion_positions: int = 0  # fusion positions after the text (QA: the answer slot)
+    pretraining: bool = False  # trains on a corpus (--data_path labels, --dir_path store) or MSR-VTT (stages 1, 2)
 
     @property
     def with_fusion(self) -> bool:
