@@ -94,7 +94,8 @@ and Example), and renamed when complete; its sidecar is written atomically after
 whose sidecar matches the plan and the options, so an interrupted conversion resumes and ends with files
 byte-identical to an uninterrupted run. Bad rows, samples and videos are reported in failures.tsv and skipped,
 never fatal; a clip id already stored is reported (duplicate_id) and the first kept. Exit status: 0 when every
-shard is complete, 1 when no clip was written or an I/O error stopped the run (re-run to resume), 2 for bad input
+shard is complete, 1 when no clip was written or an I/O error or a worker process that died (a crash inside a
+decoder) stopped the run (re-run to resume), 2 for bad input
 (a missing folder, csv or table, a table without the needed columns, nothing to convert), 130 stopped by Ctrl-C
 (SIGINT; complete shards kept, re-run to resume).
 
@@ -248,8 +249,8 @@ def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 a conversion that wrote no clip or stopped on an I/O error (complete shards are
-    kept: re-run to resume), 2 bad input (a missing folder, csv or table, a table without the needed columns,
+    """Exit status: 0 done, 1 a conversion that wrote no clip or stopped on an I/O error or a worker that died
+    (complete shards are kept: re-run to resume), 2 bad input (a missing folder, csv or table, a table without the needed columns,
     nothing to convert), 130 stopped by Ctrl-C (complete shards are kept: re-run to resume)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

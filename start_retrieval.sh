@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Text-video retrieval fine-tuning and evaluation (MSR-VTT, MSVD, LSMDC, DiDeMo) with torchrun.
+# Text-video retrieval fine-tuning and evaluation (MSR-VTT, MSVD, LSMDC, DiDeMo, ActivityNet Captions) with torchrun.
 #
 #   DATASET=msrvtt DATA_PATH=/data/msrvtt INIT_MODEL=runs/stage2/ckpt/pytorch_model.bin.N NPROC_PER_NODE=8 \
 #     bash start_retrieval.sh
@@ -7,9 +7,10 @@
 #                                # running the earlier demos first when there is none
 #
 # Environment:
-#   DATASET          msrvtt (default), msvd, lsmdc or didemo
+#   DATASET          msrvtt (default), msvd, lsmdc, didemo or activitynet
 #   DATA_PATH        the dataset's annotation folder (docs/data.md §3); unset: run the demo
-#   VIDEO_PATH       its video folder (default $DATA_PATH/MSRVTT_Videos, MSVD_Videos, LSMDC_Videos or DiDeMo_Videos)
+#   VIDEO_PATH       its video folder (default $DATA_PATH/MSRVTT_Videos, MSVD_Videos, LSMDC_Videos, DiDeMo_Videos or
+#                    ActivityNet_Videos)
 #   INIT_MODEL       stage-2 checkpoint (ours or the original's), or a downstream one; required with DATA_PATH
 #   OUTPUT_PATH      output folder (default ./output/retrieval_$DATASET, or ./output/demo_retrieval_<time>)
 #   CLIP_PATH        OpenAI ViT-B-16.pt (default ./CLIP-modules/ViT-B-16.pt)
@@ -21,7 +22,8 @@
 #                    nodes, torchrun's c10d rendezvous at RDZV_ENDPOINT (default MASTER_ADDR:MASTER_PORT) under
 #                    RDZV_ID (default t2vlp); each restart resumes from restore.bin
 #   BATCH_SIZE       GLOBAL batch over all processes (default 32 x NNODES: the original's 32 per node)
-#   MAX_WORDS        caption tokens (default 32; DiDeMo paragraphs may use up to 56 with 12 frames)
+#   MAX_WORDS        caption tokens (default 32, ActivityNet 56: the most the fusion sequence holds with 12 frames;
+#                    DiDeMo paragraphs may use up to 56 too)
 #   DEMO_DATA        where the demo data lives (default ./demo_data)
 #   PYTHON           interpreter (default .venv/bin/python when present, else python3)
 #   EVAL_ONLY        set to 1 to evaluate INIT_MODEL without training (--do_eval)
@@ -30,5 +32,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 source tools/launch.sh
-choose_dataset start_retrieval.sh msrvtt msvd lsmdc didemo
+choose_dataset start_retrieval.sh msrvtt msvd lsmdc didemo activitynet
 run_recipe retrieval start_retrieval.sh "$@"

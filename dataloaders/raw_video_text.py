@@ -205,12 +205,13 @@ class PairsDataset(RawVideoTextDataset):
 
 
 def subset_dataset(pairs: Sequence[tuple[str, str]], features_path: str | Path, subset: str, source: str, *,
-                   file_key: str = "stem", **options: Any) -> PairsDataset:
+                   file_key: str = "stem", video_files: dict[str, Path] | None = None, **options: Any
+                   ) -> PairsDataset:
     """One subset of an annotation set whose videos are files under `features_path` (found by name without
-    extension, or by full name with `file_key="name"`): "train" keeps the pairs whose video has a file (the rest
-    left out with a warning naming `source`); val/test form an evaluation split of every pair (a missing video is
-    skipped and counted when evaluated). `options` go to `PairsDataset`."""
-    files = index_video_files(features_path, key=file_key)
+    extension, or by full name with `file_key="name"`, or given as `video_files` by id): "train" keeps the pairs
+    whose video has a file (the rest left out with a warning naming `source`); val/test form an evaluation split of
+    every pair (a missing video is skipped and counted when evaluated). `options` go to `PairsDataset`."""
+    files = video_files if video_files is not None else index_video_files(features_path, key=file_key)
     if subset == "train":
         pairs = keep_pairs_with_videos(pairs, files, source, features_path)
         kept = [pair for pair in pairs if pair[1].strip()]

@@ -33,7 +33,7 @@ def task_of(script: str) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    for videos in ("MSRVTT_Videos", "MSVD_Videos", "LSMDC_Videos", "DiDeMo_Videos"):
+    for videos in ("MSRVTT_Videos", "MSVD_Videos", "LSMDC_Videos", "DiDeMo_Videos", "ActivityNet_Videos"):
         (root / videos).mkdir()
     for name in ("clip.pt", "init.bin", "frozen_train_labels.json"):
         (root / name).write_bytes(b"x")
@@ -77,6 +77,8 @@ ORIGINAL = [
     ("start_retrieval.sh", {"DATASET": "didemo", "EVAL_ONLY": "1", "MAX_WORDS": "56"},
      "video_text_retrieval/main_task_retrieval_didemo.py",
      dict(do_train=False, do_eval=True, max_words=56, features_path="DiDeMo_Videos")),
+    ("start_retrieval.sh", {"DATASET": "activitynet"}, "video_text_retrieval/main_task_retrieval_activitynet.py",
+     dict(epochs=5, lr=5e-5, max_words=56, max_frames=12, datatype="activitynet", features_path="ActivityNet_Videos")),
     ("start_caption.sh", {"DATASET": "msrvtt"}, "video_captioning/msrvtt_captioning.py",
      dict(epochs=10, lr=5e-5, warmup_proportion=0.2, feature_framerate=1, data_path="MSRVTT_data.json",
           features_path="MSRVTT_Videos")),
@@ -145,7 +147,7 @@ def test_without_data_path_the_demo_recipe_runs_and_is_summarised(tmp_path, laun
 
 
 @pytest.mark.parametrize("launcher, env, message", [
-    ("start_retrieval.sh", {"DATASET": "nope"}, "DATASET must be msrvtt, msvd, lsmdc or didemo, not 'nope'"),
+    ("start_retrieval.sh", {"DATASET": "nope"}, "DATASET must be msrvtt, msvd, lsmdc, didemo or activitynet, not 'nope'"),
     ("start_caption.sh", {"DATASET": "nope"}, "DATASET must be msvd or msrvtt, not 'nope'"),
     ("start_retrieval.sh", {"DATASET": "msvd", "DATA_PATH": ""}, "the demo data is laid out as MSR-VTT"),
     ("start_fusion.sh", {"INIT_MODEL": "/missing.bin"}, "'/missing.bin' is not a file: set INIT_MODEL"),

@@ -155,5 +155,5 @@ def test_a_task_checks_its_own_flags(toy_registered, tiny_clip_checkpoint, tmp_p
 def test_unknown_tasks_and_datasets_are_named():
     with pytest.raises(ValueError, match="unknown task 'nope'; expected one of .*'clip'.*'qa'"):
         run_main("nope", [])
-    with pytest.raises(ValueError, match=r"retrieval: dataset must be one of \('msrvtt', 'msvd', 'lsmdc', 'didemo'\)"):
+    with pytest.raises(ValueError, match=r"retrieval: dataset must be one of \('msrvtt', 'msvd', 'lsmdc', 'didemo', 'activitynet'\)"):
         run_main("retrieval", [], dataset="youcook")

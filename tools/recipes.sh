@@ -124,7 +124,9 @@ original_retrieval() {
   require_file "$LAUNCHER" "${INIT_MODEL:-}" \
     "set INIT_MODEL to the stage-2 checkpoint to fine-tune (or a downstream one with EVAL_ONLY=1)"
   OUTPUT_PATH=${OUTPUT_PATH:-./output/retrieval_$DATASET}
-  MAX_WORDS=${MAX_WORDS:-32}
+  # ActivityNet paragraphs are long (CLIP4Clip reads 64 words); T2VLP's fusion sequence holds the words, the 12
+  # frames, the 8 tube tokens and [CLS] in CLIP's 77 text positions: 56 words fill it.
+  if [[ "$DATASET" == activitynet ]]; then MAX_WORDS=${MAX_WORDS:-56}; else MAX_WORDS=${MAX_WORDS:-32}; fi
   local data_flags
   case "$DATASET" in
     msrvtt) VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/MSRVTT_Videos}
@@ -133,6 +135,7 @@ original_retrieval() {
     msvd)   VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/MSVD_Videos}; data_flags=(--data_path "$DATA_PATH") ;;
     lsmdc)  VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/LSMDC_Videos}; data_flags=(--data_path "$DATA_PATH") ;;
     didemo) VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/DiDeMo_Videos}; data_flags=(--data_path "$DATA_PATH") ;;
+    activitynet) VIDEO_PATH=${VIDEO_PATH:-$DATA_PATH/ActivityNet_Videos}; data_flags=(--data_path "$DATA_PATH") ;;
   esac
   require_folder "$LAUNCHER" "$VIDEO_PATH" "set VIDEO_PATH"
   # 5 epochs, lr 5e-5, backbone 5e-5 x 1e-3, fusion list 5e-6, 12 frames at 2 fps

@@ -1,6 +1,7 @@
-"""Text-video retrieval fine-tuning (docs/method.md §7a) on MSR-VTT, MSVD, LSMDC and DiDeMo: contrastive + VTM with hard
-negatives (on detached inputs) + local alignment, and its evaluation (meanP, fusion rerank, DSL on request) with
-model selection. The entry scripts are video_text_retrieval/main_task_retrieval_{msrvtt,msvd,lsmdc,didemo}.py."""
+"""Text-video retrieval fine-tuning (docs/method.md §7a) on MSR-VTT, MSVD, LSMDC, DiDeMo and ActivityNet Captions:
+contrastive + VTM with hard negatives (on detached inputs) + local alignment, and its evaluation (meanP, fusion
+rerank, DSL on request) with model selection. The entry scripts are
+video_text_retrieval/main_task_retrieval_{msrvtt,msvd,lsmdc,didemo,activitynet}.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dataloaders.activitynet import activitynet_dataset
 from dataloaders.didemo import didemo_dataset
 from dataloaders.lsmdc import lsmdc_dataset
 from dataloaders.msrvtt import MSRVTTFullTestDataset, MSRVTTTestDataset, MSRVTTTrainDataset
@@ -36,7 +38,7 @@ from modules.similarity import symmetric_contrastive_loss
 logger = logging.getLogger("t2vlp.retrieval")
 
 NAME = "retrieval"
-DATASETS = ("msrvtt", "msvd", "lsmdc", "didemo")
+DATASETS = ("msrvtt", "msvd", "lsmdc", "didemo", "activitynet")
 
 SELECTION_METRIC = "t2v R1"
 
@@ -121,8 +123,9 @@ def build_retrieval_datasets(
 
     MSR-VTT: `--train_csv` (9k/7k list), `--data_path` (MSRVTT_data.json), `--val_csv` (1k-A) or `--msrvtt_test
     full`; its downstream loader always samples 12 frames with linspace, repeating frames of short videos
-    (docs/method.md §9.8). MSVD, LSMDC, DiDeMo: `--data_path` is the folder of annotation files, `--eval_split`
-    picks val or test; short videos are zero-padded. Videos under `--features_path`.
+    (docs/method.md §9.8). MSVD, LSMDC, DiDeMo, ActivityNet: `--data_path` is the folder of annotation files,
+    `--eval_split` picks val or test (ActivityNet: test, its val_1.json); short videos are zero-padded. Videos under
+    `--features_path`.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -149,7 +152,8 @@ def build_retrieval_datasets(
         else:
             evaluation, source = None, ""
     else:
-        build = {"msvd": msvd_dataset, "lsmdc": lsmdc_dataset, "didemo": didemo_dataset}[dataset]
+        build = {"msvd": msvd_dataset, "lsmdc": lsmdc_dataset, "didemo": didemo_dataset,
+                 "activitynet": activitynet_dataset}[dataset]
         frames = {"pad_mode": "zero", "slice_framepos": args.slice_framepos}
         if not Path(args.data_path).is_dir():
             raise InputError(f"--data_path {args.data_path} must be the folder of the {dataset.upper()} annotation "
@@ -213,6 +217,7 @@ DEFINITION = register_task(TaskDefinition(
     name=NAME, prepare=prepare, new_param_patterns=FUSION_PARAM_PATTERNS,
     defaults={"eval_steps": 500, "save_steps": 500, "new_params_lr": 5e-6},  # the original script's (docs/method.md §8)
     head_dropout=0.2, loss_weights=("sim", "vtm", "align"), add_flags=add_flags, check_flags=check_flags,
-    eval_split=EvalSplitFlag(lambda args: "test", "MSVD, LSMDC, DiDeMo: the split evaluated (default test)."),
+    eval_split=EvalSplitFlag(lambda args: "test", "MSVD, LSMDC, DiDeMo, ActivityNet (test only: val_1.json): the "
+                                                  "split evaluated (default test)."),
     datasets=DATASETS,
 ))
