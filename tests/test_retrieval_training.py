@@ -37,19 +37,27 @@ def retrieval_argv(demo: dict[str, Path], clip: Path, init_model: Path, output_d
 @pytest.fixture(scope="module")
 def retrieval_run(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("retrieval")
-    argv = retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, out, "--dsl")
+    argv = retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, out, "--dsl", "--qbnorm")
     assert main_task_retrieval_msrvtt.main(argv) == 0
     return out
 
 
-def test_retrieval_reports_before_and_after_and_selects_by_rerank(retrieval_run, stage1_checkpoint):
+def test_retrieval_reports_before_and_after_and_selects_by_rerank(retrieval_run, stage1_checkpoint,
+                                                                  small_demo_source):
     records = metrics(retrieval_run)
     steps = sorted({r["step"] for r in records})
     assert steps == [0, 2, 3]  # before training, at --eval_steps 2 and at the end (24 videos / batch 8 = 3 steps)
     for step in steps:
         labels = [(r["scoring"], r.get("base")) for r in records if r["step"] == step]
-        assert labels == [("meanP", None), ("dsl", "meanP"), ("rerank", None), ("dsl", "rerank")]
+        assert labels == [("meanP", None), ("dsl", "meanP"), ("rerank", None), ("dsl", "rerank"), ("qbnorm", "meanP")]
     assert all(r["dataset"] == "msrvtt" and r["n_texts"] == r["n_videos"] == 6 for r in records)
+    # QB-Norm's bank: every caption of the training videos (never the test split's); text->video only
+    data = json.loads(small_demo_source["data_json"].read_text())
+    train_videos = {line.split(",")[0] for line in small_demo_source["train_csv"].read_text().splitlines()[1:]}
+    n_train_captions = sum(item["video_id"] in train_videos for item in data["sentences"])
+    qbnorm = [r for r in records if r["scoring"] == "qbnorm"]
+    assert all(r["bank"] == {"source": "the training split", "size": n_train_captions} and r["v2t"] is None
+               and (r["beta"], r["k"]) == (20.0, 1) for r in qbnorm)
     best = json.loads((retrieval_run / "best_checkpoint.json").read_text())
     reranks = {r["step"]: r["t2v"]["R1"] for r in records if r["scoring"] == "rerank" and r["step"] > 0}
     best_step = min(step for step, value in reranks.items() if value == max(reranks.values()))

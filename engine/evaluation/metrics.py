@@ -137,10 +137,11 @@ def chance_retrieval_metrics(n_candidates: int) -> dict[str, float]:
     return {**recall, "MdR": middle, "MnR": middle}
 
 
-def format_retrieval_table(t2v: Mapping[str, float], v2t: Mapping[str, float],
+def format_retrieval_table(t2v: Mapping[str, float], v2t: Mapping[str, float] | None,
                            chance: Mapping[str, float] | None = None) -> str:
-    """A fixed-width text table with one row per direction (and a chance row when given)."""
-    rows = [("text->video", t2v), ("video->text", v2t)]
+    """A fixed-width text table with one row per direction (video->text left out when None) and a chance row when
+    given."""
+    rows = [("text->video", t2v)] + ([("video->text", v2t)] if v2t is not None else [])
     if chance is not None:
         rows.append(("chance", chance))
     header = f"{'':<12}" + "".join(f"{key:>9}" for key in METRIC_KEYS)

@@ -4,7 +4,8 @@ with the fusion encoder, rank, report."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,10 @@ from engine.evaluation.metrics import (
     format_retrieval_table,
     metrics_from_ranks,
 )
+from engine.evaluation.qb_norm import DEFAULT_BETA, DEFAULT_K, qb_norm_scores
 from engine.evaluation.rerank import rerank_scores
 from engine.precision import autocast_context
+from modules.similarity import meanp_logits
 
 logger = logging.getLogger("t2vlp.eval")
 
@@ -134,6 +137,51 @@ def similarity_matrix(model: torch.nn.Module, encoded: dict[str, Any], chunk: in
     return torch.cat(rows).numpy()
 
 
+@torch.no_grad()
+def cosine_matrix(text: torch.Tensor, encoded: dict[str, Any], chunk: int = 1024) -> torch.Tensor:
+    """meanP cosine similarities [N_text, N_v] of text EOT features against the encoded split's videos (the logits
+    without the exp(logit_scale) factor), on the CPU."""
+    unscaled = torch.zeros((), device=encoded["frames"].device)  # exp(0) = 1
+    return torch.cat([meanp_logits(text[start: start + chunk], encoded["frames"], encoded["video_mask"], unscaled).cpu()
+                      for start in range(0, text.shape[0], chunk)])
+
+
+class _TextList(Dataset):
+    def __init__(self, texts: Sequence[str], tokenizer: Any, max_words: int) -> None:
+        self.texts, self.tokenizer, self.max_words = texts, tokenizer, max_words
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ids, mask = self.tokenizer.encode(self.texts[index], self.max_words)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "index": index}
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Any, max_words: int, *, batch_size: int,
+                 device: torch.device, precision: str, show_progress: bool = True) -> torch.Tensor:
+    """EOT features [N, D] of `texts`, tokenised as an evaluation split's captions."""
+    model.eval()
+    features = []
+    for batch in tqdm(eval_loader(_TextList(texts, tokenizer, max_words), batch_size, 0, device),
+                      desc="encoding the query bank", disable=not show_progress, leave=False):
+        with autocast_context(device, precision):
+            eot, _ = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        features.append(eot.float())
+    return torch.cat(features)
+
+
+@dataclass(frozen=True)
+class QueryBank:
+    """QB-Norm's query bank: its texts' EOT features, where they come from, and the normalisation's settings."""
+
+    text: torch.Tensor  # [B, D]
+    source: str
+    beta: float = DEFAULT_BETA
+    k: int = DEFAULT_K
+
+
 def evaluate_retrieval(model: torch.nn.Module, dataset: Any, **encode_options: Any) -> dict[str, Any]:
     """meanP retrieval metrics of an evaluation split. `encode_options` are `encode_split`'s keyword arguments
     (batch_size, device, precision, ...)."""
@@ -150,9 +198,12 @@ def retrieval_rows(
     show_progress: bool = False,
     dsl: bool = False,
     dsl_temperature: float = 1.0,
+    query_bank: QueryBank | None = None,
 ) -> list[dict[str, Any]]:
     """One result per scoring of an encoded split: meanP; with `rerank_top_k` the fusion rerank of each query's
-    top-K; with `dsl` the same again on dual-softmax first-stage scores (labelled "dsl", "base" meanP/rerank).
+    top-K; with `dsl` the same again on dual-softmax first-stage scores (labelled "dsl", "base" meanP/rerank); with
+    `query_bank` QB-Norm on the meanP cosines, text->video only (labelled "qbnorm", "base" meanP, with the bank's
+    source and size; its bank holds texts, so there is no video->text row: "v2t" is null).
 
     Text->video ranks each caption against every video (its own is correct); video->text ranks every caption
     for each video, and a video's rank is the best rank over its captions (`best_positive_ranks`). With one
@@ -174,10 +225,16 @@ def retrieval_rows(
             scoring = "rerank" if name == "meanP" else "dsl"
             rows.append({**_retrieval_result(scoring, *reranked, encoded, base="rerank" if name == "dsl" else None),
                          "top_k": rerank_top_k})
+    if query_bank is not None:
+        normalised = qb_norm_scores(cosine_matrix(encoded["text"], encoded), cosine_matrix(query_bank.text, encoded),
+                                    query_bank.beta, query_bank.k)
+        rows.append({**_retrieval_result("qbnorm", normalised, None, encoded, base="meanP"),
+                     "bank": {"source": query_bank.source, "size": int(query_bank.text.shape[0])},
+                     "beta": query_bank.beta, "k": query_bank.k})
     return rows
 
 
-def _retrieval_result(scoring: str, t2v: Any, v2t: Any, encoded: dict[str, Any],
+def _retrieval_result(scoring: str, t2v: Any, v2t: Any | None, encoded: dict[str, Any],
                       base: str | None = None) -> dict[str, Any]:
     caption_video = encoded["caption_video"].cpu()
     videos = torch.arange(t2v.shape[1])
@@ -189,7 +246,7 @@ def _retrieval_result(scoring: str, t2v: Any, v2t: Any, encoded: dict[str, Any],
         "n_videos": int(t2v.shape[1]),
         "n_skipped": int(encoded["n_skipped"]),
         "t2v": metrics_from_ranks(best_positive_ranks(t2v, caption_video, videos)),
-        "v2t": metrics_from_ranks(best_positive_ranks(v2t, videos, caption_video)),
+        "v2t": None if v2t is None else metrics_from_ranks(best_positive_ranks(v2t, videos, caption_video)),
         "chance": chance_retrieval_metrics(t2v.shape[1]),
     }
     if encoded.get("dropped_texts"):  # duplicate or empty captions of the annotations, left out
@@ -246,10 +303,12 @@ def retrieval_table(result: dict[str, Any]) -> str:
 
 
 def scoring_label(result: dict[str, Any]) -> str:
-    """"meanP", "rerank, top 32", "DSL on meanP", "DSL on rerank, top 32"."""
+    """"meanP", "rerank, top 32", "DSL on meanP", "DSL on rerank, top 32", "QB-Norm on meanP, bank of 1000 ..."."""
     top_k = f", top {result['top_k']}" if "top_k" in result else ""
     if result["scoring"] == "dsl":
         return f"DSL on {result['base']}{top_k}"
+    if result["scoring"] == "qbnorm":
+        return f"QB-Norm on {result['base']}, bank of {result['bank']['size']} from {result['bank']['source']}"
     return result["scoring"] + top_k
 
 
@@ -263,7 +322,8 @@ def log_retrieval_rows(run: Any, rows: list[dict[str, Any]], step: int, epoch: i
         run.log_metrics(record)
         tag = "" if result["scoring"] == "meanP" else "_".join(filter(None, (result["scoring"], result.get("base")))) + "_"
         run.scalars({f"{tag}t2v_{k}": v for k, v in result["t2v"].items()}, step, prefix="eval/")
-        run.scalars({f"{tag}v2t_{k}": v for k, v in result["v2t"].items()}, step, prefix="eval/")
+        if result["v2t"] is not None:
+            run.scalars({f"{tag}v2t_{k}": v for k, v in result["v2t"].items()}, step, prefix="eval/")
         logger.info(
             "retrieval (%s) at step %d, epoch %d: %d texts x %d videos%s%s\n%s",
             scoring_label(result), step, epoch, result["n_texts"], result["n_videos"],

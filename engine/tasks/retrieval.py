@@ -27,7 +27,14 @@ from engine.args import add_rerank_flags, rerank_flag_error
 from engine.checkpointing import BestCheckpoint
 from engine.data import build_checked, check_eval_videos
 from engine.evaluation import EvalContext
-from engine.evaluation.retrieval import encode_split, log_retrieval_rows, retrieval_rows
+from engine.evaluation.qb_norm import DEFAULT_BETA, DEFAULT_K
+from engine.evaluation.retrieval import (
+    QueryBank,
+    encode_split,
+    encode_texts,
+    log_retrieval_rows,
+    retrieval_rows,
+)
 from engine.tasks.base import EvaluateFn, StepContext, Task
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS, matching_with_hard_negatives
 from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
@@ -86,20 +93,37 @@ def selection_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return by_scoring.get("rerank", by_scoring["meanP"])
 
 
+@dataclass(frozen=True)
+class QueryBankTexts:
+    """QB-Norm's bank before encoding: its texts and where they come from (`--qbnorm`)."""
+
+    texts: list[str]
+    source: str
+    beta: float
+    k: int
+
+
 def make_retrieval_evaluator(
     dataset: Any, settings: EvalContext, *, rerank_top_k: int, rerank_batch_size: int, dsl: bool = False,
-    dsl_temperature: float = 1.0, best: BestCheckpoint | None = None,
+    dsl_temperature: float = 1.0, best: BestCheckpoint | None = None, query_bank: QueryBankTexts | None = None,
 ) -> EvaluateFn:
-    """Evaluate the split: meanP, rerank and (with `dsl`) DSL rows in metrics.jsonl and log.txt; with `best`, model
-    selection by text->video R@1 of the rerank (meanP when `rerank_top_k` is 0)."""
+    """Evaluate the split: meanP, rerank and (with `dsl`) DSL rows, (with `query_bank`) a QB-Norm row, in
+    metrics.jsonl and log.txt; with `best`, model selection by text->video R@1 of the rerank (meanP when
+    `rerank_top_k` is 0), never by DSL or QB-Norm."""
 
     def evaluate(model: nn.Module, step: int, epoch: int) -> dict[str, Any]:
         encoded = encode_split(model, dataset, batch_size=settings.batch_size, device=settings.device,
                                precision=settings.precision, num_workers=settings.num_workers,
                                keep_fusion_inputs=rerank_top_k > 0)
+        bank = None
+        if query_bank is not None:  # encoded by the model being evaluated, at every evaluation
+            bank = QueryBank(encode_texts(model, query_bank.texts, dataset.tokenizer, dataset.max_words,
+                                          batch_size=settings.batch_size, device=settings.device,
+                                          precision=settings.precision),
+                             query_bank.source, query_bank.beta, query_bank.k)
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
                               precision=settings.precision, show_progress=True, dsl=dsl,
-                              dsl_temperature=dsl_temperature)
+                              dsl_temperature=dsl_temperature, query_bank=bank)
         records = log_retrieval_rows(settings.run, rows, step, epoch, extra=dict(settings.extra))
         selected = selection_row(records)
         if best is not None and step > 0:  # selection among this run's checkpoints, not the starting one
@@ -182,6 +206,7 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
             eval_dataset, context.eval_context(), rerank_top_k=args.rerank_top_k,
             rerank_batch_size=args.rerank_batch_size, dsl=args.dsl, dsl_temperature=args.dsl_temperature,
             best=best_checkpoint_for(args.output_dir, args.rerank_top_k) if args.do_train else None,
+            query_bank=query_bank_texts(args, train_factory) if args.qbnorm else None,
         )
 
     def train_dataset() -> Dataset:
@@ -194,6 +219,31 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
                                       evaluate), train_dataset)
 
 
+def query_bank_texts(args: argparse.Namespace, train_factory: Callable[[], Dataset]) -> QueryBankTexts:
+    """`--qbnorm`'s bank: the lines of `--qbnorm_bank`, else every caption of the training split (never the
+    evaluated split's)."""
+    if args.qbnorm_bank:
+        path = Path(args.qbnorm_bank)
+        if not path.is_file():
+            raise InputError(f"--qbnorm_bank {path} does not exist")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        source = str(path)
+    else:
+        texts, source = training_captions(train_factory()), "the training split"
+    if not texts:
+        raise InputError(f"--qbnorm: the query bank ({source}) holds no text")
+    logger.info("QB-Norm query bank: %d texts from %s (beta %g, k %d)", len(texts), source, args.qbnorm_beta,
+                args.qbnorm_k)
+    return QueryBankTexts(texts, source, args.qbnorm_beta, args.qbnorm_k)
+
+
+def training_captions(train: Dataset) -> list[str]:
+    """Every caption of a retrieval training set (MSR-VTT: all captions of the training videos)."""
+    if isinstance(train, MSRVTTTrainDataset):
+        return [caption for video_id in train.video_ids for caption in train.captions[video_id]]
+    return [caption for _, caption in train.pairs]
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     add_rerank_flags(parser)
     group = parser.add_argument_group("retrieval")
@@ -202,6 +252,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                             "every query of the split at once, so it is not comparable with plain retrieval).")
     group.add_argument("--dsl_temperature", type=float, default=1.0,
                        help="Temperature of the DSL prior over the meanP logits.")
+    group.add_argument("--qbnorm", action="store_true",
+                       help="Also report a QB-Norm row (querybank normalisation, dynamic inverted softmax, text->video "
+                            "on meanP; labelled 'qbnorm', never used for model selection).")
+    group.add_argument("--qbnorm_bank", metavar="FILE",
+                       help="QB-Norm's query bank: a text file, one query per line (default: the training split's "
+                            "captions; never the evaluated split's).")
+    group.add_argument("--qbnorm_beta", type=float, default=DEFAULT_BETA,
+                       help="QB-Norm's inverse temperature on cosine similarities (20, the paper's).")
+    group.add_argument("--qbnorm_k", type=int, default=DEFAULT_K,
+                       help="QB-Norm's activation set: videos in some bank query's top k (1, the paper's).")
     group.add_argument("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
                        help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); "
                             "'full' the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
@@ -210,6 +270,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def check_flags(args: argparse.Namespace) -> str | None:
     if args.dsl_temperature <= 0:
         return "--dsl_temperature must be > 0"
+    if args.qbnorm_beta <= 0 or args.qbnorm_k < 1:
+        return "--qbnorm_beta must be > 0 and --qbnorm_k >= 1"
     return rerank_flag_error(args)
 
 
