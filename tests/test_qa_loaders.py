@@ -38,6 +38,9 @@ def test_real_msrvtt_qa_excerpt_and_its_answer_vocabulary():
     assert all(item.question.endswith("?") and item.answer_type for item in items)
     ans2label = read_ans2label(real / "train_ans2label.json")
     assert len(ans2label) == 1500 and ans2label["accept"] == 0 and "actres" in ans2label
+    # the count docs/training.md §5 gives: answers of the excerpt outside the real vocabulary
+    assert [item.answer for item in items if item.answer not in ans2label] == ["lip", "extreme", "biking"]
+    assert len(items) == 35
     outside = [item.answer for item in items if item.answer not in ans2label]
     assert outside == ["lip", "extreme", "biking"]  # docs/data.md §5.1's examples: not training answers
 
