@@ -107,6 +107,13 @@ class MSRVTTTrainDataset(RawVideoTextDataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.expand_sentences else len(self.video_ids)
 
+    def all_pairs(self) -> list[tuple[str, str]]:
+        return [(video_id, caption) for video_id in self.video_ids for caption in self.captions[video_id]]
+
+    def keep_videos(self, videos: set[str]) -> None:
+        self.video_ids = [video_id for video_id in self.video_ids if video_id in videos]
+        self.pairs = [pair for pair in self.pairs if pair[0] in videos]
+
     def _pair(self, index: int, rng: np.random.Generator) -> tuple[str, str]:
         if self.expand_sentences:
             return self.pairs[index]

@@ -9,9 +9,11 @@ through `collate_clips`' `n_skipped`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -159,6 +161,14 @@ class RawVideoTextDataset(Dataset):
     def video_dataset(self) -> SplitVideos:
         return SplitVideos(self._require_split(), self.load_video, self.seed)
 
+    def all_pairs(self) -> list[tuple[str, str]]:
+        """Every (video_id, caption) of a training set (each caption once)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its pairs")
+
+    def keep_videos(self, videos: set[str]) -> None:
+        """Restrict a training set to `videos`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be restricted to some videos")
+
     def _require_split(self) -> RetrievalSplit:
         if self.split is None:
             raise TypeError(f"{type(self).__name__} is a training dataset: it has no evaluation split")
@@ -195,6 +205,12 @@ class PairsDataset(RawVideoTextDataset):
     def _pair(self, index: int, rng: np.random.Generator) -> tuple[str, str]:
         return self.pairs[index]
 
+    def all_pairs(self) -> list[tuple[str, str]]:
+        return list(self.pairs)
+
+    def keep_videos(self, videos: set[str]) -> None:
+        self.pairs = [pair for pair in self.pairs if pair[0] in videos]
+
     def locate(self, video_id: str) -> tuple[Path, tuple[int, int] | None]:
         if self.video_files is None:
             return super().locate(video_id)[0], self.window
@@ -220,6 +236,28 @@ def subset_dataset(pairs: Sequence[tuple[str, str]], features_path: str | Path, 
         return PairsDataset(kept, features_path, video_files=files, **options)
     pairs, dropped = clean_evaluation_pairs(pairs, source)
     return PairsDataset(pairs, features_path, video_files=files, as_split=True, dropped=dropped, **options)
+
+
+def hold_out_videos(dataset: RawVideoTextDataset, count: int, seed: int, frame_order: int
+                    ) -> tuple[RawVideoTextDataset, RawVideoTextDataset]:
+    """(the training set without them, an evaluation split of them) for `count` of a training set's videos drawn
+    with `seed` (the same videos on every run and rank), with all their captions; the split reads its clips with
+    `frame_order`."""
+    pairs = dataset.all_pairs()
+    videos = sorted({video_id for video_id, _ in pairs})
+    if not 0 < count < len(videos):
+        raise InputError(f"--val_from_train {count}: the training split has {len(videos)} videos; hold out between 1 "
+                         f"and {len(videos) - 1}")
+    held = {videos[i] for i in np.random.default_rng(seed).permutation(len(videos))[:count]}
+    train = copy.copy(dataset)
+    train.keep_videos(set(videos) - held)
+    evaluation = copy.copy(dataset)
+    evaluation.sampling = replace(dataset.sampling, frame_order=frame_order)
+    kept, dropped = clean_evaluation_pairs([pair for pair in pairs if pair[0] in held], "the held-out videos")
+    evaluation.split = RetrievalSplit.from_pairs(kept, dropped)
+    logger.info("--val_from_train: %d of %d training videos (seed %d) held out of training as the validation split "
+                "(%d captions)", count, len(videos), seed, len(kept))
+    return train, evaluation
 
 
 def keep_pairs_with_videos(

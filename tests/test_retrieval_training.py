@@ -44,7 +44,7 @@ def retrieval_run(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpo
 
 def test_retrieval_reports_before_and_after_and_selects_by_rerank(retrieval_run, stage1_checkpoint,
                                                                   small_demo_source):
-    records = metrics(retrieval_run)
+    records = [r for r in metrics(retrieval_run) if "report" not in r]
     steps = sorted({r["step"] for r in records})
     assert steps == [0, 2, 3]  # before training, at --eval_steps 2 and at the end (24 videos / batch 8 = 3 steps)
     for step in steps:
@@ -158,7 +158,7 @@ def test_fine_tuning_from_a_frame_store_equals_fine_tuning_from_the_videos(
                                          "--no_progress"])
     assert frozen_tfrecord.convert(config).n_written > 0
     out = tmp_path / "from_store"
-    argv = retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, out, "--dsl",
+    argv = retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, out, "--dsl", "--qbnorm",
                           f"--frame_store={store}")
     assert main_task_retrieval_msrvtt.main(argv) == 0
     assert metrics(out) == metrics(retrieval_run)
@@ -169,3 +169,39 @@ def test_fine_tuning_from_a_frame_store_equals_fine_tuning_from_the_videos(
     log = (out / "log.txt").read_text()
     assert f"frames from the frame store {store}: 34 videos at 2 per second, 32 pixels, png" in log
     assert "is not in --frame_store" not in log
+
+
+def test_selection_on_the_test_split_is_said_and_the_last_rows_put_beside(retrieval_run):
+    records = metrics(retrieval_run)
+    best = json.loads((retrieval_run / "best_checkpoint.json").read_text())
+    evaluated = [r for r in records if "report" not in r and r["step"] > 0]
+    last_step = max(r["step"] for r in evaluated)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("report", "selected_on")}  # noqa: E731
+    selected = [r for r in records if r.get("report") == "selected"]
+    last = [r for r in records if r.get("report") == "last"]
+    assert selected and all(r["selected_on"] == "test" and r["step"] == best["step"] for r in selected)
+    assert [strip(r) for r in selected] == [r for r in evaluated if r["step"] == best["step"]]
+    assert [strip(r) for r in last] == [r for r in evaluated if r["step"] == last_step]
+    assert all(r["split"] == "test" for r in records)
+    assert "model selection used the test split itself (as the original and CLIP4Clip do)" in \
+        (retrieval_run / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_val_from_train_selects_on_held_out_videos_and_tests_once(small_demo_source, tiny_fusion_clip_checkpoint,
+                                                                  stage1_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    argv = retrieval_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, out,
+                          "--val_from_train=6", "--epochs=2")
+    assert main_task_retrieval_msrvtt.main(argv) == 0
+    records = metrics(out)
+    during = [r for r in records if r["split"] == "val_from_train"]
+    test = [r for r in records if r["split"] == "test"]
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    assert during and {r["n_videos"] for r in during} == {6}  # the held-out videos, with all their captions
+    assert {r["n_texts"] for r in during} == {6 * 5} and all(r.get("multi_sentence") for r in during)  # 5 each
+    assert [r["scoring"] for r in test] == ["meanP", "rerank"]  # the test split once, with the selected checkpoint
+    assert all(r["step"] == best["step"] and r["selected_on"] == "val_from_train" for r in test)
+    log = (out / "log.txt").read_text()
+    assert "--val_from_train: 6 of 24 training videos (seed 42) held out of training" in log
+    assert "training: 2 epochs x 2 optimiser steps" in log  # 18 videos left, batch 8 (24 videos: 3 steps)

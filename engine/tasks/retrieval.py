@@ -21,7 +21,7 @@ from dataloaders.didemo import didemo_dataset
 from dataloaders.lsmdc import lsmdc_dataset
 from dataloaders.msrvtt import MSRVTTFullTestDataset, MSRVTTTestDataset, MSRVTTTrainDataset
 from dataloaders.msvd import msvd_dataset
-from dataloaders.raw_video_text import RawVideoTextDataset
+from dataloaders.raw_video_text import RawVideoTextDataset, hold_out_videos
 from dataloaders.video import SLICE_UNIFORM
 from engine.args import add_rerank_flags, rerank_flag_error
 from engine.checkpointing import BestCheckpoint
@@ -35,9 +35,11 @@ from engine.evaluation.retrieval import (
     log_retrieval_rows,
     retrieval_rows,
 )
+from engine.run_logging import read_metrics
 from engine.tasks.base import EvaluateFn, StepContext, Task
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS, matching_with_hard_negatives
 from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
+from modules.checkpoint import load_state_dict_checked, read_model_state_dict
 from modules.errors import InputError
 from modules.fusion_objectives import TextParts, VideoParts
 from modules.similarity import symmetric_contrastive_loss
@@ -48,6 +50,7 @@ NAME = "retrieval"
 DATASETS = ("msrvtt", "msvd", "lsmdc", "didemo", "activitynet")
 
 SELECTION_METRIC = "t2v R1"
+VAL_FROM_TRAIN = "val_from_train"  # the split name of --val_from_train's held-out videos
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class QueryBankTexts:
 def make_retrieval_evaluator(
     dataset: Any, settings: EvalContext, *, rerank_top_k: int, rerank_batch_size: int, dsl: bool = False,
     dsl_temperature: float = 1.0, best: BestCheckpoint | None = None, query_bank: QueryBankTexts | None = None,
+    split: str = "test", extra: dict[str, Any] | None = None,
 ) -> EvaluateFn:
     """Evaluate the split: meanP, rerank and (with `dsl`) DSL rows, (with `query_bank`) a QB-Norm row, in
     metrics.jsonl and log.txt; with `best`, model selection by text->video R@1 of the rerank (meanP when
@@ -124,7 +128,8 @@ def make_retrieval_evaluator(
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
                               precision=settings.precision, show_progress=True, dsl=dsl,
                               dsl_temperature=dsl_temperature, query_bank=bank)
-        records = log_retrieval_rows(settings.run, rows, step, epoch, extra=dict(settings.extra))
+        records = log_retrieval_rows(settings.run, rows, step, epoch, split=split,
+                                     extra={**settings.extra, **(extra or {})})
         selected = selection_row(records)
         if best is not None and step > 0:  # selection among this run's checkpoints, not the starting one
             best.update(selected["t2v"]["R1"], step, epoch)
@@ -198,16 +203,37 @@ def build_retrieval_datasets(
 
 
 def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
+    """Training evaluates (and selects on) the evaluation split, as the original and CLIP4Clip do, or with
+    `--val_from_train N` on N held-out training videos, the test split then evaluated once with the selected
+    checkpoint. Either way the run ends with a report that names the selection split."""
     args, dataset = context.args, context.dataset
     train_factory, eval_dataset = build_retrieval_datasets(args, dataset, model.image_resolution)
-    evaluate = None
-    if eval_dataset is not None:
-        evaluate = make_retrieval_evaluator(
-            eval_dataset, context.eval_context(), rerank_top_k=args.rerank_top_k,
-            rerank_batch_size=args.rerank_batch_size, dsl=args.dsl, dsl_temperature=args.dsl_temperature,
-            best=best_checkpoint_for(args.output_dir, args.rerank_top_k) if args.do_train else None,
-            query_bank=query_bank_texts(args, train_factory) if args.qbnorm else None,
-        )
+    held_out = None
+    if args.val_from_train and args.do_train:
+        train_set, held_out = hold_out_videos(train_factory(), args.val_from_train, args.seed, args.eval_frame_order)
+        train_factory = lambda: train_set  # noqa: E731
+    query_bank = query_bank_texts(args, train_factory) if args.qbnorm else None
+    best = best_checkpoint_for(args.output_dir, args.rerank_top_k) if args.do_train else None
+
+    def evaluator(data: Any, split: str, selection: BestCheckpoint | None, **extra: Any) -> EvaluateFn:
+        return make_retrieval_evaluator(
+            data, context.eval_context(), rerank_top_k=args.rerank_top_k, rerank_batch_size=args.rerank_batch_size,
+            dsl=args.dsl, dsl_temperature=args.dsl_temperature, best=selection, query_bank=query_bank,
+            split=split, extra=extra)
+
+    test_split = "test" if dataset == "msrvtt" else args.eval_split
+    evaluate, after_training = None, None
+    if held_out is not None:
+        evaluate = evaluator(held_out, VAL_FROM_TRAIN, best)
+        if eval_dataset is not None:
+            test_evaluate = evaluator(eval_dataset, test_split, None, selected_on=VAL_FROM_TRAIN)
+            after_training = lambda trained: test_selected_checkpoint(  # noqa: E731
+                args.output_dir, args.rerank_top_k, trained, test_evaluate)
+    elif eval_dataset is not None:
+        evaluate = evaluator(eval_dataset, test_split, best)
+        if best is not None:
+            after_training = lambda trained: report_selection(  # noqa: E731
+                args.output_dir, args.rerank_top_k, test_split, context.run)
 
     def train_dataset() -> Dataset:
         train = train_factory()
@@ -216,7 +242,46 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
         return train
 
     return PreparedRun(retrieval_task(RetrievalLossWeights(args.sim_weight, args.vtm_weight, args.align_weight),
-                                      evaluate), train_dataset)
+                                      evaluate), train_dataset, after_training)
+
+
+def test_selected_checkpoint(output_dir: str, rerank_top_k: int, model: nn.Module, test_evaluate: EvaluateFn
+                             ) -> None:
+    """After training selected on the held-out videos: the test split, once, with the selected checkpoint."""
+    best = best_checkpoint_for(output_dir, rerank_top_k).best
+    if best is None or best["checkpoint"] is None or not Path(best["checkpoint"]).is_file():
+        logger.warning("no checkpoint selected on the held-out videos is on disk (%s): the test split is not "
+                       "evaluated", "no evaluation after step 0" if best is None else f"step {best['step']}")
+        return
+    logger.info("model selection used %s (held out of training); evaluating the test split once, with the "
+                "selected checkpoint %s (%s %.4g)", VAL_FROM_TRAIN, best["checkpoint"], best["metric"], best["value"])
+    load_state_dict_checked(model, read_model_state_dict(best["checkpoint"]))
+    test_evaluate(model, best["step"], best["epoch"])
+
+
+def report_selection(output_dir: str, rerank_top_k: int, split: str, run: Any) -> None:
+    """After training selected on the evaluated split itself (the original's and CLIP4Clip's protocol): say so, and
+    put the last checkpoint's rows beside the selected one's. metrics.jsonl gets the selected step's rows again,
+    marked `"selected_on": <split>`, and the last step's marked `"report": "last"`."""
+    best = best_checkpoint_for(output_dir, rerank_top_k).best
+    rows = [row for row in read_metrics(Path(output_dir) / "metrics.jsonl")
+            if row.get("task") == NAME and row.get("split") == split and "report" not in row
+            and row.get("step", 0) > 0]
+    if best is None or not rows:
+        return
+    last_step = max(row["step"] for row in rows)
+    metric = best["metric"].rsplit(" ", 2)[0]  # "rerank t2v R1" -> "rerank"
+    selected = [row for row in rows if row["step"] == best["step"]]
+    last = [row for row in rows if row["step"] == last_step]
+    for row in selected:
+        run.log_metrics({**row, "report": "selected", "selected_on": split})
+    for row in last:
+        run.log_metrics({**row, "report": "last"})
+    value = {row["step"]: row["t2v"]["R1"] for row in rows if row["scoring"] == metric}
+    logger.warning("model selection used the %s split itself (as the original and CLIP4Clip do): the selected "
+                   "step %d's text->video R@1 %.2f (%s) is optimistic; the last checkpoint (step %d) gives %.2f. "
+                   "--val_from_train N selects on held-out training videos instead", split, best["step"],
+                   value.get(best["step"], float("nan")), metric, last_step, value.get(last_step, float("nan")))
 
 
 def query_bank_texts(args: argparse.Namespace, train_factory: Callable[[], Dataset]) -> QueryBankTexts:
@@ -237,11 +302,9 @@ def query_bank_texts(args: argparse.Namespace, train_factory: Callable[[], Datas
     return QueryBankTexts(texts, source, args.qbnorm_beta, args.qbnorm_k)
 
 
-def training_captions(train: Dataset) -> list[str]:
+def training_captions(train: Any) -> list[str]:
     """Every caption of a retrieval training set (MSR-VTT: all captions of the training videos)."""
-    if isinstance(train, MSRVTTTrainDataset):
-        return [caption for video_id in train.video_ids for caption in train.captions[video_id]]
-    return [caption for _, caption in train.pairs]
+    return [caption for _, caption in train.all_pairs()]
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +325,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="QB-Norm's inverse temperature on cosine similarities (20, the paper's).")
     group.add_argument("--qbnorm_k", type=int, default=DEFAULT_K,
                        help="QB-Norm's activation set: videos in some bank query's top k (1, the paper's).")
+    group.add_argument("--val_from_train", type=int, default=0, metavar="N",
+                       help="Hold N training videos (drawn with --seed) out of training as the validation split: "
+                            "evaluations during training and model selection use them, and the test split is "
+                            "evaluated once, with the selected checkpoint (default 0: select on the evaluated split, "
+                            "as the original and CLIP4Clip do; the final report says so).")
     group.add_argument("--msrvtt_test", choices=["1k-A", "full"], default="1k-A",
                        help="MSR-VTT: '1k-A' evaluates --val_csv (MSRVTT_JSFUSION_test.csv, one caption per video); "
                             "'full' the 2,990 test videos of --data_path (MSRVTT_data.json) with all their captions.")
@@ -270,6 +338,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def check_flags(args: argparse.Namespace) -> str | None:
     if args.dsl_temperature <= 0:
         return "--dsl_temperature must be > 0"
+    if args.val_from_train < 0:
+        return "--val_from_train must be >= 0"
     if args.qbnorm_beta <= 0 or args.qbnorm_k < 1:
         return "--qbnorm_beta must be > 0 and --qbnorm_k >= 1"
     return rerank_flag_error(args)
@@ -281,5 +351,5 @@ DEFINITION = register_task(TaskDefinition(
     head_dropout=0.2, loss_weights=("sim", "vtm", "align"), add_flags=add_flags, check_flags=check_flags,
     eval_split=EvalSplitFlag(lambda args: "test", "MSVD, LSMDC, DiDeMo, ActivityNet (test only: val_1.json): the "
                                                   "split evaluated (default test)."),
-    datasets=DATASETS,
+    datasets=DATASETS, run_config_flags=("val_from_train",),
 ))
