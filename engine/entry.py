@@ -25,7 +25,7 @@ from engine.args import (
     resolve_clip_path,
 )
 from engine.checkpointing import RESTORE_NAME, CheckpointWriteError
-from engine.data import build_webvid_dataset
+from engine.data import build_webvid_dataset, training_source
 from engine.precision import resolve_precision
 from engine.run_logging import RunLogger, record_run_outcome, record_run_start
 from engine.tasks.base import Task
@@ -126,6 +126,9 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
     if args.do_train and definition.pretraining:  # a training set with nothing to train on stops the run here
         context = replace(context, webvid_train=build_webvid_dataset(args))
     model = build_model(args, **(definition.model_options(context) if definition.model_options else {}))
+    context = replace(context, trained_before=model.trained_on)
+    if args.do_train and model.trained_on is not None:  # its checkpoints add this run to what they were trained on
+        model.trained_on = [*model.trained_on, training_run_record(args, context.dataset)]
     prepared = definition.prepare(context, model)
     train_dataset = prepared.train_dataset() if args.do_train else None  # a bad training set stops the run here
     evaluate_before_training(args, dist_info, prepared.task, model)
@@ -144,6 +147,16 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
     if prepared.after_training is not None and dist_info.is_main:
         prepared.after_training(model.to(dist_info.device))
     return EXIT_OK
+
+
+def training_run_record(args: argparse.Namespace, dataset: str | None) -> dict[str, str]:
+    """What a checkpoint records of the run that trained it: the task and the dataset whose training split it
+    read (a task script's dataset; pre-training on MSR-VTT: msrvtt; on a corpus: its labels file)."""
+    if dataset is not None:
+        return {"task": args.task, "dataset": dataset}
+    if training_source(args.data_path) == "msrvtt":
+        return {"task": args.task, "dataset": "msrvtt"}
+    return {"task": args.task, "corpus": str(args.data_path)}
 
 
 def evaluate_once(dist_info: distributed.DistInfo, task: Task, model: torch.nn.Module) -> None:

@@ -155,6 +155,9 @@ class T2VLP(nn.Module):
         self._bert_style_init()
         self.init_keys: frozenset[str] = frozenset()  # the keys `from_pretrained` read from `init_model`
         self.answers: list[str] | None = None  # the classifier's answers in label order, when it has one
+        # What the weights were trained on before (task and dataset of each run, oldest first); None: not known (a
+        # checkpoint of the original code, or one of ours written before checkpoints recorded it)
+        self.trained_on: list[dict] | None = []
 
     def _bert_style_init(self) -> None:
         """docs/method.md §10.3 step 4: Linear and Embedding weights N(0, 0.02), zero biases (before loading)."""
@@ -210,6 +213,9 @@ class T2VLP(nn.Module):
             _require_complete(model, init_state, init_model)
         load_state_dict_checked(model, state)
         model.init_keys = frozenset(init_state or ())
+        if init_model:
+            history = init_settings.get("trained_on")
+            model.trained_on = [dict(run) for run in history] if isinstance(history, list) else None
         logger.info(
             "built T2VLP from %s%s on %s: %s, %s",
             clip_path,
@@ -221,9 +227,11 @@ class T2VLP(nn.Module):
         return model
 
     def model_settings(self) -> dict:
-        """What this model's checkpoints record of it (the backbone; the classifier's answers), so that a later
-        stage or predict.py rebuilds the same network and reads its outputs the same way."""
-        return {**backbone_settings(self.clip_config), **({"answers": list(self.answers)} if self.answers else {})}
+        """What this model's checkpoints record of it (the backbone; the classifier's answers; what it was trained
+        on), so that a later stage or predict.py rebuilds the same network and reads its outputs the same way, and
+        an evaluation can say whether it is zero-shot."""
+        return {**backbone_settings(self.clip_config), **({"answers": list(self.answers)} if self.answers else {}),
+                "trained_on": self.trained_on}
 
     @property
     def image_resolution(self) -> int:

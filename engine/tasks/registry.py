@@ -42,6 +42,7 @@ class RunContext:
     precision: str
     dataset: str | None = None
     webvid_train: Any = None  # a pre-training run's WebVid training set, built (and checked) before the model
+    trained_before: list[dict] | None = None  # what the starting weights were trained on (None: not known)
 
     @property
     def device(self) -> torch.device:

@@ -109,7 +109,7 @@ class QueryBankTexts:
 def make_retrieval_evaluator(
     dataset: Any, settings: EvalContext, *, rerank_top_k: int, rerank_batch_size: int, dsl: bool = False,
     dsl_temperature: float = 1.0, best: BestCheckpoint | None = None, query_bank: QueryBankTexts | None = None,
-    split: str = "test", extra: dict[str, Any] | None = None,
+    split: str = "test", extra: dict[str, Any] | None = None, zero_shot: bool | None = None,
 ) -> EvaluateFn:
     """Evaluate the split: meanP, rerank and (with `dsl`) DSL rows, (with `query_bank`) a QB-Norm row, in
     metrics.jsonl and log.txt; with `best`, model selection by text->video R@1 of the rerank (meanP when
@@ -128,8 +128,10 @@ def make_retrieval_evaluator(
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
                               precision=settings.precision, show_progress=True, dsl=dsl,
                               dsl_temperature=dsl_temperature, query_bank=bank)
+        # the starting weights (step 0) are zero-shot when they never trained on this dataset; later steps trained
         records = log_retrieval_rows(settings.run, rows, step, epoch, split=split,
-                                     extra={**settings.extra, **(extra or {})})
+                                     extra={**settings.extra, **(extra or {}),
+                                            "zero_shot": zero_shot if step == 0 else False})
         selected = selection_row(records)
         if best is not None and step > 0:  # selection among this run's checkpoints, not the starting one
             best.update(selected["t2v"]["R1"], step, epoch)
@@ -219,7 +221,7 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
         return make_retrieval_evaluator(
             data, context.eval_context(), rerank_top_k=args.rerank_top_k, rerank_batch_size=args.rerank_batch_size,
             dsl=args.dsl, dsl_temperature=args.dsl_temperature, best=selection, query_bank=query_bank,
-            split=split, extra=extra)
+            split=split, extra=extra, zero_shot=zero_shot(context.trained_before, dataset))
 
     test_split = "test" if dataset == "msrvtt" else args.eval_split
     evaluate, after_training = None, None
@@ -243,6 +245,14 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
 
     return PreparedRun(retrieval_task(RetrievalLossWeights(args.sim_weight, args.vtm_weight, args.align_weight),
                                       evaluate), train_dataset, after_training)
+
+
+def zero_shot(trained_before: list[dict] | None, dataset: str) -> bool | None:
+    """Whether weights with this training history have never trained on `dataset`'s training split (any task on
+    its videos counts); None when the history is not known (a checkpoint of the original code)."""
+    if trained_before is None:
+        return None
+    return not any(run.get("dataset") == dataset for run in trained_before)
 
 
 def test_selected_checkpoint(output_dir: str, rerank_top_k: int, model: nn.Module, test_evaluate: EvaluateFn
