@@ -352,7 +352,9 @@ def test_one_process_launch_reports_the_scripts_own_error_and_exit_code(tmp_path
     result = subprocess.run(["bash", str(ROOT / "start_clip.sh")], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert "main_task_clip.py: error:" in result.stderr and "clip.pt is neither a TorchScript" in result.stderr
+    # the training data is checked first (before any model is built): the store has no index
+    assert result.stderr.startswith("main_task_clip.py: error: --data_path / --dir_path: No such file or directory")
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "torch.distributed" not in result.stderr and "Traceback" not in result.stderr
 
 

@@ -34,7 +34,7 @@ def test_two_processes_equal_one_process(tiny_clip_checkpoint, tmp_path):
 def test_a_two_process_run_resumes_on_one_process(small_demo, tiny_clip_checkpoint, tmp_path):
     """restore.bin carries the global position: a run stopped on 2 processes finishes on 1 with the same plan."""
     out = tmp_path / "run"
-    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=2")
+    argv = stage1_argv(small_demo, tiny_clip_checkpoint, out, "--epochs=2", "--keep_checkpoints=0")
     run_torchrun(ROOT / "main_task_clip.py", *argv, "--max_steps=4", nproc=2)
     saved = load_restore(out)
     assert (saved["global_step"], saved["world_size"]) == (4, 2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from modules.checkpoint import read_model_settings
+from tests.test_retrieval_training import retrieval_run  # noqa: F401 (its fixture, used below)
 from tests.test_stage1_training import metrics
 from tests.torchrun import ROOT
 
@@ -46,11 +47,9 @@ def test_the_history_decides_the_label(small_demo_source, tiny_fusion_clip_check
     assert {row["zero_shot"] for row in unknown} == {None}
 
 
-def test_fine_tuning_adds_itself_to_the_history(retrieval_run):
+def test_fine_tuning_adds_itself_to_the_history(retrieval_run):  # noqa: F811 (the imported fixture)
     settings = read_model_settings(next((retrieval_run / "ckpt").glob("pytorch_model.bin.*")))
     assert settings["trained_on"] == [{"task": "clip", "dataset": "msrvtt"}, {"task": "retrieval", "dataset": "msrvtt"}]
     rows = [row for row in metrics(retrieval_run) if "report" not in row]
     assert {row["zero_shot"] for row in rows} == {False}  # the stage-1 weights had trained on MSR-VTT already
 
-
-from tests.test_retrieval_training import retrieval_run  # noqa: E402, F401 (the module's fixture)
