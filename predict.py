@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--rerank", action="store_true", help="rerank with the fusion match head (stage 2 and later)")
     query.add_argument("--rerank_top_k", type=int, default=32, help="candidates reranked (at least --top_k)")
     query.add_argument("--json", action="store_true", help="print one JSON list of {path, score}")
-    query.add_argument("--html", help="also write an HTML page with frame thumbnails of each hit")
+    query.add_argument("--html", help="also write an HTML page with six frame thumbnails of each hit (each frame "
+                                      "reached by a seek: a fraction of a second per hit)")
     query.add_argument("--allow_other_model", action="store_true",
                        help="encode the query with --init_model (or a changed checkpoint) although the index was "
                             "built with another: scores then compare features of two models")

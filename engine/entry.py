@@ -128,7 +128,7 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
     model = build_model(args, **(definition.model_options(context) if definition.model_options else {}))
     context = replace(context, trained_before=model.trained_on)
     if args.do_train and model.trained_on is not None:  # its checkpoints add this run to what they were trained on
-        model.trained_on = [*model.trained_on, training_run_record(args, context.dataset)]
+        model.trained_on = [*model.trained_on, training_run_record(args, definition, context.dataset)]
     prepared = definition.prepare(context, model)
     train_dataset = prepared.train_dataset() if args.do_train else None  # a bad training set stops the run here
     evaluate_before_training(args, dist_info, prepared.task, model)
@@ -149,11 +149,14 @@ def run_task(definition: TaskDefinition, context: RunContext) -> int:
     return EXIT_OK
 
 
-def training_run_record(args: argparse.Namespace, dataset: str | None) -> dict[str, str]:
+def training_run_record(args: argparse.Namespace, definition: TaskDefinition, dataset: str | None
+                        ) -> dict[str, str]:
     """What a checkpoint records of the run that trained it: the task and the dataset whose training split it
     read (a task script's dataset; pre-training on MSR-VTT: msrvtt; on a corpus: its labels file)."""
     if dataset is not None:
         return {"task": args.task, "dataset": dataset}
+    if not definition.pretraining:
+        return {"task": args.task}
     if training_source(args.data_path) == "msrvtt":
         return {"task": args.task, "dataset": "msrvtt"}
     return {"task": args.task, "corpus": str(args.data_path)}

@@ -149,7 +149,7 @@ FUSION_RUN_CONFIG = ["head_dropout", "match_norm", "train_encoders"]
 @pytest.mark.parametrize("task, own", [
     ("clip", []),
     ("fusion", [*FUSION_RUN_CONFIG, "mask_ratio", "mlm_weight", "plm_weight", "vtm_weight", "align_weight"]),
-    ("retrieval", [*FUSION_RUN_CONFIG, "sim_weight", "vtm_weight", "align_weight"]),
+    ("retrieval", [*FUSION_RUN_CONFIG, "val_from_train", "sim_weight", "vtm_weight", "align_weight"]),
     ("caption", [*FUSION_RUN_CONFIG, "caption_weight", "sim_weight", "align_weight"]),
     ("qa", [*FUSION_RUN_CONFIG, "qa_head", "qa_weight", "sim_weight"]),
 ])
