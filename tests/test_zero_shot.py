@@ -53,3 +53,22 @@ def test_fine_tuning_adds_itself_to_the_history(retrieval_run):  # noqa: F811 (t
     rows = [row for row in metrics(retrieval_run) if "report" not in row]
     assert {row["zero_shot"] for row in rows} == {False}  # the stage-1 weights had trained on MSR-VTT already
 
+
+
+def test_a_stage_2_checkpoint_evaluates_zero_shot_with_its_rerank_rows(small_demo_source, webvid_demo,
+                                                                        tiny_fusion_clip_checkpoint, stage1_checkpoint,
+                                                                        tmp_path):
+    import main_task_fusion
+    from tests.stage1_helpers import stage2_argv
+
+    stage2 = tmp_path / "stage2"
+    corpus = [f"--data_path={webvid_demo['labels']}", f"--dir_path={webvid_demo['tfrecord_dir']}"]
+    assert main_task_fusion.main(stage2_argv(small_demo_source, tiny_fusion_clip_checkpoint, stage1_checkpoint, stage2,
+                                             "--epochs=1", "--max_steps=2", "--val_csv=", *corpus)) == 0
+    checkpoint = stage2 / "ckpt" / "pytorch_model.bin.2"
+    assert read_model_settings(checkpoint)["trained_on"] == [{"task": "clip", "dataset": "msrvtt"},
+                                                             {"task": "fusion", "corpus": str(webvid_demo["labels"])}]
+    rows = evaluate(main_task_retrieval_msvd, small_demo_source, tiny_fusion_clip_checkpoint, checkpoint,
+                    tmp_path / "msvd", [f"--data_path={small_demo_source['msvd_dir']}"])
+    assert [(row["scoring"], row["zero_shot"], row["split"]) for row in rows] == [("meanP", True, "test"),
+                                                                                 ("rerank", True, "test")]
