@@ -1,6 +1,7 @@
 from collections import Counter
 
 import pytest
+import torch
 from torch.utils.data import DistributedSampler
 
 from engine.sampler import ResumableDistributedSampler, eval_shard
@@ -88,7 +89,7 @@ def test_resume_with_another_world_size_continues_the_epoch_without_repeats(done
     assert [len(s) for s in new_samplers] == expected_lengths
     assert consumed.isdisjoint(remaining)
     assert len(set(remaining)) == len(remaining)
-    assert set(remaining) <= set(new_samplers[0].epoch_indices()[2 * done_per_rank:])
+    assert set(remaining) <= set(new_samplers[0].epoch_indices()[2 * done_per_rank:].tolist())
 
 
 def test_invalid_resume_position():
@@ -103,3 +104,16 @@ def test_eval_shards_are_exact_and_contiguous():
     for n, replicas in [(1000, 8), (7, 4), (3, 3)]:
         joined = [i for rank in range(replicas) for i in eval_shard(n, replicas, rank)]
         assert joined == list(range(n))
+
+
+def test_a_rank_holds_only_its_share_as_one_array():
+    samplers = [ResumableDistributedSampler(1000, 4, rank, seed=3, drop_last=True) for rank in range(4)]
+    for sampler in samplers:
+        sampler.set_epoch(2)
+        sampler.skip(40)
+    shares = [sampler.rank_indices() for sampler in samplers]
+    assert all(share.dtype == torch.int64 and share.is_contiguous() for share in shares)
+    assert all(share.untyped_storage().nbytes() == 8 * len(sampler) for share, sampler in zip(shares, samplers))
+    full = samplers[0].epoch_indices()
+    assert torch.equal(torch.stack(shares, dim=1).reshape(-1), full[40:])  # the ranks interleave the epoch order
+    assert [type(i) for i in list(samplers[1])[:3]] == [int, int, int]
