@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dataloaders.files import printable
-from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip, normalize_video
+from dataloaders.video import ClipSampling, load_video_clip, normalize_video
+from dataloaders.video_decoding import VideoDecodeError
 from engine.precision import autocast_context, resolve_precision
 from inference.results_page import write_results_page
 from inference.trained_model import TrainedModel, load_trained_model

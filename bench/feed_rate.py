@@ -44,8 +44,9 @@ import frozen_tfrecord as ft  # noqa: E402
 from bench.bench_stage1 import synchronize  # noqa: E402
 from bench.bench_webvid import write_synthetic_videos  # noqa: E402
 from bench.train_step import TINY, bench_model, check_config_name, resolve_counts  # noqa: E402
+from dataloaders.clip_store import read_labels  # noqa: E402
 from dataloaders.collate import batch_to_device, collate_clips  # noqa: E402
-from dataloaders.webvid import WebVidDataset, read_labels  # noqa: E402
+from dataloaders.webvid import WebVidDataset  # noqa: E402
 from engine.data import build_checked  # noqa: E402
 from engine.distributed import DistInfo  # noqa: E402
 from engine.run_logging import RunLogger  # noqa: E402

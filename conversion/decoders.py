@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from dataloaders.files import printable
-from dataloaders.video import VideoDecodeError, open_capture
+from dataloaders.video_decoding import VideoDecodeError, open_capture
 
 FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DECODERS = ("opencv", "pyav")

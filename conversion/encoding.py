@@ -10,8 +10,8 @@ import numpy as np
 
 from conversion.decoders import DecodedClip
 from conversion.items import Failure
-from dataloaders.video import VideoDecodeError, read_sampled_frames, resize_center_crop
-from dataloaders.webvid import RAW_SIDE, encode_image_clip_record, encode_raw_clip_record
+from dataloaders.clip_store import RAW_SIDE, encode_image_clip_record, encode_raw_clip_record
+from dataloaders.video_decoding import VideoDecodeError, read_sampled_frames
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ def encode_decoded_clip(clip_id: str, clip: DecodedClip, options: EncodeOptions,
 def encode_frame_store_clip(video_id: str, path: str, options: EncodeOptions) -> tuple[bytes, int]:
     """A frame-store record: the frames the raw-video loader samples at `--feature_framerate`, resized and
     center-cropped exactly as it does (so reading them back gives its clips), with their positions and fps."""
+    from dataloaders.video import resize_center_crop  # torch: imported only where a frame store is written
+
     sampled = read_sampled_frames(path, options.feature_framerate)
     clip = resize_center_crop(sampled.frames, options.image_size).permute(0, 2, 3, 1).numpy()
     images = [encode_image(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), options) for frame in clip]

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from conversion.encoding import EncodeOptions
 from conversion.items import Failure, Unit
+from dataloaders.clip_store import parse_clip_record
 from dataloaders.files import file_sha256, temporary_beside
-from dataloaders.frame_store import FrameStoreManifest, manifest_path
 from dataloaders.tfrecord_io import iter_records, write_record
-from dataloaders.webvid import parse_clip_record
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -243,6 +242,8 @@ def assemble(output_dir: Path, index: Path, states: Iterable[tuple[Path, ShardSt
                 labels.append({"video_id": clip_id, "caption": captions[clip_id]})
     write_atomically(index, "".join(index_lines))
     if options.is_frame_store:
+        from dataloaders.frame_store import FrameStoreManifest, manifest_path  # torch: only for a frame store
+
         manifest = FrameStoreManifest(options.feature_framerate, options.image_size, options.frame_format)
         write_atomically(manifest_path(index), manifest.to_json())
     if labels_path is not None:

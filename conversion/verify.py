@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataloaders.tfrecord_io import RecordReader, read_text
-from dataloaders.webvid import (
+from dataloaders.clip_store import (
     check_record_id,
     index_file,
     index_lines,
@@ -16,6 +15,7 @@ from dataloaders.webvid import (
     read_labels,
     resolve_shard_path,
 )
+from dataloaders.tfrecord_io import RecordReader, read_text
 
 SHOWN = 10  # problems listed by name; the rest are counted
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
-from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from conversion.decoders import open_source, read_clips
 from conversion.encoding import EncodeOptions, encode_decoded_clip
@@ -30,7 +29,7 @@ from conversion.shards import OutputLayout, ShardPlan, ShardState, ShardWriter, 
 from conversion.sources import SampleFields, parse_sample_json, sample_clip
 from dataloaders.files import VIDEO_EXTENSIONS
 from dataloaders.tfrecord_io import is_s3_url, s3_client, split_s3_url
-from dataloaders.video import VideoDecodeError
+from dataloaders.video_decoding import VideoDecodeError
 from modules.errors import InputError
 
 SHARD_SUFFIX = ".tar"
@@ -130,6 +129,8 @@ def samples_of(url: str, stream: BinaryIO, errors: ShardErrors, max_member_bytes
     be read (a truncated or damaged tar) ends the shard; the samples before it are complete, and a sample it cut
     short has lost that member and those after it (reported as such when that leaves it without video or
     caption). A member over `max_member_bytes` is a `RefusedMember`."""
+    from webdataset.tariterators import group_by_keys  # the package imports torch: only where shards are read
+
     return group_by_keys(errors.members(tar_members(url, stream, errors, max_member_bytes)), handler=errors)
 
 
@@ -156,7 +157,7 @@ def tar_members(url: str, stream: BinaryIO, errors: ShardErrors, max_member_byte
 
 def _is_metadata(name: str) -> bool:
     """webdataset's rule: `__key__`-style names at the top level and under any folder are not members."""
-    return ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)) or \
+    return ("/" not in name and name.startswith("__") and name.endswith("__")) or \
         re.match(r"__[^/]*__($|/)", name) is not None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloaders.video import read_frames
+from dataloaders.video_decoding import read_frames
 
 COLOURS = {  # RGB, far apart in hue so mp4v compression cannot confuse them
     "red": (230, 20, 20),

@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloaders.tfrecord_io import RecordReader
-from dataloaders.video import (
-    ClipSampling,
-    VideoDecodeError,
-    check_window,
-    clip_frame_indices,
-    pad_clip,
+from dataloaders.clip_store import (
+    ClipRecordError,
+    WebVidIndex,
+    check_record_id,
+    index_file,
+    parse_clip_record,
 )
-from dataloaders.webvid import ClipRecordError, WebVidIndex, check_record_id, index_file, parse_clip_record
+from dataloaders.tfrecord_io import RecordReader
+from dataloaders.video import ClipSampling, clip_frame_indices, pad_clip
+from dataloaders.video_decoding import VideoDecodeError, check_window
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")

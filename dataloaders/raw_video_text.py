@@ -30,7 +30,8 @@ from dataloaders.retrieval_split import (
     clean_evaluation_pairs,
     index_video_files,
 )
-from dataloaders.video import SLICE_UNIFORM, ClipSampling, VideoDecodeError, load_video_clip
+from dataloaders.video import SLICE_UNIFORM, ClipSampling, load_video_clip
+from dataloaders.video_decoding import VideoDecodeError
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataloaders.files import files_by_name, walk_files
-from dataloaders.video import VideoDecodeError
+from dataloaders.video_decoding import VideoDecodeError
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")

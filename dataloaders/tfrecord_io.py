@@ -10,6 +10,7 @@ before DataLoader workers fork is safe to use in every worker (each worker opens
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 import threading
@@ -19,7 +20,23 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import crc32c
-from tfrecord import example_pb2
+
+
+def _example_schema():
+    """The `tfrecord` package's generated `example_pb2` module, loaded from its file: importing it through the
+    package would import torch as well (the package's __init__ does), which costs every conversion process
+    seconds of start-up for nothing. The same file, so the messages are the package's own."""
+    package = importlib.util.find_spec("tfrecord")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("the tfrecord package is not installed (pip install -r requirements.txt)")
+    path = os.path.join(package.submodule_search_locations[0], "example_pb2.py")
+    spec = importlib.util.spec_from_file_location("tfrecord_example_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example_pb2 = _example_schema()
 
 HEADER_SIZE = 12  # length (8) + length CRC (4)
 FOOTER_SIZE = 4  # payload CRC

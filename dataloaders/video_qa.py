@@ -27,7 +27,7 @@ import torch
 from dataloaders.msrvtt import MSRVTT_EXCLUDED_VIDEOS
 from dataloaders.raw_video_text import AnnotationError, RawVideoTextDataset, read_json_file
 from dataloaders.retrieval_split import RetrievalSplit, SplitVideos, index_video_files
-from dataloaders.video import VideoDecodeError
+from dataloaders.video_decoding import VideoDecodeError
 
 logger = logging.getLogger("t2vlp.data")
 

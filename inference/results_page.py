@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from dataloaders.files import printable
-from dataloaders.video import VideoDecodeError, open_capture
+from dataloaders.video_decoding import VideoDecodeError, open_capture
 
 THUMBNAILS = 6
 THUMBNAIL_HEIGHT = 96

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
 from dataloaders.files import FolderLock, file_sha256, is_video_file, walk_files
-from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip, normalize_video
+from dataloaders.video import ClipSampling, load_video_clip, normalize_video
+from dataloaders.video_decoding import VideoDecodeError
 from engine.evaluation.rerank import rerank_scores
 from engine.precision import autocast_context
 from inference.trained_model import TrainedModel

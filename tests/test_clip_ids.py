@@ -10,7 +10,7 @@ import pytest
 import webdataset
 
 from conversion.items import id_problem
-from dataloaders.webvid import WebVidIndex, read_frames
+from dataloaders.clip_store import WebVidIndex, read_frames
 from tests.test_webdataset_input import convert, failures_of, meta, videos  # noqa: F401 (the member fixture)
 from tests.test_webvid_s3 import s3_env, s3_server  # noqa: F401 (the moto S3 fixtures)
 

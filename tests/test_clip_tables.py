@@ -22,8 +22,8 @@ from conversion.decoders import (
     sample_positions,
 )
 from conversion.tables import parse_timestamp
+from dataloaders.clip_store import parse_clip_record, read_frames
 from dataloaders.tfrecord_io import iter_records
-from dataloaders.webvid import parse_clip_record, read_frames
 from tests.video_helpers import frame_number, write_numbered_video
 
 FPS = 10

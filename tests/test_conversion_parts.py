@@ -11,7 +11,7 @@ import pytest
 
 import frozen_tfrecord as ft
 import main_task_clip
-from dataloaders.webvid import read_frames
+from dataloaders.clip_store import read_frames
 from tests.stage1_helpers import stage1_argv
 from tests.test_frozen_tfrecord import kill_when_written, make_many_videos, output_bytes
 from tests.test_webdataset_input import videos as member_videos  # noqa: F401 (fixture)

@@ -12,7 +12,7 @@ import torch
 from dataloaders import demo_data
 from dataloaders.demo_data import COLOURS, make_demo_dataset
 from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset, read_csv_columns
-from dataloaders.video import read_frames
+from dataloaders.video_decoding import read_frames
 from modules.tokenization import ClipTokenizer
 from tools.demo import DEMO_CLIP, latest_checkpoint
 

@@ -19,7 +19,8 @@ from conversion.convert import ConversionConfig, ConversionSummary
 from conversion.encoding import EncodeOptions
 from dataloaders.frame_store import FrameStore, manifest_path
 from dataloaders.raw_video_text import PairsDataset
-from dataloaders.video import ClipSampling, VideoDecodeError, load_video_clip
+from dataloaders.video import ClipSampling, load_video_clip
+from dataloaders.video_decoding import VideoDecodeError
 from modules.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]

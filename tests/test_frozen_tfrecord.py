@@ -19,8 +19,8 @@ import conversion.convert
 import frozen_tfrecord as ft
 from conversion.decoders import sample_positions
 from conversion.tables import PRESETS, TableHeaderError, read_tables
+from dataloaders.clip_store import parse_clip_record, read_frames
 from dataloaders.tfrecord_io import iter_records
-from dataloaders.webvid import parse_clip_record, read_frames
 from tests.real_fixtures import REAL_FIXTURES, needs_real
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,3 +351,14 @@ def test_a_worker_that_dies_stops_the_conversion_with_one_line_instead_of_a_hang
     real_video.rename(blocking)
     convert(out, *args, "--workers", "2")
     assert output_bytes(out) == output_bytes(tmp_path / "reference")
+
+
+@pytest.mark.integration
+def test_a_conversion_of_files_never_imports_torch(tmp_path):
+    videos = make_many_videos(tmp_path, 3)
+    script = (f"import sys, frozen_tfrecord; code = frozen_tfrecord.main(['--video_dir', {str(videos)!r}, '--csv', "
+              f"{str(tmp_path / 'labels.csv')!r}, '--output_dir', {str(tmp_path / 'out')!r}, '--workers', '0', "
+              f"'--no_progress']); print(code, sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split("\n")[-2] == "0 []", result.stdout + result.stderr[-2000:]
+    assert (tmp_path / "out" / "path.index").read_text().count("\n") == 3

@@ -17,8 +17,8 @@ import pytest
 
 import frozen_tfrecord as ft
 import main_task_clip
+from dataloaders.clip_store import read_frames
 from dataloaders.files import FolderInUseError, FolderLock
-from dataloaders.webvid import read_frames
 from tests.stage1_helpers import stage1_argv
 from tests.test_frozen_tfrecord import make_many_videos, run_cli
 

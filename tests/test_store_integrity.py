@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 
 import frozen_tfrecord
-from dataloaders.webvid import WebVidDataset, read_frames
+from dataloaders.clip_store import read_frames
+from dataloaders.webvid import WebVidDataset
 
 
 def swapped_store(webvid_demo, folder):

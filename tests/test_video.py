@@ -13,14 +13,13 @@ from dataloaders.video import (
     CLIP_MEAN,
     CLIP_STD,
     ClipSampling,
-    VideoDecodeError,
     load_video_clip,
     normalize_video,
     order_frames,
-    read_frames,
     resize_center_crop,
     select_frame_indices,
 )
+from dataloaders.video_decoding import VideoDecodeError, read_frames
 
 LEVEL = 32  # colour step per frame-index digit; mp4v errors are a few levels, far below LEVEL / 2
 

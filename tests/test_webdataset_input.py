@@ -14,8 +14,8 @@ import webdataset
 
 import frozen_tfrecord as ft
 from conversion.decoders import PyAVVideo, read_clips
+from dataloaders.clip_store import WebVidIndex, parse_clip_record
 from dataloaders.tfrecord_io import iter_records
-from dataloaders.webvid import WebVidIndex, parse_clip_record
 from tests.test_webvid_s3 import BUCKET, s3_env, s3_server  # noqa: F401 (the moto S3 fixtures)
 from tests.video_helpers import frame_number, numbered_frame, write_numbered_video
 

@@ -15,9 +15,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 import frozen_tfrecord as ft
 from conversion.decoders import sample_positions
+from dataloaders.clip_store import WebVidIndex, read_frames
 from dataloaders.collate import collate_clips
 from dataloaders.tfrecord_io import iter_records
-from dataloaders.webvid import WebVidDataset, WebVidIndex, read_frames
+from dataloaders.webvid import WebVidDataset
 from engine.sampler import ResumableDistributedSampler
 from modules.tokenization import EOT_ID, SOT_ID
 from tests.test_frozen_tfrecord import frame_colour, write_colour_video

@@ -13,9 +13,10 @@ from moto.server import ThreadedMotoServer
 from torch.utils.data import DataLoader
 
 import frozen_tfrecord as ft
+from dataloaders.clip_store import WebVidIndex, parse_clip_record, read_frames
 from dataloaders.collate import collate_clips
 from dataloaders.tfrecord_io import RecordCorruptError, RecordReader, s3_client
-from dataloaders.webvid import WebVidDataset, WebVidIndex, parse_clip_record, read_frames
+from dataloaders.webvid import WebVidDataset
 from tests.test_frozen_tfrecord import write_colour_video
 
 BUCKET = "webvid"

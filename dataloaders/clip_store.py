@@ -1,0 +1,323 @@
+"""The clip store: pre-training clips stored as TFRecord shards (docs/method.md §9.1-9.2), its record schema, index
+and reader. Free of torch: the converter writes and checks stores with it; dataloaders/webvid.py trains on them.
+
+Two record layouts are read:
+
+* ours (written by `frozen_tfrecord.py`), a `tf.train.Example` with
+  `video_id` bytes[1] (UTF-8), `num_frames` int64[1], `height` int64[1], `width` int64[1],
+  `frame_format` bytes[1] (b"jpeg" or b"png"), `frame_indices` int64[num_frames] (position of each stored frame
+  in the source video or frame folder), `frames` bytes[num_frames] (one image per frame, RGB content, all frames
+  of a record the same size: shorter side `--short_side` for WebVid; for a downstream frame store
+  (dataloaders/frame_store.py) the loader's resized and center-cropped frames, with `fps` int64[1] added; for a
+  clip of a longer video (a Panda-70M or InternVid window) `frame_indices` are frame numbers of the source and
+  `clip_start`, `clip_end` float[1] (seconds) and `source_id` bytes[1] are added);
+* the original's (`frozen_tfrecord.py --raw`), whose only feature is `image` bytes[1]: N x 256 x 256 x 3 raw BGR
+  uint8 pixels, C order, N = len / 196608.
+
+The index (`path.index`) has one line per record: `video_id \\t shard_path \\t byte_offset`. Our converter writes
+shard paths relative to the index's folder; the original wrote them as seen from the writer's working directory,
+so relative paths that do not exist next to the index are also tried against the current directory and by file
+name next to the index. Absolute paths and `s3://` URLs are used as they are. Duplicate ids: the first line wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from dataloaders.tfrecord_io import (
+    RecordReader,
+    decode_example,
+    encode_example,
+    is_s3_url,
+    read_text,
+    split_s3_url,
+)
+
+logger = logging.getLogger("t2vlp.data")
+
+INDEX_FILE_NAME = "path.index"
+RAW_SIDE = 256
+RAW_FRAME_BYTES = RAW_SIDE * RAW_SIDE * 3
+JPEG_FORMAT = b"jpeg"
+PNG_FORMAT = b"png"
+IMAGE_FORMATS = (JPEG_FORMAT, PNG_FORMAT)
+
+
+class ClipRecordError(ValueError):
+    """A record's Example cannot be parsed or holds no usable frames."""
+
+
+# ----------------------------------------------------------------------------------------------- record schema
+
+
+def encode_image_clip_record(
+    video_id: str, encoded_frames: list[bytes], height: int, width: int, frame_indices: list[int],
+    frame_format: bytes = JPEG_FORMAT, fps: int | None = None, window: tuple[float, float] | None = None,
+    source_id: str | None = None,
+) -> bytes:
+    """Our record: encoded frames (JPEG or PNG) plus the id, count, size and source positions (see the module
+    docstring); `fps` (the source's integer frame rate) is stored when given, so positions map to seconds; a clip
+    of a longer video stores its `window` (start, end seconds) and `source_id`."""
+    if len(encoded_frames) != len(frame_indices):
+        raise ValueError("one source position per frame is needed")
+    if frame_format not in IMAGE_FORMATS:
+        raise ValueError(f"frame_format must be one of {IMAGE_FORMATS}, got {frame_format!r}")
+    features = {
+        "video_id": video_id,
+        "num_frames": len(encoded_frames),
+        "height": height,
+        "width": width,
+        "frame_format": frame_format,
+        "frame_indices": list(frame_indices),
+        "frames": list(encoded_frames),
+    }
+    if fps is not None:
+        features["fps"] = fps
+    if window is not None:
+        features["clip_start"], features["clip_end"] = float(window[0]), float(window[1])
+    if source_id is not None:
+        features["source_id"] = source_id
+    return encode_example(features)
+
+
+def encode_raw_clip_record(frames_bgr: np.ndarray) -> bytes:
+    """The original's record: one `image` feature holding N x 256 x 256 x 3 BGR uint8 bytes."""
+    if frames_bgr.dtype != np.uint8 or frames_bgr.shape[1:] != (RAW_SIDE, RAW_SIDE, 3):
+        raise ValueError(f"raw layout needs uint8 [N, 256, 256, 3], got {frames_bgr.dtype} {frames_bgr.shape}")
+    return encode_example({"image": np.ascontiguousarray(frames_bgr).tobytes()})
+
+
+def check_record_id(record: ClipRecord, video_id: str) -> None:
+    """A record that names another clip than the one its index entry is for (an index edited or merged wrongly)
+    would pair this caption with another clip's frames: refuse it (ClipRecordError). The original's raw records
+    carry no id and pass."""
+    if record.video_id is not None and record.video_id != video_id:
+        raise ClipRecordError(f"the index entry for {video_id} points at the record of {record.video_id}")
+
+
+@dataclass
+class ClipRecord:
+    """A parsed record; frames are decoded only when asked for, and only those asked for."""
+
+    video_id: str | None
+    num_frames: int
+    encoded_frames: list[bytes] | None = None  # JPEG or PNG, one per frame
+    raw_bgr: np.ndarray | None = None  # [N, H, W, 3] view on the payload
+    frame_indices: np.ndarray | None = None  # int64 [N], position of each frame in its source, when recorded
+    fps: int | None = None  # the source's integer frame rate, when recorded (downstream frame stores)
+    window: tuple[float, float] | None = None  # a clip of a longer video: its start and end in the source (s)
+    source_id: str | None = None  # ... and the source video's id
+
+    def frames(self, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """RGB uint8 [n, H, W, 3] of the frames at `indices` (all by default), in that order."""
+        if indices is None:
+            indices = range(self.num_frames)
+        if self.raw_bgr is not None:
+            return np.ascontiguousarray(self.raw_bgr[np.asarray(indices, dtype=np.int64), :, :, ::-1])
+        decoded = [_decode_image(self.encoded_frames[i]) for i in indices]
+        if len({frame.shape for frame in decoded}) > 1:
+            raise ClipRecordError(f"frames of different sizes in the record of video {self.video_id}")
+        return np.stack(decoded) if decoded else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def parse_clip_record(payload: bytes) -> ClipRecord:
+    """Parse either record layout (ours or the original's raw `image`)."""
+    try:
+        features = decode_example(payload)
+    except DecodeError as error:
+        raise ClipRecordError(f"not a tf.train.Example: {error}") from error
+    video_id = features["video_id"][0].decode("utf-8") if features.get("video_id") else None
+    if "frames" in features:
+        encoded = features["frames"]
+        if not encoded:
+            raise ClipRecordError(f"record of video {video_id} holds no frame")
+        positions = features.get("frame_indices")
+        if positions is not None and len(positions) != len(encoded):
+            raise ClipRecordError(f"record of video {video_id}: {len(positions)} frame_indices for {len(encoded)} "
+                                  f"frames")
+        fps = features["fps"][0] if features.get("fps") else None
+        window = (features["clip_start"][0], features["clip_end"][0]) if features.get("clip_start") and \
+            features.get("clip_end") else None
+        source_id = features["source_id"][0].decode("utf-8") if features.get("source_id") else None
+        return ClipRecord(video_id, len(encoded), encoded_frames=encoded,
+                          frame_indices=None if positions is None else np.asarray(positions, dtype=np.int64), fps=fps,
+                          window=window, source_id=source_id)
+    if "image" in features:
+        return ClipRecord(video_id, *_raw_frames(features))
+    raise ClipRecordError(f"record has neither 'frames' nor 'image' (keys: {sorted(features)})")
+
+
+def _raw_frames(features: dict[str, list]) -> tuple[int, None, np.ndarray]:
+    image = features["image"][0] if features["image"] else b""
+    height = features["height"][0] if features.get("height") else RAW_SIDE
+    width = features["width"][0] if features.get("width") else RAW_SIDE
+    frame_bytes = height * width * 3
+    if not image or len(image) % frame_bytes:
+        raise ClipRecordError(f"raw 'image' of {len(image)} bytes is not a whole number of {height}x{width} frames")
+    frames = np.frombuffer(image, dtype=np.uint8).reshape(-1, height, width, 3)
+    return len(frames), None, frames
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    if frame is None:
+        raise ClipRecordError("undecodable frame image")
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------- index
+
+
+def index_file(index_path: str | os.PathLike) -> str:
+    """`index_path` itself when it names a `.index` file, else `<index_path>/path.index` (a `--dir_path`)."""
+    index_path = str(index_path)
+    if index_path.endswith(".index"):
+        return index_path
+    return posixpath.join(index_path, INDEX_FILE_NAME) if is_s3_url(index_path) else str(
+        Path(index_path) / INDEX_FILE_NAME
+    )
+
+
+def index_lines(index_path: str, text: str) -> Iterator[tuple[int, str, str, int]]:
+    """(line number, video id, shard path as written, byte offset) of every entry of an index's text, duplicates
+    included; a malformed line is a ValueError naming it."""
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) < 3 or not fields[2].strip().isdigit():
+            raise ValueError(f"{index_path}, line {line_number}: expected 'id<TAB>shard<TAB>offset', got {line!r}")
+        yield line_number, fields[0].strip(), fields[1], int(fields[2])
+
+
+def resolve_shard_path(index_path: str, recorded: str) -> str:
+    """A shard path as an index records it, resolved against the index's location (paths relative to the index,
+    or to the writer's working folder as the original wrote them)."""
+    if is_s3_url(recorded):
+        return recorded
+    if is_s3_url(index_path):
+        bucket, index_key = split_s3_url(index_path)
+        return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(index_key), recorded))
+    index_dir = Path(index_path).parent
+    candidates = [Path(recorded)] if Path(recorded).is_absolute() else [index_dir / recorded, Path(recorded)]
+    candidates.append(index_dir / Path(recorded).name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    return str(candidates[0])
+
+
+class WebVidIndex:
+    """`video_id -> (shard path, byte offset)`, held in numpy arrays (compact, shared copy-on-write by workers)."""
+
+    def __init__(self, index_path: str | os.PathLike) -> None:
+        self.index_path = index_file(index_path)
+        ids, shard_numbers, offsets, self.shard_paths = self._parse(read_text(self.index_path))
+        unique_ids, first = np.unique(np.asarray(ids, dtype=bytes), return_index=True)
+        if len(unique_ids) < len(ids):
+            logger.warning("%s: %d duplicate video id line(s); the first of each is used",
+                           self.index_path, len(ids) - len(unique_ids))
+        self._ids = unique_ids
+        self._shards = np.asarray(shard_numbers, dtype=np.int32)[first]
+        self._offsets = np.asarray(offsets, dtype=np.int64)[first]
+
+    def _parse(self, text: str) -> tuple[list[bytes], list[int], list[int], list[str]]:
+        ids, shard_numbers, offsets, shard_paths = [], [], [], []
+        numbers: dict[str, int] = {}
+        for _, video_id, recorded, offset in index_lines(self.index_path, text):
+            if recorded not in numbers:
+                numbers[recorded] = len(shard_paths)
+                shard_paths.append(resolve_shard_path(self.index_path, recorded))
+            ids.append(video_id.encode("utf-8"))
+            shard_numbers.append(numbers[recorded])
+            offsets.append(offset)
+        return ids, shard_numbers, offsets, shard_paths
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, video_id: str) -> bool:
+        return self._row(video_id) >= 0
+
+    def locate(self, video_id: str) -> tuple[str, int] | None:
+        """(shard path, byte offset) of the record of `video_id`, or None."""
+        row = self._row(video_id)
+        if row < 0:
+            return None
+        return self.shard_paths[self._shards[row]], int(self._offsets[row])
+
+    def locate_many(self, video_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Shard numbers (into `shard_paths`, -1 when absent) and byte offsets for many ids at once."""
+        wanted = np.asarray([str(v).encode("utf-8") for v in video_ids], dtype=bytes)
+        shards = np.full(len(wanted), -1, dtype=np.int32)
+        offsets = np.zeros(len(wanted), dtype=np.int64)
+        if len(self._ids) and len(wanted):
+            rows = np.minimum(np.searchsorted(self._ids, wanted), len(self._ids) - 1)
+            found = self._ids[rows] == wanted
+            shards[found] = self._shards[rows[found]]
+            offsets[found] = self._offsets[rows[found]]
+        return shards, offsets
+
+    def _row(self, video_id: str) -> int:
+        key = str(video_id).encode("utf-8")
+        row = int(np.searchsorted(self._ids, key))
+        return row if row < len(self._ids) and self._ids[row] == key else -1
+
+
+def load_index(index_path: str | os.PathLike) -> WebVidIndex:
+    """A cached `WebVidIndex`: one parse per process, path and (for local files) modification time."""
+    index_path = index_file(index_path)
+    modified = None if is_s3_url(index_path) else os.stat(index_path).st_mtime_ns
+    return _cached_index(index_path, modified)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_index(index_path: str, modified: int | None) -> WebVidIndex:
+    return WebVidIndex(index_path)
+
+
+_shared_reader = RecordReader()
+
+
+def read_frames(index_path: str | os.PathLike, video_id: str, *, verify_crc: bool = False) -> np.ndarray:
+    """All stored frames of `video_id` as RGB uint8 [N, H, W, 3], from either record layout.
+
+    `index_path` is a `.index` file or the folder holding `path.index`, local or `s3://`. Raises KeyError for an
+    id not in the index, `RecordCorruptError` (with `verify_crc`) for a damaged record, `ClipRecordError` for a
+    record of another clip.
+    """
+    location = load_index(index_path).locate(video_id)
+    if location is None:
+        raise KeyError(f"video id {video_id!r} is not in {index_file(index_path)}")
+    reader = RecordReader(verify_crc=True) if verify_crc else _shared_reader
+    record = parse_clip_record(reader.read(*location))
+    check_record_id(record, video_id)
+    return record.frames()
+
+
+def read_labels(labels_json: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """`frozen_train_labels.json` (a JSON array of `{"video_id", "caption"}`) -> (video ids, captions)."""
+    try:
+        items = json.loads(read_text(labels_json))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{labels_json}, line {error.lineno}: invalid JSON ({error.msg})") from error
+    if not isinstance(items, list):
+        raise ValueError(f"{labels_json}: expected a JSON array of {{'video_id', 'caption'}} objects")
+    video_ids, captions = [], []
+    for position, item in enumerate(items):
+        if not isinstance(item, dict) or "video_id" not in item or not isinstance(item.get("caption"), str):
+            raise ValueError(f"{labels_json}: item {position} lacks a video_id or a string caption: {item!r}")
+        video_ids.append(str(item["video_id"]))
+        captions.append(item["caption"])
+    return video_ids, captions
