@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="video file decoder (default opencv, the original's frames); webdataset members are "
                              "always decoded from memory with PyAV")
     parser.add_argument("--short_side", type=int, help="frames: shorter side, never upscaled (256)")
+    parser.add_argument("--resize", choices=("area", "swscale"), default="area",
+                        help="how frames are scaled to --short_side: 'area' (default) OpenCV's INTER_AREA after the "
+                             "colour conversion; 'swscale' PyAV's colour conversion and area resize in one call "
+                             "(needs PyAV decoding: --decoder pyav, or webdataset members; faster, other pixels: "
+                             "see docs/data.md §1.1)")
     parser.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
     parser.add_argument("--frame_format", choices=("jpeg", "png"),
                         help="image format of the frames: jpeg (default for WebVid) or png (lossless; default for "
@@ -232,13 +237,18 @@ def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.feature_framerate is None:
         sizes = {name: value for name, value in (("num_frames", args.num_frames), ("short_side", args.short_side))
                  if value is not None}  # unset: EncodeOptions' defaults
+        if args.resize == "swscale" and (args.raw or args.frames_dir or
+                                         (args.decoder != "pyav" and not args.webdataset)):
+            parser.error("--resize swscale is PyAV's: give --decoder pyav for videos (webdataset members always use "
+                         "it); it does not apply to --raw or --frames_dir")
         return EncodeOptions(**sizes, jpeg_quality=args.jpeg_quality, raw=args.raw,
                              frame_format=args.frame_format or "jpeg", decoder=args.decoder,
-                             min_frames=args.min_frames)
+                             min_frames=args.min_frames, resize=args.resize)
     given = [flag for flag, value in (("--num_frames", args.num_frames), ("--short_side", args.short_side),
                                       ("--raw", args.raw or None), ("--frames_dir", args.frames_dir),
                                       ("--webdataset", args.webdataset), ("--table", args.table or None),
-                                      ("--decoder pyav", args.decoder == "pyav" or None)) if value is not None]
+                                      ("--decoder pyav", args.decoder == "pyav" or None),
+                                      ("--resize swscale", args.resize == "swscale" or None)) if value is not None]
     if given:
         parser.error(f"a frame store (--feature_framerate) keeps every sampled frame at --image_size from "
                      f"--video_dir, decoded as the fine-tuning loaders do: {', '.join(given)} does not apply")

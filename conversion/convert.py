@@ -243,7 +243,8 @@ def convert_unit(unit: Unit, options: EncodeOptions) -> list[ClipResult]:
         if options.is_frame_store:
             payload, _ = encode_frame_store_clip(unit.source_id, unit.location, options)
             return [ClipResult(unit.clips[0].clip_id, payload, None)]
-        source = open_source(unit.location, unit.kind, options.decoder, threads=_decode_threads)
+        source = open_source(unit.location, unit.kind, options.decoder, threads=_decode_threads,
+                             short_side=options.decode_to_short_side)
         decoded = read_clips(source, options.num_frames, [clip.window for clip in unit.clips])
     except Exception as error:  # the worker boundary: a failure on one source only skips its clips
         return [ClipResult(clip.clip_id, None, Failure("bad_video", clip.clip_id, unit.location,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from conversion.decoders import DecodedClip
+from conversion.decoders import DecodedClip, scaled_size
 from conversion.items import Failure
 from dataloaders.clip_store import RAW_SIDE, encode_image_clip_record, encode_raw_clip_record
 from dataloaders.video_decoding import VideoDecodeError, read_sampled_frames
@@ -25,10 +25,16 @@ class EncodeOptions:
     image_size: int = 224  # frame store: the loader's resize + center crop
     decoder: str = "opencv"  # for video files; in-memory members are always decoded with PyAV
     min_frames: int = 2  # a source with fewer decodable frames is not a video (a still image): not stored
+    resize: str = "area"  # "swscale": PyAV's colour conversion and area resize in one call (other pixels, faster)
 
     @property
     def is_frame_store(self) -> bool:
         return self.feature_framerate is not None
+
+    @property
+    def decode_to_short_side(self) -> int | None:
+        """The short side the decoder scales frames to itself (`--resize swscale`), else None."""
+        return self.short_side if self.resize == "swscale" else None
 
     def recorded(self) -> dict:
         """The options a shard's sidecar records (a rerun keeps a shard only if they are the same)."""
@@ -36,9 +42,12 @@ class EncodeOptions:
         if not self.is_frame_store:
             for key in ("feature_framerate", "image_size") + (("frame_format",) if self.frame_format == "jpeg" else ()):
                 options.pop(key)
+            if self.resize == "area":  # the default: sidecars of earlier conversions record no such key
+                options.pop("resize")
         else:  # the fine-tuning loaders' own decoder and sampling, every video kept
             options.pop("min_frames")
             options.pop("decoder")
+            options.pop("resize")
         return options
 
 
@@ -97,12 +106,3 @@ def encode_image(frame_bgr: np.ndarray, options: EncodeOptions) -> bytes:
     if not ok:
         raise VideoDecodeError(f"{options.frame_format.upper()} encoding failed")
     return encoded.tobytes()
-
-
-def scaled_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
-    """(height, width) with the shorter side scaled down to `short_side` (never up)."""
-    height, width = size
-    scale = short_side / min(height, width)
-    if scale >= 1:
-        return height, width
-    return max(1, round(height * scale)), max(1, round(width * scale))

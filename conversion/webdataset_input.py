@@ -236,7 +236,7 @@ def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions)
     """An in-memory video member decoded with PyAV, as `encode_decoded_clip` gives it (a member that cannot be
     decoded: None and its `bad_video` Failure)."""
     try:
-        source = open_source(data, "video", "pyav", threads=1, name=where)
+        source = open_source(data, "video", "pyav", threads=1, name=where, short_side=options.decode_to_short_side)
         clip = read_clips(source, options.num_frames, [None])[0]
     except VideoDecodeError as error:
         return None, Failure("bad_video", clip_id, where, str(error))

@@ -362,3 +362,34 @@ def test_a_conversion_of_files_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.stdout.split("\n")[-2] == "0 []", result.stdout + result.stderr[-2000:]
     assert (tmp_path / "out" / "path.index").read_text().count("\n") == 3
+
+
+def test_resize_swscale_scales_in_the_decoder_and_is_recorded(tmp_path, capsys):
+    import imageio_ffmpeg
+
+    from dataloaders.clip_store import WebVidIndex, parse_clip_record
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=512x384:rate=10", "-frames:v", "20", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(videos / "a.mp4")], check=True)
+    common = ["--video_dir", str(videos), "--decoder", "pyav", "--workers", "0", "--frame_format", "png"]
+    convert(tmp_path / "area", *common)
+    convert(tmp_path / "swscale", *common, "--resize", "swscale")
+
+    def frames(folder: Path) -> np.ndarray:
+        index = WebVidIndex(folder)
+        shard, offset = index.locate("a")
+        return parse_clip_record(dict(iter_records(shard))[offset]).frames().astype(np.float64)
+
+    area, fused = frames(tmp_path / "area"), frames(tmp_path / "swscale")
+    assert area.shape == fused.shape == (12, 256, 341, 3)  # 512x384 -> short side 256
+    psnr = 10 * np.log10(255 ** 2 / np.mean((area - fused) ** 2))
+    assert 20 < psnr < 60  # other pixels (a test pattern's sharp edges are the hard case), the same picture
+    sidecar = json.loads(next((tmp_path / "swscale").glob("*.meta.json")).read_text())
+    assert sidecar["options"]["resize"] == "swscale"  # a rerun with the other resize converts again
+    assert "resize" not in json.loads(next((tmp_path / "area").glob("*.meta.json")).read_text())["options"]
+    with pytest.raises(SystemExit):
+        ft.parse_args(["--video_dir", str(videos), "--resize", "swscale"])  # OpenCV decodes files by default
+    assert "--resize swscale is PyAV's: give --decoder pyav" in capsys.readouterr().err
