@@ -1,5 +1,5 @@
 """Record payloads: a clip's sampled frames as our JPEG/PNG layout or the original's raw layout, and frame-store
-records for fine-tuning (dataloaders/webvid.py has the schema)."""
+records for fine-tuning (dataloaders/clip_store.py has the schema)."""
 
 from __future__ import annotations
 

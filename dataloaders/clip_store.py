@@ -1,5 +1,6 @@
 """The clip store: pre-training clips stored as TFRecord shards (docs/method.md §9.1-9.2), its record schema, index
-and reader. Free of torch: the converter writes and checks stores with it; dataloaders/webvid.py trains on them.
+and reader, and the labels file beside it. Free of torch: the converter writes and checks stores with it;
+dataloaders/webvid.py trains on them.
 
 Two record layouts are read:
 

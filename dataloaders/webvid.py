@@ -1,5 +1,5 @@
-"""WebVid-style pre-training (docs/method.md §9.1-9.2): the labels file and the Dataset over a clip store (the
-store's records and index: dataloaders/clip_store.py)."""
+"""WebVid-style pre-training (docs/method.md §9.1-9.2): the Dataset over a clip store (the labels file, the
+records and the index: dataloaders/clip_store.py)."""
 
 from __future__ import annotations
 
