@@ -15,8 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dataloaders.files import files_by_name, is_video_file, walk_files
+from dataloaders.files import is_video_file
 from dataloaders.raw_video_text import AnnotationError, PairsDataset, read_json_file, subset_dataset
+from dataloaders.retrieval_split import index_video_files
 from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.data")
@@ -72,9 +73,7 @@ def activitynet_pairs(data_path: str | Path, subset: str) -> list[tuple[str, str
 
 def find_activitynet_videos(features_path: str | Path, video_ids: list[str]) -> dict[str, Path]:
     """{video id: file} for the ids whose video is under `features_path`, named by the id without `v_` or with it."""
-    if not Path(features_path).is_dir():
-        raise InputError(f"--features_path {features_path} is not a folder of videos")
-    files = files_by_name(walk_files(features_path, is_video_file))
+    files = index_video_files(features_path, keep=is_video_file)
     found = {}
     for video_id in video_ids:
         bare = video_id[len(ID_PREFIX):] if video_id.startswith(ID_PREFIX) else video_id

@@ -81,18 +81,26 @@ def clean_evaluation_pairs(pairs: Sequence[tuple[str, str]], source: str
 VideoLoader = Callable[[str, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-class SplitCaptions(Dataset):
-    """The captions of a split, tokenised: {input_ids, attention_mask, index}."""
+class TokenizedTexts(Dataset):
+    """Texts, tokenised: {input_ids, attention_mask, index}."""
 
-    def __init__(self, split: RetrievalSplit, tokenizer: Any, max_words: int) -> None:
-        self.split, self.tokenizer, self.max_words = split, tokenizer, max_words
+    def __init__(self, texts: Sequence[str], tokenizer: Any, max_words: int) -> None:
+        self.texts, self.tokenizer, self.max_words = texts, tokenizer, max_words
 
     def __len__(self) -> int:
-        return len(self.split.captions)
+        return len(self.texts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        ids, mask = self.tokenizer.encode(self.split.captions[index], self.max_words)
+        ids, mask = self.tokenizer.encode(self.texts[index], self.max_words)
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "index": index}
+
+
+class SplitCaptions(TokenizedTexts):
+    """The captions of a split, tokenised."""
+
+    def __init__(self, split: RetrievalSplit, tokenizer: Any, max_words: int) -> None:
+        super().__init__(split.captions, tokenizer, max_words)
+        self.split = split
 
 
 class SplitVideos(Dataset):
@@ -114,9 +122,11 @@ class SplitVideos(Dataset):
         return {"video": video, "video_mask": video_mask, "video_id": video_id, "index": index}
 
 
-def index_video_files(features_path: str | Path, key: str = "stem") -> dict[str, Path]:
-    """Every file under `features_path` (recursively) by its name without extension ("stem", MSVD and LSMDC) or
-    its full name ("name", DiDeMo, whose ids keep the extension and may end in a bare dot)."""
+def index_video_files(features_path: str | Path, key: str = "stem",
+                      keep: Callable[[str], bool] | None = None) -> dict[str, Path]:
+    """Every file under `features_path` (recursively; only the names `keep` accepts, when given) by its name without
+    extension ("stem", MSVD and LSMDC) or its full name ("name", DiDeMo, whose ids keep the extension and may end
+    in a bare dot)."""
     if not Path(features_path).is_dir():
         raise InputError(f"--features_path {features_path} is not a folder of videos")
-    return files_by_name(walk_files(features_path), key)
+    return files_by_name(walk_files(features_path, keep), key)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dataloaders.collate import collate_clips, is_empty_batch
+from dataloaders.retrieval_split import TokenizedTexts
 from dataloaders.video import normalize_video
 from engine.evaluation.dual_softmax import dual_softmax_scores
 from engine.evaluation.metrics import (
@@ -146,25 +147,13 @@ def cosine_matrix(text: torch.Tensor, encoded: dict[str, Any], chunk: int = 1024
                       for start in range(0, text.shape[0], chunk)])
 
 
-class _TextList(Dataset):
-    def __init__(self, texts: Sequence[str], tokenizer: Any, max_words: int) -> None:
-        self.texts, self.tokenizer, self.max_words = texts, tokenizer, max_words
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        ids, mask = self.tokenizer.encode(self.texts[index], self.max_words)
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "index": index}
-
-
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Any, max_words: int, *, batch_size: int,
                  device: torch.device, precision: str, show_progress: bool = True) -> torch.Tensor:
     """EOT features [N, D] of `texts`, tokenised as an evaluation split's captions."""
     model.eval()
     features = []
-    for batch in tqdm(eval_loader(_TextList(texts, tokenizer, max_words), batch_size, 0, device),
+    for batch in tqdm(eval_loader(TokenizedTexts(texts, tokenizer, max_words), batch_size, 0, device),
                       desc="encoding the query bank", disable=not show_progress, leave=False):
         with autocast_context(device, precision):
             eot, _ = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -174,12 +163,14 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Any, m
 
 @dataclass(frozen=True)
 class QueryBank:
-    """QB-Norm's query bank: its texts' EOT features, where they come from, and the normalisation's settings."""
+    """QB-Norm's query bank: its texts, where they come from, the normalisation's settings and, once encoded by
+    the model being evaluated, the texts' EOT features."""
 
-    text: torch.Tensor  # [B, D]
+    texts: Sequence[str]
     source: str
     beta: float = DEFAULT_BETA
     k: int = DEFAULT_K
+    features: torch.Tensor | None = None  # [B, D]
 
 
 def evaluate_retrieval(model: torch.nn.Module, dataset: Any, **encode_options: Any) -> dict[str, Any]:
@@ -226,10 +217,12 @@ def retrieval_rows(
             rows.append({**_retrieval_result(scoring, *reranked, encoded, base="rerank" if name == "dsl" else None),
                          "top_k": rerank_top_k})
     if query_bank is not None:
-        normalised = qb_norm_scores(cosine_matrix(encoded["text"], encoded), cosine_matrix(query_bank.text, encoded),
-                                    query_bank.beta, query_bank.k)
+        if query_bank.features is None:
+            raise ValueError("the query bank is not encoded: QueryBank(..., features=encode_texts(...))")
+        normalised = qb_norm_scores(cosine_matrix(encoded["text"], encoded),
+                                    cosine_matrix(query_bank.features, encoded), query_bank.beta, query_bank.k)
         rows.append({**_retrieval_result("qbnorm", normalised, None, encoded, base="meanP"),
-                     "bank": {"source": query_bank.source, "size": int(query_bank.text.shape[0])},
+                     "bank": {"source": query_bank.source, "size": len(query_bank.texts)},
                      "beta": query_bank.beta, "k": query_bank.k})
     return rows
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,19 +96,9 @@ def selection_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return by_scoring.get("rerank", by_scoring["meanP"])
 
 
-@dataclass(frozen=True)
-class QueryBankTexts:
-    """QB-Norm's bank before encoding: its texts and where they come from (`--qbnorm`)."""
-
-    texts: list[str]
-    source: str
-    beta: float
-    k: int
-
-
 def make_retrieval_evaluator(
     dataset: Any, settings: EvalContext, *, rerank_top_k: int, rerank_batch_size: int, dsl: bool = False,
-    dsl_temperature: float = 1.0, best: BestCheckpoint | None = None, query_bank: QueryBankTexts | None = None,
+    dsl_temperature: float = 1.0, best: BestCheckpoint | None = None, query_bank: QueryBank | None = None,
     split: str = "test", extra: dict[str, Any] | None = None, zero_shot: bool | None = None,
 ) -> EvaluateFn:
     """Evaluate the split: meanP, rerank and (with `dsl`) DSL rows, (with `query_bank`) a QB-Norm row, in
@@ -121,10 +111,9 @@ def make_retrieval_evaluator(
                                keep_fusion_inputs=rerank_top_k > 0)
         bank = None
         if query_bank is not None:  # encoded by the model being evaluated, at every evaluation
-            bank = QueryBank(encode_texts(model, query_bank.texts, dataset.tokenizer, dataset.max_words,
-                                          batch_size=settings.batch_size, device=settings.device,
-                                          precision=settings.precision),
-                             query_bank.source, query_bank.beta, query_bank.k)
+            bank = replace(query_bank, features=encode_texts(
+                model, query_bank.texts, dataset.tokenizer, dataset.max_words, batch_size=settings.batch_size,
+                device=settings.device, precision=settings.precision))
         rows = retrieval_rows(model, encoded, rerank_top_k=rerank_top_k, rerank_batch_pairs=rerank_batch_size,
                               precision=settings.precision, show_progress=True, dsl=dsl,
                               dsl_temperature=dsl_temperature, query_bank=bank)
@@ -294,7 +283,7 @@ def report_selection(output_dir: str, rerank_top_k: int, split: str, run: Any) -
                    value.get(best["step"], float("nan")), metric, last_step, value.get(last_step, float("nan")))
 
 
-def query_bank_texts(args: argparse.Namespace, train_factory: Callable[[], Dataset]) -> QueryBankTexts:
+def query_bank_texts(args: argparse.Namespace, train_factory: Callable[[], Dataset]) -> QueryBank:
     """`--qbnorm`'s bank: the lines of `--qbnorm_bank`, else every caption of the training split (never the
     evaluated split's)."""
     if args.qbnorm_bank:
@@ -309,7 +298,7 @@ def query_bank_texts(args: argparse.Namespace, train_factory: Callable[[], Datas
         raise InputError(f"--qbnorm: the query bank ({source}) holds no text")
     logger.info("QB-Norm query bank: %d texts from %s (beta %g, k %d)", len(texts), source, args.qbnorm_beta,
                 args.qbnorm_k)
-    return QueryBankTexts(texts, source, args.qbnorm_beta, args.qbnorm_k)
+    return QueryBank(texts, source, args.qbnorm_beta, args.qbnorm_k)
 
 
 def training_captions(train: Any) -> list[str]:
