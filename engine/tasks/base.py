@@ -7,6 +7,8 @@ signals and logging.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,11 @@ import torch
 from torch import nn
 
 from engine import distributed
+from engine.checkpointing import BEST_CHECKPOINT_NAME, BestCheckpoint
+from engine.run_logging import read_metrics
+from modules.checkpoint import load_state_dict_checked, read_model_state_dict
+
+logger = logging.getLogger("t2vlp.train")
 
 # evaluate(model, step, epoch) -> metrics record (already logged) or None; called on rank 0 only, or on every rank
 # when the task says `evaluate_on_all_ranks` (the evaluation then shares the work and rank 0 logs).
@@ -89,3 +96,26 @@ def global_mean_scale(count: torch.Tensor, context: StepContext) -> torch.Tensor
     match one process on the global batch. One all-reduce, no host synchronisation."""
     global_count = context.sum_over_ranks(count.float()).clamp(min=1.0)
     return context.world_size() / global_count
+
+
+def test_selected_checkpoint(selection: BestCheckpoint, model: nn.Module, evaluate: EvaluateFn, *, task: str,
+                             split: str, selected_on: str) -> None:
+    """After a run that selected its checkpoint on `selected_on` (not the split evaluated here): evaluate `split`
+    with the selected checkpoint, once (not again when metrics.jsonl already has the `task` rows of that step)."""
+    best = selection.best
+    if best is None:
+        logger.warning("no %s (no evaluation after step 0): the %s split is not evaluated", BEST_CHECKPOINT_NAME,
+                       split)
+        return
+    if best["checkpoint"] is None or not os.path.isfile(best["checkpoint"]):
+        logger.warning("the best %s step %d has no checkpoint on disk (see --save_steps / --keep_checkpoints): the "
+                       "%s split is not evaluated", selected_on, best["step"], split)
+        return
+    if any(row.get("task") == task and row.get("split") == split and row.get("step") == best["step"]
+           for row in read_metrics(selection.output_dir / "metrics.jsonl")):
+        logger.info("the %s split was already evaluated with the step-%d checkpoint", split, best["step"])
+        return
+    logger.info("evaluating the %s split with the checkpoint selected on %s: %s (%s %.2f)", split, selected_on,
+                best["checkpoint"], best["metric"], best["value"])
+    load_state_dict_checked(model, read_model_state_dict(best["checkpoint"]))
+    evaluate(model, best["step"], best["epoch"])

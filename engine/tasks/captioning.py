@@ -20,18 +20,16 @@ import torch
 from torch import nn
 
 from dataloaders.captioning import caption_dataset, references_by_video
-from engine.checkpointing import BEST_CHECKPOINT_NAME, BestCheckpoint
+from engine.checkpointing import BestCheckpoint
 from engine.data import build_checked, check_eval_videos
 from engine.evaluation import EvalContext
 from engine.evaluation.caption_metrics import METRIC_NAMES, require_java, shared_scorer
 from engine.evaluation.retrieval import encoded_video_batches
 from engine.precision import autocast_context
-from engine.run_logging import read_metrics
-from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale
+from engine.tasks.base import EvaluateFn, StepContext, Task, global_mean_scale, test_selected_checkpoint
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS
 from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
 from modules.caption_decoding import decode_captions
-from modules.checkpoint import load_state_dict_checked, read_model_state_dict
 from modules.errors import InputError
 from modules.fusion_objectives import TextParts, VideoParts, prefix_lm_terms
 from modules.similarity import symmetric_contrastive_loss
@@ -229,29 +227,10 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
     after_training = None
     if selecting and args.test_after_training:
         test_evaluate = evaluator("test")
-        after_training = lambda trained: test_selected_checkpoint(args.output_dir, trained, test_evaluate)  # noqa: E731
+        after_training = lambda trained: test_selected_checkpoint(  # noqa: E731
+            best_checkpoint_for(args.output_dir), trained, test_evaluate, task=NAME, split="test", selected_on="val")
     task = caption_task(CaptionLossWeights(args.caption_weight, args.sim_weight, args.align_weight), evaluate)
     return PreparedRun(task, lambda: split("train", args.train_frame_order), after_training)
-
-
-def test_selected_checkpoint(output_dir: str, model: nn.Module, test_evaluate: EvaluateFn) -> None:
-    """Evaluate the test split with the checkpoint selected on val (once per selected step)."""
-    best = best_checkpoint_for(output_dir).best
-    if best is None:
-        logger.warning("no %s (no evaluation after step 0): the test split is not evaluated", BEST_CHECKPOINT_NAME)
-        return
-    if best["checkpoint"] is None or not Path(best["checkpoint"]).is_file():
-        logger.warning("the best val step %d has no checkpoint on disk (see --save_steps / --keep_checkpoints): the "
-                       "test split is not evaluated", best["step"])
-        return
-    if any(row.get("task") == "caption" and row.get("split") == "test" and row.get("step") == best["step"]
-           for row in read_metrics(Path(output_dir) / "metrics.jsonl")):
-        logger.info("the test split was already evaluated with the step-%d checkpoint", best["step"])
-        return
-    logger.info("evaluating the test split with the checkpoint selected on val: %s (%s %.2f)",
-                best["checkpoint"], best["metric"], best["value"])
-    load_state_dict_checked(model, read_model_state_dict(best["checkpoint"]))
-    test_evaluate(model, best["step"], best["epoch"])
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -36,10 +36,9 @@ from engine.evaluation.retrieval import (
     retrieval_rows,
 )
 from engine.run_logging import read_metrics
-from engine.tasks.base import EvaluateFn, StepContext, Task
+from engine.tasks.base import EvaluateFn, StepContext, Task, test_selected_checkpoint
 from engine.tasks.fusion_pretraining import FUSION_PARAM_PATTERNS, matching_with_hard_negatives
 from engine.tasks.registry import EvalSplitFlag, PreparedRun, RunContext, TaskDefinition, register_task
-from modules.checkpoint import load_state_dict_checked, read_model_state_dict
 from modules.errors import InputError
 from modules.fusion_objectives import TextParts, VideoParts
 from modules.similarity import symmetric_contrastive_loss
@@ -219,7 +218,7 @@ def prepare(context: RunContext, model: nn.Module) -> PreparedRun:
         if eval_dataset is not None:
             test_evaluate = evaluator(eval_dataset, test_split, None, selected_on=VAL_FROM_TRAIN)
             after_training = lambda trained: test_selected_checkpoint(  # noqa: E731
-                args.output_dir, args.rerank_top_k, trained, test_evaluate)
+                best, trained, test_evaluate, task=NAME, split=test_split, selected_on=VAL_FROM_TRAIN)
     elif eval_dataset is not None:
         evaluate = evaluator(eval_dataset, test_split, best)
         if best is not None:
@@ -242,20 +241,6 @@ def zero_shot(trained_before: list[dict] | None, dataset: str) -> bool | None:
     if trained_before is None:
         return None
     return not any(run.get("dataset") == dataset for run in trained_before)
-
-
-def test_selected_checkpoint(output_dir: str, rerank_top_k: int, model: nn.Module, test_evaluate: EvaluateFn
-                             ) -> None:
-    """After training selected on the held-out videos: the test split, once, with the selected checkpoint."""
-    best = best_checkpoint_for(output_dir, rerank_top_k).best
-    if best is None or best["checkpoint"] is None or not Path(best["checkpoint"]).is_file():
-        logger.warning("no checkpoint selected on the held-out videos is on disk (%s): the test split is not "
-                       "evaluated", "no evaluation after step 0" if best is None else f"step {best['step']}")
-        return
-    logger.info("model selection used %s (held out of training); evaluating the test split once, with the "
-                "selected checkpoint %s (%s %.4g)", VAL_FROM_TRAIN, best["checkpoint"], best["metric"], best["value"])
-    load_state_dict_checked(model, read_model_state_dict(best["checkpoint"]))
-    test_evaluate(model, best["step"], best["epoch"])
 
 
 def report_selection(output_dir: str, rerank_top_k: int, split: str, run: Any) -> None:
