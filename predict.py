@@ -26,7 +26,14 @@ from dataloaders.video_decoding import VideoDecodeError
 from engine.precision import autocast_context, resolve_precision
 from inference.results_page import write_results_page
 from inference.trained_model import TrainedModel, load_trained_model
-from inference.video_index import VideoIndex, same_checkpoint, sampling_settings, search, update_index
+from inference.video_index import (
+    INDEX_SETTINGS,
+    VideoIndex,
+    same_checkpoint,
+    sampling_settings,
+    search,
+    update_index,
+)
 from modules.errors import InputError
 
 DEVICE_FORMS = "cpu, cuda, cuda:N"
@@ -124,10 +131,6 @@ def run_query(args: argparse.Namespace) -> int:
         for rank, hit in enumerate(hits, start=1):
             print(f"{rank:3d}  {hit.score:9.4f}  {printable(hit.path)}")
     return 0
-
-
-# What an index records of the settings its videos were encoded with, which its queries must share.
-INDEX_SETTINGS = ("fusion_layers", "match_norm", "max_frames", "feature_framerate", "slice_framepos", "max_words")
 
 
 def use_index_settings(args: argparse.Namespace, settings: dict) -> None:

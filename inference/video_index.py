@@ -53,6 +53,10 @@ def find_videos(folder: Path) -> list[Path]:
     return sorted(Path(os.path.abspath(path)) for path in walk_files(folder, is_video_file))  # links not resolved
 
 
+# The model settings an index records, with which its videos were encoded: its queries must use the same.
+INDEX_SETTINGS = ("fusion_layers", "match_norm", "max_frames", "feature_framerate", "slice_framepos", "max_words")
+
+
 def sampling_settings(trained: TrainedModel) -> dict[str, Any]:
     settings = trained.settings
     return {"max_frames": settings["max_frames"], "feature_framerate": settings["feature_framerate"],
@@ -270,7 +274,7 @@ def _update_index(trained: TrainedModel, video_dir: Path, out: Path, *, batch_si
     known = previous.meta["settings"].get("checkpoint_identity") if previous is not None else None
     identity = checkpoint_identity(trained.checkpoint, known)
     settings = {"checkpoint": str(trained.checkpoint.resolve()), **sampling_settings(trained),
-                **{name: trained.settings[name] for name in ("fusion_layers", "match_norm", "max_words")},
+                **{name: trained.settings[name] for name in INDEX_SETTINGS},
                 "checkpoint_identity": identity}
     old_meta, old_arrays = None, {}
     if previous is not None:
