@@ -205,3 +205,16 @@ def test_val_from_train_selects_on_held_out_videos_and_tests_once(small_demo_sou
     log = (out / "log.txt").read_text()
     assert "--val_from_train: 6 of 24 training videos (seed 42) held out of training" in log
     assert "training: 2 epochs x 2 optimiser steps" in log  # 18 videos left, batch 8 (24 videos: 3 steps)
+
+
+def test_the_demo_summary_shows_each_row_of_the_last_evaluation_once(retrieval_run):
+    from tools.demo import summary
+
+    shown = summary(retrieval_run).splitlines()
+    last = [r for r in metrics(retrieval_run) if "report" not in r][-1]["step"]
+    assert shown[0] == f"demo finished (step {last}):"
+    after = [line for line in shown[1:] if line.strip().startswith("retrieval (")]
+    assert [line.split(":")[0].strip() for line in after] == [
+        "retrieval (meanP)", "retrieval (dsl on meanP)", "retrieval (rerank)", "retrieval (dsl on rerank)",
+        "retrieval (qbnorm on meanP)"]
+    assert "video->text" not in after[-1]  # QB-Norm's row is text->video only

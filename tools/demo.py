@@ -103,6 +103,7 @@ def summary(output_dir: Path) -> str:
     """A few lines on the last evaluation of a demo run: each retrieval scoring and the fusion heads, or the
     captioning scores before and after training with a few test captions beside their references."""
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "report" not in r]  # a retrieval run's closing copies of its rows
     if records[-1]["task"] == "caption":
         return caption_summary(output_dir, records)
     if records[-1]["task"] == "qa":
@@ -115,10 +116,11 @@ def summary(output_dir: Path) -> str:
         when = "before training: " if record["step"] == 0 and last_step else ""
         if record["task"] == "retrieval":
             t2v, chance = record["t2v"]["R1"], record["chance"]["R1"]
+            v2t = f"; video->text R@1 {record['v2t']['R1']:.1f}%" if record["v2t"] else ""  # QB-Norm: text->video only
             lines.append(
                 f"{when}retrieval ({record['scoring']}{' on ' + record['base'] if record.get('base') else ''}): "
                 f"text->video R@1 {t2v:.1f}% on {record['n_texts']} held-out videos (chance {chance:.1f}%, "
-                f"{t2v / chance:.1f}x chance); video->text R@1 {record['v2t']['R1']:.1f}%"
+                f"{t2v / chance:.1f}x chance){v2t}"
             )
         elif record["task"] == "fusion":
             lines.append(
