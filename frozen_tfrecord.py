@@ -62,8 +62,10 @@ Tables (with --video_dir; repeat each flag for several files; with tables only t
 Frames: --num_frames (12) frames sampled uniformly over the video or window (the middle frame of each of 12 equal
 segments; every frame when there are fewer; 0 = keep every frame). A source that decodes to fewer than
 --min_frames (2) frames is not stored: one frame (a still image, e.g. a JPEG named .mp4) is `not_a_video`, more a
-`short_video`. Files are decoded with OpenCV's FFmpeg backend by default (--decoder pyav for PyAV); both read
-sequentially up to the last sampled frame (exact positions, no keyframe-seeking errors) and select the same frames.
+`short_video`. Files and members are decoded with PyAV, only the frames the sampled ones depend on: exact
+positions (a frame's number in presentation order, found from the packets' timestamps), the same frames as
+OpenCV's FFmpeg backend decoding every frame from the first (--decoder opencv, the original's extractor). A source
+whose timestamps make seeking unsafe is decoded from its first frame and noted as `decoded_sequentially`.
 Default layout: each frame JPEG-encoded (--jpeg_quality) with its shorter side scaled down to --short_side
 (never up), in a tf.train.Example with keys video_id, num_frames, height, width, frame_format, frame_indices,
 frames (see dataloaders/webvid.py). --raw writes the original's layout instead: one `image` feature with the raw
@@ -84,8 +86,8 @@ Outputs in --output_dir (default ./WebVid_TFRecord, the training scripts' defaul
   <name>.index                  video_id<TAB>shard file (relative to the index's folder)<TAB>byte offset
   frozen_train_labels.json      [{"video_id", "caption"}] for the clips actually written (when there are captions)
   failures.tsv                  every row, sample or clip not stored: kind, video id, where (file:line,
-                                <shard>:<key> or the video's path), detail; and `fewer_frames` for clips stored
-                                with fewer frames than asked for
+                                <shard>:<key> or the video's path), detail; and notes on stored clips:
+                                `fewer_frames` (fewer frames than asked for), `decoded_sequentially`
   <name>-00000.meta.json ...    per-shard sidecars (resume state; the final files are assembled from them)
 
 Shards are planned from the sorted list of ids (or the list of input shards), so the same inputs always give the
@@ -157,14 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_frames", type=int, help="frames sampled per clip; 0 keeps all (12)")
     parser.add_argument("--min_frames", type=int, default=2,
                         help="sources with fewer decodable frames are not stored (default 2: no still images)")
-    parser.add_argument("--decoder", choices=DECODERS, default="opencv",
-                        help="video file decoder (default opencv, the original's frames); webdataset members are "
-                             "always decoded from memory with PyAV")
+    parser.add_argument("--decoder", choices=DECODERS,
+                        help="video file decoder: pyav (default) decodes only the frames the sampled ones depend on; "
+                             "opencv decodes every frame from the first, as the original's extractor (the same "
+                             "frames, slower); webdataset members are always decoded from memory with PyAV")
     parser.add_argument("--short_side", type=int, help="frames: shorter side, never upscaled (256)")
     parser.add_argument("--resize", choices=("area", "swscale"), default="area",
                         help="how frames are scaled to --short_side: 'area' (default) OpenCV's INTER_AREA after the "
                              "colour conversion; 'swscale' PyAV's colour conversion and area resize in one call "
-                             "(needs PyAV decoding: --decoder pyav, or webdataset members; faster, other pixels: "
+                             "(PyAV's: not with --decoder opencv; faster, other pixels: "
                              "see docs/data.md §1.1)")
     parser.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
     parser.add_argument("--frame_format", choices=("jpeg", "png"),
@@ -238,16 +241,16 @@ def _encode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         sizes = {name: value for name, value in (("num_frames", args.num_frames), ("short_side", args.short_side))
                  if value is not None}  # unset: EncodeOptions' defaults
         if args.resize == "swscale" and (args.raw or args.frames_dir or
-                                         (args.decoder != "pyav" and not args.webdataset)):
-            parser.error("--resize swscale is PyAV's: give --decoder pyav for videos (webdataset members always use "
-                         "it); it does not apply to --raw or --frames_dir")
+                                         (args.decoder == "opencv" and not args.webdataset)):
+            parser.error("--resize swscale is PyAV's: not with --decoder opencv (webdataset members always use PyAV); "
+                         "it does not apply to --raw or --frames_dir")
         return EncodeOptions(**sizes, jpeg_quality=args.jpeg_quality, raw=args.raw,
-                             frame_format=args.frame_format or "jpeg", decoder=args.decoder,
+                             frame_format=args.frame_format or "jpeg", decoder=args.decoder or DECODERS[0],
                              min_frames=args.min_frames, resize=args.resize)
     given = [flag for flag, value in (("--num_frames", args.num_frames), ("--short_side", args.short_side),
                                       ("--raw", args.raw or None), ("--frames_dir", args.frames_dir),
                                       ("--webdataset", args.webdataset), ("--table", args.table or None),
-                                      ("--decoder pyav", args.decoder == "pyav" or None),
+                                      (f"--decoder {args.decoder}", args.decoder),
                                       ("--resize swscale", args.resize == "swscale" or None)) if value is not None]
     if given:
         parser.error(f"a frame store (--feature_framerate) keeps every sampled frame at --image_size from "

@@ -27,9 +27,9 @@ from typing import Any
 import cv2
 from tqdm import tqdm
 
-from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips
+from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips, sequential_note
 from conversion.encoding import EncodeOptions, encode_decoded_clip, encode_frame_store_clip
-from conversion.items import RETRIABLE_FAILURES, Failure, Unit
+from conversion.items import DECODED_SEQUENTIALLY, RETRIABLE_FAILURES, Failure, Unit
 from conversion.shards import (
     OutputLayout,
     PartManifest,
@@ -95,15 +95,19 @@ class ConversionSummary:
     n_input_shards: int = 0  # webdataset shards
 
     def report(self) -> str:
-        failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.failures.items())) or "none"
+        failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.failures.items())
+                             if kind != DECODED_SEQUENTIALLY) or "none"
         where = f"{self.part}: " if self.part else ""
         rows = f"table rows: {self.n_csv_rows}; " if self.n_csv_rows else ""  # files mode reads no table
         inputs = (f"webdataset shards: {self.n_input_shards}" if self.n_input_shards else
                   f"{rows}videos found: {self.n_sources_found}; selected: {self.n_selected}")
         retried = (f", {self.n_shards_retried} converted again for inputs that had failed (unreadable, cut short "
                    f"or missing)") if self.n_shards_retried else ""
+        sequential = self.failures.get(DECODED_SEQUENTIALLY)
+        sequential = (f"; decoded from the first frame, their timestamps unsafe to seek by (see failures.tsv): "
+                      f"{sequential} source(s)") if sequential else ""
         return (f"{where}{inputs}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
-                f"kept from an earlier run{retried}); failures: {failures}")
+                f"kept from an earlier run{retried}); failures: {failures}{sequential}")
 
     def count(self, failures: list[Failure]) -> None:
         for failure in failures:
@@ -234,6 +238,7 @@ class ClipResult:
     clip_id: str
     payload: bytes | None
     failure: Failure | None  # why it was not stored, or a note on a stored clip (fewer_frames)
+    notes: list[Failure] = field(default_factory=list)  # on its source: decoded_sequentially
 
 
 def convert_unit(unit: Unit, options: EncodeOptions) -> list[ClipResult]:
@@ -249,7 +254,10 @@ def convert_unit(unit: Unit, options: EncodeOptions) -> list[ClipResult]:
     except Exception as error:  # the worker boundary: a failure on one source only skips its clips
         return [ClipResult(clip.clip_id, None, Failure("bad_video", clip.clip_id, unit.location,
                                                        f"{type(error).__name__}: {error}")) for clip in unit.clips]
-    return [_clip_result(unit, clip, result, options) for clip, result in zip(unit.clips, decoded)]
+    results = [_clip_result(unit, clip, result, options) for clip, result in zip(unit.clips, decoded)]
+    if reason := sequential_note(source):
+        results[0].notes.append(Failure(DECODED_SEQUENTIALLY, unit.source_id, unit.location, reason))
+    return results
 
 
 def _clip_result(unit: Unit, clip, result: DecodedClip | Exception, options: EncodeOptions) -> ClipResult:
@@ -294,6 +302,7 @@ def write_unit_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[li
     try:
         for unit, unit_results in zip(plan.units, results, strict=True):
             for clip, result in zip(unit.clips, unit_results, strict=True):
+                failures += result.notes
                 if result.failure is not None:
                     failures.append(result.failure)
                     if result.payload is None:

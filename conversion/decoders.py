@@ -1,16 +1,22 @@
 """Which frames a stored clip holds (one rule, `clip_positions`), and the decoders that read them.
 
-Every decoder reads a video sequentially from its first frame, keeping the frames at the positions asked for,
-so positions are exact (no keyframe seeking). They differ only in where the bytes come from and which FFmpeg
-build decodes them:
+A frame's position is its number in presentation order, counted from the first frame, as a decoder reading the
+video sequentially from its start outputs them. The decoders differ in where the bytes come from and how much of
+the video they decode to reach those positions:
 
-* `OpenCVVideo`: a file, through OpenCV's FFmpeg backend (the default for files: it reproduces the original's
-  frames);
-* `PyAVVideo`: a file or bytes in memory (a webdataset member), through PyAV;
+* `PyAVVideo`: a file or bytes in memory (a webdataset member), through PyAV. It decodes only the frames the
+  wanted ones depend on (docs/data.md §1.2): one demux lists every packet's timestamp and keyframe flag, position p
+  is the p-th smallest timestamp, and each wanted frame is reached by decoding forward from the keyframe at or
+  before it, skipping non-reference frames that are not wanted. The same frames as a sequential decode, checked
+  as it goes; a source whose timestamps or packets make that unsafe is decoded sequentially instead and says so
+  (`sequential_reason`).
+* `OpenCVVideo`: a file, through OpenCV's FFmpeg backend, always sequentially from the first frame (the
+  original's extractor; `--decoder opencv`).
 * `FrameFolder`: the original's pre-extracted frame folders, in sorted file-name order.
 
-All give BGR uint8 frames. `read_clips` applies the rule to every clip of one source, opening it once for all of
-them (a second pass only when the container over-reported its frame count).
+All give BGR uint8 frames, turned upright as the container's rotation says (as OpenCV does). `read_clips` applies
+the rule to every clip of one source, opening it once for all of them (a second pass only when the container
+over-reported its frame count).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataloaders.files import printable
 from dataloaders.video_decoding import VideoDecodeError, open_capture
 
 FRAME_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-DECODERS = ("opencv", "pyav")
+DECODERS = ("pyav", "opencv")  # the first is the default
 WINDOW_EPSILON = 1e-6  # seconds * fps products within this of an integer count as that integer
 
 
@@ -166,17 +172,92 @@ class OpenCVVideo(SequentialVideo):
             capture.release()
 
 
+class UnsafeSeek(Exception):
+    """Why a source cannot be read by seeking with the certainty of a sequential decode."""
+
+
+@dataclass(frozen=True)
+class PacketIndex:
+    """A video stream's packets in decode order: presentation timestamps and keyframe flags."""
+
+    pts: np.ndarray  # int64
+    keyframe: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+
+def index_packets(container, stream) -> PacketIndex:
+    """Demux (no decoding) every packet of `stream`; `UnsafeSeek` when the packets do not map one to one onto the
+    frames a sequential decode outputs, in timestamp order."""
+    import av
+
+    pts, keyframe = [], []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream marker
+            if packet.pts is None:
+                raise UnsafeSeek("packets without timestamps")
+            if packet.is_discard or packet.is_corrupt:
+                raise UnsafeSeek("packets marked " + ("discarded (an edit list)" if packet.is_discard else "corrupt"))
+            pts.append(packet.pts)
+            keyframe.append(packet.is_keyframe)
+    except av.FFmpegError as error:
+        raise UnsafeSeek(f"the container is damaged ({error})") from error
+    if not pts:
+        raise UnsafeSeek("no packets")
+    index = PacketIndex(np.asarray(pts, dtype=np.int64), np.asarray(keyframe, dtype=bool))
+    if not index.keyframe[0]:
+        raise UnsafeSeek("the first packet is not a keyframe")
+    if len(np.unique(index.pts)) != len(index):
+        raise UnsafeSeek("repeated timestamps")
+    if stream.frames and stream.frames != len(index):
+        raise UnsafeSeek(f"the container reports {stream.frames} frames but holds {len(index)} packets")
+    return index
+
+
+@dataclass
+class SeekPlan:
+    """Which packets to decode for the wanted frames: each wanted timestamp, the packet (decode order) of the
+    keyframe a decode must start from, and the positions by timestamp."""
+
+    position_of: dict[int, int]  # wanted pts -> position
+    start_of: dict[int, int]  # wanted pts -> decode index of its keyframe
+    order: list[int]  # wanted pts, in position order
+
+    @classmethod
+    def of(cls, index: PacketIndex, positions: Sequence[int]) -> SeekPlan:
+        by_time = np.argsort(index.pts, kind="stable")
+        last_key = np.maximum.accumulate(np.where(index.keyframe, np.arange(len(index)), 0))
+        position_of, start_of, order = {}, {}, []
+        for position in positions:
+            packet = int(by_time[position])
+            pts = int(index.pts[packet])
+            start = int(last_key[packet])
+            while index.pts[start] > pts:  # a frame shown before its keyframe (an open GOP): the keyframe before
+                if start == 0:
+                    raise UnsafeSeek("a frame is shown before the first keyframe")
+                start = int(last_key[start - 1])
+            position_of[pts], start_of[pts] = position, start
+            order.append(pts)
+        return cls(position_of, start_of, order)
+
+
 class PyAVVideo(SequentialVideo):
-    """A video file or in-memory bytes through PyAV; `threads` 0 lets FFmpeg choose. With `short_side`, frames
-    come out already scaled down to it: swscale's colour conversion and area resize in one call (`--resize
-    swscale`; other pixels than OpenCV's conversion and INTER_AREA resize, and faster)."""
+    """A video file or in-memory bytes through PyAV; `threads` 0 lets FFmpeg choose. `seek` False decodes every
+    frame from the start, as OpenCV does. With `short_side`, frames come out already scaled down to it: swscale's
+    colour conversion and area resize in one call (`--resize swscale`; other pixels than OpenCV's conversion and
+    INTER_AREA resize, and faster)."""
 
     def __init__(self, source: str | bytes, threads: int = 0, name: str | None = None,
-                 short_side: int | None = None) -> None:
+                 short_side: int | None = None, seek: bool = True) -> None:
         self.source = source
         self.short_side = short_side
+        self.seek = seek
         self.name = printable(name or (source if isinstance(source, str) else "video bytes"))
         self.threads = threads
+        self.sequential_reason: str | None = None  # why the last read decoded from the start instead of seeking
         if isinstance(source, str) and not os.path.exists(source):
             raise VideoDecodeError(f"file not found: {printable(source)}")
         with self._open() as container:
@@ -208,14 +289,31 @@ class PyAVVideo(SequentialVideo):
             return 0
         return math.floor(seconds * self.fps + 0.5)
 
+    def _decoder(self, container):
+        stream = container.streams.video[0]
+        if self.threads:
+            stream.codec_context.thread_count = self.threads
+        stream.thread_type = "AUTO"
+        return stream
+
     def read(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+        self.sequential_reason = None
+        if not self.seek or not positions:
+            return self.read_sequentially(positions)
+        try:
+            with self._open() as container:
+                index = index_packets(container, container.streams.video[0])
+            return self._read_by_seeking(index, sorted(positions))
+        except UnsafeSeek as reason:
+            self.sequential_reason = str(reason)
+            return self.read_sequentially(positions)
+
+    def read_sequentially(self, positions: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+        """Decode from the first frame, keeping the frames at `positions`."""
         import av
 
         with self._open() as container:
-            stream = container.streams.video[0]
-            if self.threads:
-                stream.codec_context.thread_count = self.threads
-            stream.thread_type = "AUTO"
+            stream = self._decoder(container)
 
             def decoded():
                 try:
@@ -225,11 +323,80 @@ class PyAVVideo(SequentialVideo):
 
             return _keep_positions(decoded, positions, self._to_bgr)
 
+    def _read_by_seeking(self, index: PacketIndex, positions: list[int]) -> tuple[dict[int, np.ndarray], int]:
+        """The frames at `positions` (sorted), decoding from each one's keyframe and only the packets they depend
+        on; `UnsafeSeek` when a decoded frame contradicts the packet index (then nothing is kept)."""
+        import av
+
+        inside = [p for p in positions if p < len(index)]
+        plan = SeekPlan.of(index, inside)
+        kept: dict[int, np.ndarray] = {}
+        with self._open() as container:
+            stream = self._decoder(container)
+            codec = stream.codec_context
+            run_start, last_pts, pending = None, None, 0  # pending: plan.order[pending] is the next frame to keep
+
+            def take(frames) -> None:
+                nonlocal last_pts
+                for frame in frames:
+                    if last_pts is not None and frame.pts is not None and frame.pts <= last_pts:
+                        raise UnsafeSeek("frames came out of timestamp order")
+                    last_pts = frame.pts
+                    position = plan.position_of.get(frame.pts)
+                    if position is not None and position not in kept and plan.start_of[frame.pts] >= run_start:
+                        if frame.is_corrupt:
+                            raise UnsafeSeek("a wanted frame decoded as corrupt")
+                        kept[position] = self._to_bgr(frame)
+
+            try:
+                for number, packet in enumerate(p for p in container.demux(stream) if p.size):
+                    while pending < len(plan.order) and plan.position_of[plan.order[pending]] in kept:
+                        pending += 1
+                    if pending == len(plan.order):
+                        break
+                    start = plan.start_of[plan.order[pending]]
+                    if run_start is not None and start > number:  # nothing wanted before the next keyframe
+                        take(codec.decode(None))
+                        codec.flush_buffers()
+                        run_start = last_pts = None
+                    if run_start is None:
+                        if number < start:
+                            continue
+                        run_start = number
+                    codec.skip_frame = "DEFAULT" if packet.pts in plan.position_of else "NONREF"
+                    take(codec.decode(packet))
+                else:
+                    if run_start is not None:
+                        take(codec.decode(None))
+            except av.FFmpegError as error:
+                raise UnsafeSeek(f"decoding failed ({error})") from error
+        if len(kept) != len(inside):
+            raise UnsafeSeek("a wanted frame did not come out of its decode")
+        return kept, (positions[-1] + 1 if len(inside) == len(positions) else len(index))
+
     def _to_bgr(self, frame) -> np.ndarray:
         if self.short_side is None:
-            return frame.to_ndarray(format="bgr24")
-        height, width = scaled_size((frame.height, frame.width), self.short_side)
-        return frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")
+            image = frame.to_ndarray(format="bgr24")
+        else:
+            height, width = scaled_size(_upright_size(frame), self.short_side)
+            if frame.rotation % 180:
+                height, width = width, height
+            image = frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")
+        return upright(image, frame.rotation)
+
+
+_ROTATIONS = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
+
+
+def upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """A frame turned as its container's display matrix says (`rotation`: degrees counter-clockwise, as PyAV
+    gives it), which OpenCV's FFmpeg backend does by default."""
+    turn = _ROTATIONS.get(round(rotation) % 360)
+    return image if turn is None else cv2.rotate(image, turn)
+
+
+def _upright_size(frame) -> tuple[int, int]:
+    return (frame.width, frame.height) if frame.rotation % 180 else (frame.height, frame.width)
 
 
 class FrameFolder:
@@ -309,6 +476,12 @@ def read_clips(source: VideoSource, num_frames: int, windows: Sequence[tuple[flo
         available = count if window is None else len(window_frames(window, source.fps, count))
         clips.append(DecodedClip([frames[p] for p in kept], kept, available))
     return clips
+
+
+def sequential_note(source: VideoSource) -> str | None:
+    """Why the source's last read decoded every frame from the start instead of seeking (None: it sought, or
+    the decoder always reads sequentially)."""
+    return getattr(source, "sequential_reason", None)
 
 
 def _all_positions(wanted: list[list[int] | BadWindow]) -> list[int]:

@@ -23,7 +23,7 @@ class EncodeOptions:
     frame_format: str = "jpeg"
     feature_framerate: int | None = None  # set: a downstream frame store (dataloaders/frame_store.py)
     image_size: int = 224  # frame store: the loader's resize + center crop
-    decoder: str = "opencv"  # for video files; in-memory members are always decoded with PyAV
+    decoder: str = "pyav"  # for video files; in-memory members are always decoded with PyAV
     min_frames: int = 2  # a source with fewer decodable frames is not a video (a still image): not stored
     resize: str = "area"  # "swscale": PyAV's colour conversion and area resize in one call (other pixels, faster)
 

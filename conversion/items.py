@@ -26,6 +26,9 @@ def id_problem(value: object) -> str | None:
 # Failures whose cause can go away (a shard or video unreadable, cut short, missing): a shard that recorded one is
 # converted again on a rerun; the others (not a video, a bad window, a malformed row, ...) are in the data itself.
 RETRIABLE_FAILURES = frozenset({"bad_shard", "bad_video", "missing_video"})
+# A note, not a failure: a source whose clips were stored, decoded from its first frame because its packets'
+# timestamps made seeking to the wanted frames unsafe (conversion/decoders.py).
+DECODED_SEQUENTIALLY = "decoded_sequentially"
 
 
 @dataclass

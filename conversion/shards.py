@@ -199,7 +199,7 @@ def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOp
     """The sidecar state of a shard finished earlier with the same plan and options (its checksum verified),
     else None."""
     state = read_sidecar(layout, plan.number)
-    if state is None or state.options != options.recorded() or state.input != plan.input:
+    if state is None or not _same_options(state.options, options, plan) or state.input != plan.input:
         return None
     if plan.input is None and (state.video_ids != plan.clip_ids or state.windows != plan.windows):
         return None
@@ -208,6 +208,15 @@ def load_complete_shard(layout: OutputLayout, plan: ShardPlan, options: EncodeOp
         logger.warning("%s does not match the checksum recorded when it was finished: writing it again", shard)
         return None
     return state
+
+
+def _same_options(recorded: dict, options: EncodeOptions, plan: ShardPlan) -> bool:
+    """Whether a sidecar's options give the records these options give. A webdataset shard's members are always
+    decoded with PyAV, so its `decoder` (recorded all the same) does not matter."""
+    mine = options.recorded()
+    if plan.input is not None:
+        recorded, mine = ({k: v for k, v in d.items() if k != "decoder"} for d in (recorded, mine))
+    return recorded == mine
 
 
 # ----------------------------------------------------------------------------------------------- final files

@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
 
-from conversion.decoders import open_source, read_clips
+from conversion.decoders import open_source, read_clips, sequential_note
 from conversion.encoding import EncodeOptions, encode_decoded_clip
-from conversion.items import Failure
+from conversion.items import DECODED_SEQUENTIALLY, Failure
 from conversion.shards import OutputLayout, ShardPlan, ShardState, ShardWriter, state_of_shard
 from conversion.sources import SampleFields, parse_sample_json, sample_clip
 from dataloaders.files import VIDEO_EXTENSIONS
@@ -221,7 +221,8 @@ def _store(sample: dict[str, Any], url: str, options: EncodeOptions, fields: Sam
         failure = Failure("duplicate_id", clip_id, where, "id seen before in this shard; the first kept")
     payload = None
     if failure is None:
-        payload, failure = encode_member(clip_id, sample[video_suffix], where, options)
+        payload, failure, note = encode_member(clip_id, sample[video_suffix], where, options)
+        failures += [note] if note else []
     if failure is not None:
         failures.append(failure)
         if payload is None:
@@ -231,15 +232,17 @@ def _store(sample: dict[str, Any], url: str, options: EncodeOptions, fields: Sam
     labels.append({"video_id": clip_id, "caption": caption})
 
 
-def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions) -> tuple[bytes | None,
-                                                                                           Failure | None]:
+def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions
+                  ) -> tuple[bytes | None, Failure | None, Failure | None]:
     """An in-memory video member decoded with PyAV, as `encode_decoded_clip` gives it (a member that cannot be
-    decoded: None and its `bad_video` Failure)."""
+    decoded: None and its `bad_video` Failure), and the `decoded_sequentially` note when it could not seek."""
     try:
         source = open_source(data, "video", "pyav", threads=1, name=where, short_side=options.decode_to_short_side)
         clip = read_clips(source, options.num_frames, [None])[0]
     except VideoDecodeError as error:
-        return None, Failure("bad_video", clip_id, where, str(error))
+        return None, Failure("bad_video", clip_id, where, str(error)), None
     if isinstance(clip, Exception):
-        return None, Failure("bad_video", clip_id, where, str(clip))
-    return encode_decoded_clip(clip_id, clip, options, where)
+        return None, Failure("bad_video", clip_id, where, str(clip)), None
+    reason = sequential_note(source)
+    note = Failure(DECODED_SEQUENTIALLY, clip_id, where, reason) if reason else None
+    return (*encode_decoded_clip(clip_id, clip, options, where), note)

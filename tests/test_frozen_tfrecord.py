@@ -391,5 +391,5 @@ def test_resize_swscale_scales_in_the_decoder_and_is_recorded(tmp_path, capsys):
     assert sidecar["options"]["resize"] == "swscale"  # a rerun with the other resize converts again
     assert "resize" not in json.loads(next((tmp_path / "area").glob("*.meta.json")).read_text())["options"]
     with pytest.raises(SystemExit):
-        ft.parse_args(["--video_dir", str(videos), "--resize", "swscale"])  # OpenCV decodes files by default
-    assert "--resize swscale is PyAV's: give --decoder pyav" in capsys.readouterr().err
+        ft.parse_args(["--video_dir", str(videos), "--resize", "swscale", "--decoder", "opencv"])
+    assert "--resize swscale is PyAV's: not with --decoder opencv" in capsys.readouterr().err
