@@ -258,6 +258,7 @@ class PyAVVideo(SequentialVideo):
         self.name = printable(name or (source if isinstance(source, str) else "video bytes"))
         self.threads = threads
         self.sequential_reason: str | None = None  # why the last read decoded from the start instead of seeking
+        self.frames_decoded = 0  # frames the decoder output in the last read
         if isinstance(source, str) and not os.path.exists(source):
             raise VideoDecodeError(f"file not found: {printable(source)}")
         with self._open() as container:
@@ -321,7 +322,8 @@ class PyAVVideo(SequentialVideo):
                 except av.FFmpegError:  # a damaged tail: keep what decoded before it, as OpenCV does
                     return
 
-            return _keep_positions(decoded, positions, self._to_bgr)
+            kept, self.frames_decoded = _keep_positions(decoded, positions, self._to_bgr)
+            return kept, self.frames_decoded
 
     def _read_by_seeking(self, index: PacketIndex, positions: list[int]) -> tuple[dict[int, np.ndarray], int]:
         """The frames at `positions` (sorted), decoding from each one's keyframe and only the packets they depend
@@ -331,6 +333,7 @@ class PyAVVideo(SequentialVideo):
         inside = [p for p in positions if p < len(index)]
         plan = SeekPlan.of(index, inside)
         kept: dict[int, np.ndarray] = {}
+        self.frames_decoded = 0
         with self._open() as container:
             stream = self._decoder(container)
             codec = stream.codec_context
@@ -339,6 +342,7 @@ class PyAVVideo(SequentialVideo):
             def take(frames) -> None:
                 nonlocal last_pts
                 for frame in frames:
+                    self.frames_decoded += 1
                     if last_pts is not None and frame.pts is not None and frame.pts <= last_pts:
                         raise UnsafeSeek("frames came out of timestamp order")
                     last_pts = frame.pts
