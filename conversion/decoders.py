@@ -6,8 +6,8 @@ the video they decode to reach those positions:
 
 * `PyAVVideo`: a file or bytes in memory (a webdataset member), through PyAV. It decodes only the frames the
   wanted ones depend on (docs/data.md §1.2): one demux lists every packet's timestamp and keyframe flag, position p
-  is the p-th smallest timestamp, and each wanted frame is reached by decoding forward from the keyframe at or
-  before it, skipping non-reference frames that are not wanted. The same frames as a sequential decode, checked
+  is the p-th smallest timestamp, and each wanted frame is reached by seeking to the keyframe at or before it and
+  decoding forward, skipping non-reference frames that are not wanted. The same frames as a sequential decode, checked
   as it goes; a source whose timestamps or packets make that unsafe is decoded sequentially instead and says so
   (`sequential_reason`).
 * `OpenCVVideo`: a file, through OpenCV's FFmpeg backend, always sequentially from the first frame (the
@@ -176,12 +176,17 @@ class UnsafeSeek(Exception):
     """Why a source cannot be read by seeking with the certainty of a sequential decode."""
 
 
+KEEP_PACKETS_BYTES = 64 << 20  # a source up to this size keeps its packets from the index for decoding
+
+
 @dataclass(frozen=True)
 class PacketIndex:
-    """A video stream's packets in decode order: presentation timestamps and keyframe flags."""
+    """A video stream's packets in decode order: presentation timestamps and keyframe flags, and the packets
+    themselves when they came to at most KEEP_PACKETS_BYTES (else they are demuxed again where needed)."""
 
     pts: np.ndarray  # int64
     keyframe: np.ndarray  # bool
+    packets: list | None = None
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -192,7 +197,7 @@ def index_packets(container, stream) -> PacketIndex:
     frames a sequential decode outputs, in timestamp order."""
     import av
 
-    pts, keyframe = [], []
+    pts, keyframe, packets, size = [], [], [], 0
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -203,11 +208,16 @@ def index_packets(container, stream) -> PacketIndex:
                 raise UnsafeSeek("packets marked " + ("discarded (an edit list)" if packet.is_discard else "corrupt"))
             pts.append(packet.pts)
             keyframe.append(packet.is_keyframe)
+            size += packet.size
+            if packets is not None:
+                packets.append(packet)
+                if size > KEEP_PACKETS_BYTES:
+                    packets = None  # a long source: demuxed again, run by run
     except av.FFmpegError as error:
         raise UnsafeSeek(f"the container is damaged ({error})") from error
     if not pts:
         raise UnsafeSeek("no packets")
-    index = PacketIndex(np.asarray(pts, dtype=np.int64), np.asarray(keyframe, dtype=bool))
+    index = PacketIndex(np.asarray(pts, dtype=np.int64), np.asarray(keyframe, dtype=bool), packets)
     if not index.keyframe[0]:
         raise UnsafeSeek("the first packet is not a keyframe")
     if len(np.unique(index.pts)) != len(index):
@@ -217,31 +227,82 @@ def index_packets(container, stream) -> PacketIndex:
     return index
 
 
-@dataclass
-class SeekPlan:
-    """Which packets to decode for the wanted frames: each wanted timestamp, the packet (decode order) of the
-    keyframe a decode must start from, and the positions by timestamp."""
+class CannotSeek(Exception):
+    """The demuxer did not land on the keyframe it was sent to (MPEG-TS seeks by byte estimates)."""
 
+
+def _checked(packets, index: PacketIndex, number: int):
+    """(number, packet) of the stream's packets from packet `number` on, each checked against `index`: the packets
+    a seek landed on or a demux from the start gives must be those the index lists (else `CannotSeek` at the first
+    packet, `UnsafeSeek` after it)."""
+    first = number
+    for packet in packets:
+        if packet.size == 0:
+            continue
+        if number >= len(index) or packet.pts != index.pts[number] or packet.is_keyframe != index.keyframe[number]:
+            if number == first:
+                raise CannotSeek()
+            raise UnsafeSeek("the container did not give the same packets when read again")
+        yield number, packet
+        number += 1
+
+
+@dataclass(frozen=True)
+class SeekPlan:
+    """What to decode for the wanted frames: runs of packets (decode order, both ends included), each from a
+    keyframe to the last wanted packet that needs it, and the position of each wanted timestamp. Every wanted
+    packet lies in one run, after the keyframe it needs."""
+
+    runs: list[tuple[int, int]]
     position_of: dict[int, int]  # wanted pts -> position
-    start_of: dict[int, int]  # wanted pts -> decode index of its keyframe
-    order: list[int]  # wanted pts, in position order
 
     @classmethod
     def of(cls, index: PacketIndex, positions: Sequence[int]) -> SeekPlan:
         by_time = np.argsort(index.pts, kind="stable")
         last_key = np.maximum.accumulate(np.where(index.keyframe, np.arange(len(index)), 0))
-        position_of, start_of, order = {}, {}, []
+        position_of, needs = {}, []
         for position in positions:
             packet = int(by_time[position])
             pts = int(index.pts[packet])
             start = int(last_key[packet])
-            while index.pts[start] > pts:  # a frame shown before its keyframe (an open GOP): the keyframe before
+            while index.pts[start] > pts:  # shown before its keyframe (an open GOP): decode from the keyframe before
                 if start == 0:
                     raise UnsafeSeek("a frame is shown before the first keyframe")
                 start = int(last_key[start - 1])
-            position_of[pts], start_of[pts] = position, start
-            order.append(pts)
-        return cls(position_of, start_of, order)
+            position_of[pts] = position
+            needs.append((start, packet))
+        runs: list[tuple[int, int]] = []
+        for start, end in sorted(needs):  # overlapping or adjacent: decoding on is no dearer than starting again
+            if runs and start <= runs[-1][1] + 1:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+            else:
+                runs.append((start, end))
+        return cls(runs, position_of)
+
+
+class _WantedFrames:
+    """The wanted frames coming out of one run of a seeking read, converted as they come; `UnsafeSeek` if frames
+    leave the decoder out of timestamp order or a wanted one is marked corrupt."""
+
+    def __init__(self, position_of: dict[int, int], to_bgr: Callable[[object], np.ndarray]) -> None:
+        self.position_of = position_of
+        self.to_bgr = to_bgr
+        self.kept: dict[int, np.ndarray] = {}
+        self.count = 0  # frames out of the decoder
+        self.last_pts: int | None = None  # of this run
+
+    def add(self, frames) -> None:
+        for frame in frames:
+            self.count += 1
+            if frame.pts is not None:
+                if self.last_pts is not None and frame.pts <= self.last_pts:
+                    raise UnsafeSeek("frames came out of timestamp order")
+                self.last_pts = frame.pts
+            position = self.position_of.get(frame.pts)
+            if position is not None:
+                if frame.is_corrupt:
+                    raise UnsafeSeek("a wanted frame decoded as corrupt")
+                self.kept[position] = self.to_bgr(frame)
 
 
 class PyAVVideo(SequentialVideo):
@@ -259,17 +320,22 @@ class PyAVVideo(SequentialVideo):
         self.threads = threads
         self.sequential_reason: str | None = None  # why the last read decoded from the start instead of seeking
         self.frames_decoded = 0  # frames the decoder output in the last read
+        self._reformatter = None  # PyAV's, made on first use
         if isinstance(source, str) and not os.path.exists(source):
             raise VideoDecodeError(f"file not found: {printable(source)}")
-        with self._open() as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            self.fps = float(rate) if rate else 0.0
-            self._reported = stream.frames or self._estimated_count(container, stream)
+        container = self._open()
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        self.fps = float(rate) if rate else 0.0
+        self._reported = stream.frames or self._estimated_count(container, stream)
+        self._unread = container  # opening probes the stream: the first read takes this one as it is
 
     def _open(self):
         import av
 
+        if getattr(self, "_unread", None) is not None:
+            container, self._unread = self._unread, None
+            return container
         try:
             container = av.open(io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source)
         except (av.FFmpegError, ValueError, OSError) as error:
@@ -302,9 +368,7 @@ class PyAVVideo(SequentialVideo):
         if not self.seek or not positions:
             return self.read_sequentially(positions)
         try:
-            with self._open() as container:
-                index = index_packets(container, container.streams.video[0])
-            return self._read_by_seeking(index, sorted(positions))
+            return self._read_by_seeking(sorted(positions))
         except UnsafeSeek as reason:
             self.sequential_reason = str(reason)
             return self.read_sequentially(positions)
@@ -325,67 +389,73 @@ class PyAVVideo(SequentialVideo):
             kept, self.frames_decoded = _keep_positions(decoded, positions, self._to_bgr)
             return kept, self.frames_decoded
 
-    def _read_by_seeking(self, index: PacketIndex, positions: list[int]) -> tuple[dict[int, np.ndarray], int]:
-        """The frames at `positions` (sorted), decoding from each one's keyframe and only the packets they depend
-        on; `UnsafeSeek` when a decoded frame contradicts the packet index (then nothing is kept)."""
-        import av
-
-        inside = [p for p in positions if p < len(index)]
-        plan = SeekPlan.of(index, inside)
-        kept: dict[int, np.ndarray] = {}
-        self.frames_decoded = 0
-        with self._open() as container:
-            stream = self._decoder(container)
-            codec = stream.codec_context
-            run_start, last_pts, pending = None, None, 0  # pending: plan.order[pending] is the next frame to keep
-
-            def take(frames) -> None:
-                nonlocal last_pts
-                for frame in frames:
-                    self.frames_decoded += 1
-                    if last_pts is not None and frame.pts is not None and frame.pts <= last_pts:
-                        raise UnsafeSeek("frames came out of timestamp order")
-                    last_pts = frame.pts
-                    position = plan.position_of.get(frame.pts)
-                    if position is not None and position not in kept and plan.start_of[frame.pts] >= run_start:
-                        if frame.is_corrupt:
-                            raise UnsafeSeek("a wanted frame decoded as corrupt")
-                        kept[position] = self._to_bgr(frame)
-
+    def _read_by_seeking(self, positions: list[int]) -> tuple[dict[int, np.ndarray], int]:
+        """The frames at `positions` (sorted): one demux indexes the packets, then each run of the plan is decoded
+        from its keyframe, reached by seeking (or, where the demuxer cannot seek exactly, by reading on from the
+        start); `UnsafeSeek` when the packets or a decoded frame contradict the index."""
+        container = self._open()
+        try:
+            index = index_packets(container, container.streams.video[0])
+            inside = [p for p in positions if p < len(index)]
+            plan = SeekPlan.of(index, inside)
             try:
-                for number, packet in enumerate(p for p in container.demux(stream) if p.size):
-                    while pending < len(plan.order) and plan.position_of[plan.order[pending]] in kept:
-                        pending += 1
-                    if pending == len(plan.order):
-                        break
-                    start = plan.start_of[plan.order[pending]]
-                    if run_start is not None and start > number:  # nothing wanted before the next keyframe
-                        take(codec.decode(None))
-                        codec.flush_buffers()
-                        run_start = last_pts = None
-                    if run_start is None:
-                        if number < start:
-                            continue
-                        run_start = number
-                    codec.skip_frame = "DEFAULT" if packet.pts in plan.position_of else "NONREF"
-                    take(codec.decode(packet))
-                else:
-                    if run_start is not None:
-                        take(codec.decode(None))
-            except av.FFmpegError as error:
-                raise UnsafeSeek(f"decoding failed ({error})") from error
+                kept = self._decode_runs(container, index, plan, by_seeking=True)
+            except CannotSeek:
+                container.close()
+                container = self._open()
+                kept = self._decode_runs(container, index, plan, by_seeking=False)
+        finally:
+            container.close()
         if len(kept) != len(inside):
             raise UnsafeSeek("a wanted frame did not come out of its decode")
         return kept, (positions[-1] + 1 if len(inside) == len(positions) else len(index))
 
+    def _decode_runs(self, container, index: PacketIndex, plan: SeekPlan, by_seeking: bool) -> dict[int, np.ndarray]:
+        """Decode each run of packets, skipping the non-reference frames that are not wanted, draining the decoder
+        at its end; the wanted frames are checked and converted as they come out."""
+        import av
+
+        stream = self._decoder(container)
+        codec = stream.codec_context
+        out = _WantedFrames(plan.position_of, self._to_bgr)
+        from_start = None if by_seeking else _checked(container.demux(stream), index, 0)
+        try:
+            for start, end in plan.runs:
+                if index.packets is not None:  # kept from the index
+                    packets = enumerate(index.packets[start:end + 1], start)
+                elif by_seeking:
+                    container.seek(int(index.pts[start]), stream=stream, backward=True, any_frame=False)
+                    packets = _checked(container.demux(stream), index, start)
+                else:
+                    packets = from_start
+                for number, packet in packets:
+                    if number < start:
+                        continue
+                    codec.skip_frame = "DEFAULT" if packet.pts in plan.position_of else "NONREF"
+                    out.add(codec.decode(packet))
+                    if number == end:
+                        break
+                out.add(codec.decode(None))
+                codec.flush_buffers()
+                out.last_pts = None
+        except av.FFmpegError as error:
+            raise UnsafeSeek(f"decoding failed ({error})") from error
+        self.frames_decoded = out.count
+        return out.kept
+
     def _to_bgr(self, frame) -> np.ndarray:
+        if self._reformatter is None:  # one for all frames: it keeps its swscale context (half the cost per frame)
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
         if self.short_side is None:
-            image = frame.to_ndarray(format="bgr24")
+            image = self._reformatter.reformat(frame, format="bgr24").to_ndarray()
         else:
             height, width = scaled_size(_upright_size(frame), self.short_side)
             if frame.rotation % 180:
                 height, width = width, height
-            image = frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")
+            image = self._reformatter.reformat(frame, format="bgr24", width=width, height=height,
+                                               interpolation="AREA").to_ndarray()
         return upright(image, frame.rotation)
 
 

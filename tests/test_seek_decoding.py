@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import conversion.decoders
 import frozen_tfrecord as ft
 from conversion.decoders import OpenCVVideo, PyAVVideo, read_clips
 from dataloaders.clip_store import parse_clip_record
@@ -64,8 +65,13 @@ def frames_of(clips) -> list[tuple[list[int], list[bytes]]]:
             else (type(clip).__name__, str(clip)) for clip in clips]
 
 
+@pytest.mark.parametrize("keep_packets", [True, False], ids=["packets kept", "demuxed again"])
 @pytest.mark.parametrize("name", [*SOURCES, "rotated.mp4", "cut_short.mp4"])
-def test_seeking_gives_the_frames_of_a_sequential_decode(videos, name):
+def test_seeking_gives_the_frames_of_a_sequential_decode(videos, name, keep_packets, monkeypatch):
+    """Small sources keep their packets from the index; larger ones (here: all) seek to each run's keyframe and
+    demux again (an MPEG-TS stream, which cannot seek exactly, from its start)."""
+    if not keep_packets:
+        monkeypatch.setattr(conversion.decoders, "KEEP_PACKETS_BYTES", 0)
     path = str(videos / name)
     sequential = OpenCVVideo(path, threads=1)
     seeking = PyAVVideo(path, threads=1)
