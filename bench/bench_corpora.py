@@ -7,7 +7,7 @@ FFmpeg's moving test pattern with light grain; about 0.7 Mbit/s at 596x336, as W
 * long videos, whole: 640x360, 4 minutes at 25 fps, a keyframe every 5 s (`--long_keyint`), one clip each;
 * long sources with windows: the same long videos, 10 windows of 5-10 s each (Panda-70M, InternVid), a clip each.
 
-For each kind, in one run, CPU ms per clip (process time, one FFmpeg and one OpenCV thread; the median of
+For each kind, in one run, CPU ms per clip (process time, one FFmpeg and one OpenCV thread; the least of
 `--rounds` rounds, each measuring every path in turn):
 
 * `sequential`: the conversion as it was, every frame decoded from the first (OpenCV, `--decoder opencv`);
@@ -112,6 +112,7 @@ def decode_limit(path: Path, windows: list[tuple[float, float] | None]) -> tuple
             stream = container.streams.video[0]
             codec = stream.codec_context
             codec.thread_count = 1
+            stream.thread_type = "AUTO"  # as the converter's decoder (one thread either way)
             packets = [packet for packet in container.demux(stream) if packet.size]
             by_time = sorted(range(len(packets)), key=lambda i: packets[i].pts)
             wanted = {packets[by_time[p]].pts for p in wanted_positions(stream, windows)}
@@ -161,8 +162,8 @@ def sequential_frames_decoded(path: Path, windows: list[tuple[float, float] | No
 
 def measure_kind(root: Path, name: str, videos: list[Path], windows: list[tuple[float, float] | None],
                  rounds: int) -> dict:
-    """Medians over `rounds` rounds, each measuring every path once in turn (so a slower spell of a shared
-    machine falls on all of them), of the CPU ms per clip."""
+    """The least CPU ms per clip over `rounds` rounds, each measuring every path once in turn (a shared machine's
+    slower spells fall on all of them; the least is the estimate least inflated by them, as timeit's)."""
     table = root / f"{name}.csv"
     if windows == [None]:
         rows = ["path,caption"] + [f"{video.name},a clip" for video in videos]
@@ -188,8 +189,8 @@ def measure_kind(root: Path, name: str, videos: list[Path], windows: list[tuple[
             sequential += sequential_frames_decoded(video, windows)
         for key, value in parts.items():
             samples.setdefault(key, []).append(value / clips)
-        samples.setdefault("necessary", []).append(sum(parts.values()) / clips)
-    result = {key: float(np.median(values)) for key, values in samples.items()}
+    result = {key: min(values) for key, values in samples.items()}
+    result["necessary"] = result["limit"] + result["colour"] + result["resize"] + result["jpeg"]
     same = all((root / f"{name}-default-0" / f).read_bytes() == (root / f"{name}-sequential-0" / f).read_bytes()
                for f in ("path.index", "path-00000.tfrecord"))
     result.update(clips=clips, decoded=decoded / len(videos), sequential_decoded=sequential / len(videos),
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long_seconds", type=int, default=240)
     parser.add_argument("--long_keyint", type=int, default=125,
                         help="frames between the long sources' keyframes (125: 5 s, as streaming encodes)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of all paths in turn; medians reported")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of all paths in turn; the least reported")
     parser.add_argument("--short_size", default="596x336")
     parser.add_argument("--long_size", default="640x360")
     args = parser.parse_args(argv)
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     worker, torch = startup_ms()
     print(f"H.264 (libx264 -preset fast): short clips {args.short_size} 8 s 25 fps x {args.n_short} (keyframe "
           f"interval 250); long {args.long_size} {args.long_seconds} s 25 fps x {args.n_long} (keyframe interval "
-          f"{args.long_keyint}); one process, one thread; CPU ms per clip, medians of {args.rounds} interleaved rounds")
+          f"{args.long_keyint}); one process, one thread; CPU ms per clip, the least of {args.rounds} interleaved rounds")
     header = ("kind", "clips", "sequential", "default", "swscale", "limit", "colour", "resize", "jpeg",
               "necessary", "default/nec", "swscale/limit rate", "vs sequential", "frames decoded", "same bytes")
     print(" | ".join(header))

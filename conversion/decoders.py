@@ -5,7 +5,7 @@ video sequentially from its start outputs them. The decoders differ in where the
 the video they decode to reach those positions:
 
 * `PyAVVideo`: a file or bytes in memory (a webdataset member), through PyAV. It decodes only the frames the
-  wanted ones depend on (docs/data.md §1.2): one demux lists every packet's timestamp and keyframe flag, position p
+  wanted ones depend on (docs/data.md §1.1, Decoding): one demux lists every packet's timestamp and keyframe flag, position p
   is the p-th smallest timestamp, and each wanted frame is reached by seeking to the keyframe at or before it and
   decoding forward, skipping non-reference frames that are not wanted. The same frames as a sequential decode, checked
   as it goes; a source whose timestamps or packets make that unsafe is decoded sequentially instead and says so

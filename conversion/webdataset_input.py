@@ -125,13 +125,37 @@ class RefusedMember:
 
 def samples_of(url: str, stream: BinaryIO, errors: ShardErrors, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
                ) -> Iterator[dict[str, Any]]:
-    """The shard's samples ({"__key__", suffix: bytes, ...}), grouped by key by webdataset. A member that cannot
-    be read (a truncated or damaged tar) ends the shard; the samples before it are complete, and a sample it cut
-    short has lost that member and those after it (reported as such when that leaves it without video or
-    caption). A member over `max_member_bytes` is a `RefusedMember`."""
-    from webdataset.tariterators import group_by_keys  # the package imports torch: only where shards are read
+    """The shard's samples ({"__key__", suffix: bytes, ...}), grouped by key as webdataset groups them. A member
+    that cannot be read (a truncated or damaged tar) ends the shard; the samples before it are complete, and a
+    sample it cut short has lost that member and those after it (reported as such when that leaves it without
+    video or caption). A member over `max_member_bytes` is a `RefusedMember`."""
+    return group_by_keys(errors.members(tar_members(url, stream, errors, max_member_bytes)), errors)
 
-    return group_by_keys(errors.members(tar_members(url, stream, errors, max_member_bytes)), handler=errors)
+
+KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+def group_by_keys(members: Iterator[dict[str, Any]], errors: ShardErrors) -> Iterator[dict[str, Any]]:
+    """Consecutive members with one key (the path up to the first dot of the file name) as one sample, the suffix
+    lower-cased; a repeated suffix in a sample is an error, the member skipped. This is webdataset's rule
+    (`webdataset.tariterators.group_by_keys`, the test compares the two), here because importing anything from
+    the webdataset package imports torch: 3 s of CPU in every conversion worker."""
+    sample: dict[str, Any] | None = None
+    for member in members:
+        match = KEY_AND_SUFFIX.match(member["fname"])
+        if match is None:
+            continue
+        key, suffix = match.group(1), match.group(2).lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": member["__url__"]}
+        if suffix in sample:
+            errors(ValueError(f"{member['fname']}: duplicate file name in tar file {suffix} {list(sample)}"))
+            continue
+        sample[suffix] = member["data"]
+    if sample is not None:
+        yield sample
 
 
 def tar_members(url: str, stream: BinaryIO, errors: ShardErrors, max_member_bytes: int) -> Iterator[dict[str, Any]]:

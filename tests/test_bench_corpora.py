@@ -1,15 +1,27 @@
-"""bench/bench_corpora.py runs end to end on a few tiny videos and prints its table."""
+"""bench/bench_corpora.py runs end to end on tiny sources and prints, per kind of source, each path's cost beside
+the decoding limit, and that the default path wrote the sequential path's bytes."""
 
 from bench import bench_corpora
 
 
-def test_conversion_rates_beside_the_decoding_limit(capsys):
-    assert bench_corpora.main(["--n_videos", "3", "--width", "64", "--height", "48", "--seconds", "1",
-                               "--fps", "10"]) == 0
+def test_costs_per_kind_beside_the_decoding_limit(capsys):
+    assert bench_corpora.main(["--n_short", "2", "--n_long", "1", "--long_seconds", "20", "--rounds", "1",
+                               "--short_size", "64x48", "--long_size", "96x64"]) == 0
     out = capsys.readouterr().out
-    for row in ("convert from files (OpenCV", "convert from webdataset shards (PyAV", "decoding alone: PyAV",
-                "decoding alone: ffmpeg"):
-        line = next(line for line in out.splitlines() if line.startswith(row))
-        rate = float(line[58:68])
-        assert rate > 0
-    assert "same labels from both paths: True" in out
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " | " in line}
+    header = lines["kind"]
+    for kind, clips in (("short clips", 2), ("long videos, whole", 1), ("long sources, 10 windows", 10)):
+        row = dict(zip(header, lines[kind]))
+        assert int(row["clips"]) == clips
+        costs = {key: float(row[key]) for key in ("sequential", "default", "swscale", "limit", "colour", "resize",
+                                                  "jpeg", "necessary")}
+        assert all(value > 0 for value in costs.values()), costs
+        parts = costs["limit"] + costs["colour"] + costs["resize"] + costs["jpeg"]
+        assert abs(costs["necessary"] - parts) < 0.2  # the sum of its rounded parts
+        decoded, of = (int(n) for n in row["frames decoded"].split(" of "))
+        if kind == "short clips":  # one keyframe: all its reference frames, less the skipped B-frames
+            assert 0 < decoded <= of + 3  # + the B-frame reorder depth past the last sampled frame
+        else:  # a keyframe every 5 s: far fewer than decoding from the first frame
+            assert 0 < decoded < of / 2
+        assert row["same bytes"] == "True"
+    assert "start-up of a conversion worker (its imports):" in out

@@ -354,11 +354,21 @@ def test_a_worker_that_dies_stops_the_conversion_with_one_line_instead_of_a_hang
 
 
 @pytest.mark.integration
-def test_a_conversion_of_files_never_imports_torch(tmp_path):
+@pytest.mark.parametrize("source", ["files", "webdataset"])
+def test_a_conversion_never_imports_torch(tmp_path, source):
+    """Neither from files nor from webdataset shards (3 s of CPU per worker process otherwise)."""
+    import webdataset
+
     videos = make_many_videos(tmp_path, 3)
-    script = (f"import sys, frozen_tfrecord; code = frozen_tfrecord.main(['--video_dir', {str(videos)!r}, '--csv', "
-              f"{str(tmp_path / 'labels.csv')!r}, '--output_dir', {str(tmp_path / 'out')!r}, '--workers', '0', "
-              f"'--no_progress']); print(code, sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    inputs = ["--video_dir", str(videos), "--csv", str(tmp_path / "labels.csv")]
+    if source == "webdataset":
+        with webdataset.TarWriter(str(tmp_path / "00000.tar")) as writer:
+            for number, video in enumerate(sorted(videos.rglob("*.mp4"))):
+                writer.write({"__key__": f"{number:09d}", "mp4": video.read_bytes(), "txt": f"clip {number}"})
+        inputs = ["--webdataset", str(tmp_path / "00000.tar")]
+    script = (f"import sys, frozen_tfrecord; code = frozen_tfrecord.main({inputs!r} + ['--output_dir', "
+              f"{str(tmp_path / 'out')!r}, '--workers', '0', '--no_progress']); "
+              f"print(code, sorted(m for m in ('torch', 'torchvision', 'webdataset') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.stdout.split("\n")[-2] == "0 []", result.stdout + result.stderr[-2000:]
     assert (tmp_path / "out" / "path.index").read_text().count("\n") == 3

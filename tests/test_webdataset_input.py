@@ -234,3 +234,23 @@ def test_a_member_over_the_limit_is_skipped_and_the_samples_after_it_kept(tmp_pa
     assert failures_of(tmp_path / "without") == []
     assert (tmp_path / "with" / "path-00000.tfrecord").read_bytes() == \
         (tmp_path / "without" / "path-00000.tfrecord").read_bytes()
+
+
+def test_members_are_grouped_into_samples_as_webdataset_groups_them():
+    """The converter groups tar members itself (importing webdataset imports torch): the same samples as
+    webdataset's own group_by_keys, including nested keys, upper-case suffixes, names without a dot and a repeated
+    suffix (an error, the member skipped)."""
+    from webdataset.tariterators import group_by_keys as webdatasets
+
+    from conversion.webdataset_input import ShardErrors, group_by_keys
+
+    names = ["a/000.mp4", "a/000.TXT", "a/000.json", "a/001.mp4", "README", "a/001.txt", "a/001.txt", "b.c.d/002.x.MP4",
+             "b.c.d/002.x.txt", "003.mp4", "x/.hidden", "004"]
+    members = [{"fname": name, "data": f"{number}".encode(), "__url__": "s.tar"} for number, name in enumerate(names)]
+    ours_errors, theirs_errors = ShardErrors(), ShardErrors()
+    ours = list(group_by_keys(iter(members), ours_errors))
+    theirs = list(webdatasets(iter(members), handler=theirs_errors))
+    assert ours == theirs
+    assert [sample["__key__"] for sample in ours] == ["a/000", "a/001", "b.c.d/002", "003", "x/"]
+    assert ours[2] == {"__key__": "b.c.d/002", "__url__": "s.tar", "x.mp4": b"7", "x.txt": b"8"}
+    assert len(ours_errors.errors) == len(theirs_errors.errors) == 1 and "duplicate" in ours_errors.errors[0]
