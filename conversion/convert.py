@@ -104,7 +104,7 @@ class ConversionSummary:
         retried = (f", {self.n_shards_retried} converted again for inputs that had failed (unreadable, cut short "
                    f"or missing)") if self.n_shards_retried else ""
         sequential = self.failures.get(DECODED_SEQUENTIALLY)
-        sequential = (f"; decoded from the first frame, their timestamps unsafe to seek by (see failures.tsv): "
+        sequential = (f"; decoded from the first frame, seeking unsafe in them (see failures.tsv): "
                       f"{sequential} source(s)") if sequential else ""
         return (f"{where}{inputs}; written: {self.n_written} in {self.n_shards} shard(s) ({self.n_shards_resumed} "
                 f"kept from an earlier run{retried}); failures: {failures}{sequential}")

@@ -27,7 +27,7 @@ def id_problem(value: object) -> str | None:
 # converted again on a rerun; the others (not a video, a bad window, a malformed row, ...) are in the data itself.
 RETRIABLE_FAILURES = frozenset({"bad_shard", "bad_video", "missing_video"})
 # A note, not a failure: a source whose clips were stored, decoded from its first frame because its packets'
-# timestamps made seeking to the wanted frames unsafe (conversion/decoders.py).
+# timestamps or packets made seeking to the wanted frames unsafe (conversion/decoders.py).
 DECODED_SEQUENTIALLY = "decoded_sequentially"
 
 

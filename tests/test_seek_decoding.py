@@ -132,7 +132,7 @@ def test_a_store_of_files_is_byte_identical_to_a_sequential_conversion(videos, t
     assert len(records(default)) == len(SOURCES) + 2
     notes = [line.split("\t") for line in (default / "failures.tsv").read_text().splitlines()[1:]]
     assert [(kind, video_id) for kind, video_id, *_ in notes] == [("decoded_sequentially", "cut_short")]
-    assert "decoded from the first frame, their timestamps unsafe to seek by (see failures.tsv): 1 source(s)" \
+    assert "decoded from the first frame, seeking unsafe in them (see failures.tsv): 1 source(s)" \
         in summary.report()
     assert summary.failures == {"decoded_sequentially": 1}
 
