@@ -5,6 +5,8 @@ import pytest
 
 from bench import bench_corpora
 
+CONVERSIONS = ("sequential", "default", "swscale")
+
 
 @pytest.mark.integration  # starts fresh interpreters to time the converter's start-up
 def test_costs_per_kind_beside_the_decoding_limit(capsys):
@@ -18,9 +20,10 @@ def test_costs_per_kind_beside_the_decoding_limit(capsys):
         assert int(row["clips"]) == clips
         costs = {key: float(row[key]) for key in ("sequential", "default", "swscale", "limit", "colour", "resize",
                                                   "jpeg", "necessary")}
-        assert all(value > 0 for value in costs.values()), costs
+        # printed to 0.1 ms: a tiny frame's colour conversion may print as 0.0, a whole conversion never does
+        assert all(value >= 0 for value in costs.values()) and min(costs[p] for p in CONVERSIONS) > 0, costs
         parts = costs["limit"] + costs["colour"] + costs["resize"] + costs["jpeg"]
-        assert abs(costs["necessary"] - parts) < 0.2  # the sum of its rounded parts
+        assert abs(costs["necessary"] - parts) <= 0.3  # the sum of its parts, each rounded
         decoded, of = (int(n) for n in row["frames decoded"].split(" of "))
         if kind == "short clips":  # one keyframe: all its reference frames, less the skipped B-frames
             assert 0 < decoded <= of + 3  # + the B-frame reorder depth past the last sampled frame
