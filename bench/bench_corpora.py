@@ -25,7 +25,7 @@ limit's rate on short clips; long sources >= 3x the sequential rate. Then the st
 process (its imports), against importing torch and torchvision, which a worker paid when the converter's decoders
 lived beside the training loaders.
 
-    .venv/bin/python bench/bench_corpora.py [--n_short 16 --n_long 2 --long_seconds 240 --long_keyint 125]
+    .venv/bin/python bench/bench_corpora.py [--n_short 48 --n_long 2 --long_seconds 240 --long_keyint 125]
 """
 
 from __future__ import annotations
@@ -215,7 +215,8 @@ def startup_ms() -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_short", type=int, default=16)
+    parser.add_argument("--n_short", type=int, default=48,
+                        help="short clips; a conversion's fixed cost (its folder, index and labels) is spread over them")
     parser.add_argument("--n_long", type=int, default=2)
     parser.add_argument("--long_seconds", type=int, default=240)
     parser.add_argument("--long_keyint", type=int, default=125,
