@@ -65,7 +65,7 @@ segments; every frame when there are fewer; 0 = keep every frame). A source that
 `short_video`. Files and members are decoded with PyAV, only the frames the sampled ones depend on: exact
 positions (a frame's number in presentation order, found from the packets' timestamps), the same frames as
 OpenCV's FFmpeg backend decoding every frame from the first (--decoder opencv, the original's extractor). A source
-whose timestamps make seeking unsafe is decoded from its first frame and noted as `decoded_sequentially`.
+whose timestamps or packets make seeking unsafe is decoded from its first frame and noted as `decoded_sequentially`.
 Default layout: each frame JPEG-encoded (--jpeg_quality) with its shorter side scaled down to --short_side
 (never up), in a tf.train.Example with keys video_id, num_frames, height, width, frame_format, frame_indices,
 frames (see dataloaders/webvid.py). --raw writes the original's layout instead: one `image` feature with the raw

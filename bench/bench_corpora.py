@@ -77,9 +77,9 @@ def cpu_ms(work: Callable[[], object]) -> float:
     return (time.process_time() - start) * 1000
 
 
-def convert_ms(folder: Path, table: Path, out: Path, extra: list[str]) -> float:
+def convert_ms(folder: Path, table: Path, windowed: bool, out: Path, extra: list[str]) -> float:
     """CPU ms of a whole conversion (decode, sample, JPEG, write, verify) in this process."""
-    windows = ["--start_column", "start", "--end_column", "end"] if "start" in table.read_text().split("\n")[0] else []
+    windows = ["--start_column", "start", "--end_column", "end"] if windowed else []
     args = ["--video_dir", str(folder), "--table", str(table), "--video_column", "path", "--caption_column",
             "caption", *windows, "--output_dir", str(out), "--workers", "0", "--no_progress", *extra]
     summary = None
@@ -165,7 +165,8 @@ def measure_kind(root: Path, name: str, videos: list[Path], windows: list[tuple[
     """The least CPU ms per clip over `rounds` rounds, each measuring every path once in turn (a shared machine's
     slower spells fall on all of them; the least is the estimate least inflated by them, as timeit's)."""
     table = root / f"{name}.csv"
-    if windows == [None]:
+    windowed = windows != [None]
+    if not windowed:
         rows = ["path,caption"] + [f"{video.name},a clip" for video in videos]
     else:
         rows = ["path,caption,start,end"] + [f"{video.name},clip {k},{w[0]},{w[1]}"
@@ -177,7 +178,7 @@ def measure_kind(root: Path, name: str, videos: list[Path], windows: list[tuple[
         for label, extra in (("sequential", ["--decoder", "opencv"]), ("default", []),
                              ("swscale", ["--resize", "swscale"])):
             out = root / f"{name}-{label}-{number}"
-            samples.setdefault(label, []).append(convert_ms(videos[0].parent, table, out, extra) / clips)
+            samples.setdefault(label, []).append(convert_ms(videos[0].parent, table, windowed, out, extra) / clips)
         parts = dict.fromkeys(("limit", "colour", "resize", "jpeg"), 0.0)
         decoded = sequential = 0
         for video in videos:

@@ -27,8 +27,13 @@ from typing import Any
 import cv2
 from tqdm import tqdm
 
-from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips, sequential_note
-from conversion.encoding import EncodeOptions, encode_decoded_clip, encode_frame_store_clip
+from conversion.decoders import BadWindow, DecodedClip, open_source, read_clips
+from conversion.encoding import (
+    EncodeOptions,
+    encode_decoded_clip,
+    encode_frame_store_clip,
+    sequential_decoding_note,
+)
 from conversion.items import DECODED_SEQUENTIALLY, RETRIABLE_FAILURES, Failure, Unit
 from conversion.shards import (
     OutputLayout,
@@ -255,8 +260,8 @@ def convert_unit(unit: Unit, options: EncodeOptions) -> list[ClipResult]:
         return [ClipResult(clip.clip_id, None, Failure("bad_video", clip.clip_id, unit.location,
                                                        f"{type(error).__name__}: {error}")) for clip in unit.clips]
     results = [_clip_result(unit, clip, result, options) for clip, result in zip(unit.clips, decoded)]
-    if reason := sequential_note(source):
-        results[0].notes.append(Failure(DECODED_SEQUENTIALLY, unit.source_id, unit.location, reason))
+    if note := sequential_decoding_note(source, unit.source_id, unit.location):
+        results[0].notes.append(note)
     return results
 
 

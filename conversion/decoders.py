@@ -321,6 +321,7 @@ class PyAVVideo(SequentialVideo):
         self.sequential_reason: str | None = None  # why the last read decoded from the start instead of seeking
         self.frames_decoded = 0  # frames the decoder output in the last read
         self._reformatter = None  # PyAV's, made on first use
+        self._unread = None  # the container opened here, until the first read takes it
         if isinstance(source, str) and not os.path.exists(source):
             raise VideoDecodeError(f"file not found: {printable(source)}")
         container = self._open()
@@ -333,7 +334,7 @@ class PyAVVideo(SequentialVideo):
     def _open(self):
         import av
 
-        if getattr(self, "_unread", None) is not None:
+        if self._unread is not None:
             container, self._unread = self._unread, None
             return container
         try:
@@ -450,10 +451,8 @@ class PyAVVideo(SequentialVideo):
             self._reformatter = VideoReformatter()
         if self.short_side is None:
             image = self._reformatter.reformat(frame, format="bgr24").to_ndarray()
-        else:
-            height, width = scaled_size(_upright_size(frame), self.short_side)
-            if frame.rotation % 180:
-                height, width = width, height
+        else:  # scaled before it is turned: the same size either way round
+            height, width = scaled_size((frame.height, frame.width), self.short_side)
             image = self._reformatter.reformat(frame, format="bgr24", width=width, height=height,
                                                interpolation="AREA").to_ndarray()
         return upright(image, frame.rotation)
@@ -467,10 +466,6 @@ def upright(image: np.ndarray, rotation: float) -> np.ndarray:
     gives it), which OpenCV's FFmpeg backend does by default."""
     turn = _ROTATIONS.get(round(rotation) % 360)
     return image if turn is None else cv2.rotate(image, turn)
-
-
-def _upright_size(frame) -> tuple[int, int]:
-    return (frame.width, frame.height) if frame.rotation % 180 else (frame.height, frame.width)
 
 
 class FrameFolder:
@@ -550,12 +545,6 @@ def read_clips(source: VideoSource, num_frames: int, windows: Sequence[tuple[flo
         available = count if window is None else len(window_frames(window, source.fps, count))
         clips.append(DecodedClip([frames[p] for p in kept], kept, available))
     return clips
-
-
-def sequential_note(source: VideoSource) -> str | None:
-    """Why the source's last read decoded every frame from the start instead of seeking (None: it sought, or
-    the decoder always reads sequentially)."""
-    return getattr(source, "sequential_reason", None)
 
 
 def _all_positions(wanted: list[list[int] | BadWindow]) -> list[int]:

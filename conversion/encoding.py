@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from conversion.decoders import DecodedClip, scaled_size
-from conversion.items import Failure
+from conversion.decoders import DECODERS, DecodedClip, VideoSource, scaled_size
+from conversion.items import DECODED_SEQUENTIALLY, Failure
 from dataloaders.clip_store import RAW_SIDE, encode_image_clip_record, encode_raw_clip_record
 from dataloaders.video_decoding import VideoDecodeError, read_sampled_frames
 
@@ -23,7 +23,7 @@ class EncodeOptions:
     frame_format: str = "jpeg"
     feature_framerate: int | None = None  # set: a downstream frame store (dataloaders/frame_store.py)
     image_size: int = 224  # frame store: the loader's resize + center crop
-    decoder: str = "pyav"  # for video files; in-memory members are always decoded with PyAV
+    decoder: str = DECODERS[0]  # for video files; in-memory members are always decoded with PyAV
     min_frames: int = 2  # a source with fewer decodable frames is not a video (a still image): not stored
     resize: str = "area"  # "swscale": PyAV's colour conversion and area resize in one call (other pixels, faster)
 
@@ -83,6 +83,13 @@ def encode_decoded_clip(clip_id: str, clip: DecodedClip, options: EncodeOptions,
         return payload, Failure("fewer_frames", clip_id, where,
                                 f"stored {len(clip.frames)} of the {options.num_frames} frames asked for")
     return payload, None
+
+
+def sequential_decoding_note(source: VideoSource, clip_id: str, where: str) -> Failure | None:
+    """The `decoded_sequentially` note, with its reason, on a source whose last read decoded every frame from the
+    start because seeking was unsafe; None when it sought (or its decoder always reads sequentially)."""
+    reason = getattr(source, "sequential_reason", None)
+    return Failure(DECODED_SEQUENTIALLY, clip_id, where, reason) if reason else None
 
 
 def encode_frame_store_clip(video_id: str, path: str, options: EncodeOptions) -> tuple[bytes, int]:

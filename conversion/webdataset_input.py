@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
 
-from conversion.decoders import open_source, read_clips, sequential_note
-from conversion.encoding import EncodeOptions, encode_decoded_clip
-from conversion.items import DECODED_SEQUENTIALLY, Failure
+from conversion.decoders import open_source, read_clips
+from conversion.encoding import EncodeOptions, encode_decoded_clip, sequential_decoding_note
+from conversion.items import Failure
 from conversion.shards import OutputLayout, ShardPlan, ShardState, ShardWriter, state_of_shard
 from conversion.sources import SampleFields, parse_sample_json, sample_clip
 from dataloaders.files import VIDEO_EXTENSIONS
@@ -267,6 +267,4 @@ def encode_member(clip_id: str, data: bytes, where: str, options: EncodeOptions
         return None, Failure("bad_video", clip_id, where, str(error)), None
     if isinstance(clip, Exception):
         return None, Failure("bad_video", clip_id, where, str(clip)), None
-    reason = sequential_note(source)
-    note = Failure(DECODED_SEQUENTIALLY, clip_id, where, reason) if reason else None
-    return (*encode_decoded_clip(clip_id, clip, options, where), note)
+    return (*encode_decoded_clip(clip_id, clip, options, where), sequential_decoding_note(source, clip_id, where))
