@@ -40,6 +40,7 @@ from conversion.shards import (
     PartManifest,
     ShardPlan,
     ShardState,
+    ShardStates,
     ShardWriter,
     assemble,
     load_complete_shard,
@@ -116,7 +117,11 @@ class ConversionSummary:
 
     def count(self, failures: list[Failure]) -> None:
         for failure in failures:
-            self.failures[failure.kind] = self.failures.get(failure.kind, 0) + 1
+            self.add_counts({failure.kind: 1})
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        for kind, n in counts.items():
+            self.failures[kind] = self.failures.get(kind, 0) + n
 
 
 @dataclass
@@ -154,21 +159,21 @@ def _convert(config: ConversionConfig) -> ConversionSummary:
     layout.dir.mkdir(parents=True, exist_ok=True)
     mine = [plan for plan in planned.plans if plan.number % config.num_parts == config.part]
     remove_stale_temporaries(layout, [plan.number for plan in mine])
-    states: dict[int, ShardState] = {}
+    finished: set[int] = set()  # plan numbers whose shard is complete: their sidecars say the rest
     for plan in mine:
         state = load_complete_shard(layout, plan, config.options)
         if state is not None and any(failure[0] in RETRIABLE_FAILURES for failure in state.failures):
             summary.n_shards_retried += 1  # complete, but an input of it may be readable now
         elif state is not None:
-            states[plan.number] = state
-    summary.n_shards, summary.n_shards_resumed = len(mine), len(states)
-    todo = [plan for plan in mine if plan.number not in states]
+            finished.add(plan.number)
+    summary.n_shards, summary.n_shards_resumed = len(mine), len(finished)
+    todo = [plan for plan in mine if plan.number not in finished]
     if config.webdataset:
-        _convert_input_shards(todo, layout, config, states)
+        _convert_input_shards(todo, layout, config, finished)
     else:
-        _convert_units(todo, layout, config, planned.has_captions, states, done=sum(
-            len(plan.clip_ids) for plan in mine if plan.number in states), total=sum(len(p.clip_ids) for p in mine))
-    ordered = [(layout.dir, states[plan.number]) for plan in mine]
+        _convert_units(todo, layout, config, planned.has_captions, finished, done=sum(
+            len(plan.clip_ids) for plan in mine if plan.number in finished), total=sum(len(p.clip_ids) for p in mine))
+    ordered = sidecar_states([(layout.dir, plan.number) for plan in mine], config.output_name)
     if config.num_parts > 1:
         manifest = PartManifest(config.num_parts, config.part, [_plan_key(plan) for plan in planned.plans],
                                 config.options.recorded(), [list(asdict(f).values()) for f in planned.input_failures],
@@ -177,13 +182,14 @@ def _convert(config: ConversionConfig) -> ConversionSummary:
                                  "n_selected": summary.n_selected, "n_input_shards": summary.n_input_shards})
         write_part_manifest(layout, manifest)
         summary.part = f"part {config.part} of {config.num_parts}"
-        summary.n_written = sum(len(state.records) for _, state in ordered)
-        summary.count([Failure(*f) for _, state in ordered for f in state.failures])
+        for _, state in ordered():
+            summary.n_written += len(state.records)
+            summary.count([Failure(*f) for f in state.failures])
         return summary
     labels_path = layout.dir / config.labels_name if planned.has_captions else None
     assembled = assemble(layout.dir, layout.index, ordered, planned.input_failures, config.options, labels_path)
     summary.n_written = assembled.n_written
-    summary.count(assembled.failures)
+    summary.add_counts(assembled.failure_counts)
     for failure in planned.input_failures:
         logger.warning("%s %s (%s): %s", failure.kind, failure.video_id or "-", failure.where, failure.detail)
     return summary
@@ -289,14 +295,14 @@ def use_one_decoding_thread() -> None:
 
 
 def _convert_units(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig, has_captions: bool,
-                   states: dict[int, ShardState], done: int, total: int) -> None:
+                   finished: set[int], done: int, total: int) -> None:
     with (
         tqdm(total=total, initial=done, unit="video", disable=not config.progress, dynamic_ncols=True) as bar,
         contextlib.closing(_run_units(todo, config)) as shards,
     ):
         for plan, results in shards:
-            states[plan.number] = write_unit_shard(layout, plan, results, config.options, has_captions,
-                                                   lambda: bar.update(1))
+            write_unit_shard(layout, plan, results, config.options, has_captions, lambda: bar.update(1))
+            finished.add(plan.number)
 
 
 def write_unit_shard(layout: OutputLayout, plan: ShardPlan, results: Iterator[list[ClipResult]],
@@ -396,7 +402,7 @@ def _run_units(todo: list[ShardPlan], config: ConversionConfig) -> Iterator[tupl
 
 
 def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: ConversionConfig,
-                          states: dict[int, ShardState]) -> None:
+                          finished: set[int]) -> None:
     work = functools.partial(convert_input_shard, layout=layout, options=config.options, fields=config.fields,
                              max_member_bytes=config.max_member_bytes)
     with (tqdm(total=len(todo), unit="shard", disable=not config.progress, dynamic_ncols=True) as bar,
@@ -407,8 +413,8 @@ def _convert_input_shards(todo: list[ShardPlan], layout: OutputLayout, config: C
             pool, workers = start_pool(min(config.workers, len(todo)) or 1)
             results = polled(pool.imap(work, todo, chunksize=1), flag, workers, "the webdataset shards")
         try:
-            for plan, state in zip(todo, results):
-                states[plan.number] = state
+            for plan, _ in zip(todo, results):
+                finished.add(plan.number)
                 bar.update(1)
         except BaseException:
             if config.workers > 0:
@@ -434,13 +440,13 @@ def merge(config: ConversionConfig) -> ConversionSummary:
     manifests = read_part_manifests(folders, config.output_name)
     manifest = manifests[0][1]
     options = EncodeOptions(**{**asdict(EncodeOptions()), **manifest.options})
-    ordered, missing = [], []
+    located, missing = [], []
     for number, key in manifest.shards:
-        found = _find_part_shard(folders, config.output_name, number, key, manifest.options)
-        if found is None:
+        folder = _find_part_shard(folders, config.output_name, number, key, manifest.options)
+        if folder is None:
             missing.append(number)
         else:
-            ordered.append(found)
+            located.append((folder, number))
     if missing:
         parts = sorted({number % manifest.parts for number in missing})
         raise InputError(f"--merge: {len(missing)} of {len(manifest.shards)} shard(s) are missing or incomplete "
@@ -450,17 +456,30 @@ def merge(config: ConversionConfig) -> ConversionSummary:
     layout = OutputLayout(out, config.output_name)
     labels_path = out / manifest.labels_name if manifest.has_captions else None
     input_failures = [Failure(*f) for f in manifest.input_failures]
-    assembled = assemble(out, layout.index, ordered, input_failures, options, labels_path)
-    summary = ConversionSummary(**manifest.summary, n_written=assembled.n_written, n_shards=len(ordered),
-                                n_shards_resumed=len(ordered), part=f"merged {manifest.parts} parts")
-    summary.count(assembled.failures)
+    assembled = assemble(out, layout.index, sidecar_states(located, config.output_name), input_failures, options,
+                         labels_path)
+    summary = ConversionSummary(**manifest.summary, n_written=assembled.n_written, n_shards=len(located),
+                                n_shards_resumed=len(located), part=f"merged {manifest.parts} parts")
+    summary.add_counts(assembled.failure_counts)
     return summary
 
 
-def _find_part_shard(folders: list[Path], name: str, number: int, key: str, options: dict
-                     ) -> tuple[Path, ShardState] | None:
+def sidecar_states(located: list[tuple[Path, int]], name: str) -> ShardStates:
+    """The states of complete shards, (folder, plan number) each, read from their sidecars one at a time each time
+    they are gone through: never all in memory."""
+    def states() -> Iterator[tuple[Path, ShardState]]:
+        for folder, number in located:
+            state = read_sidecar(OutputLayout(folder, name), number)
+            if state is None:
+                raise InputError(f"{OutputLayout(folder, name).sidecar(number)} or its shard changed during the "
+                                 f"merge: run it again")
+            yield folder, state
+    return states
+
+
+def _find_part_shard(folders: list[Path], name: str, number: int, key: str, options: dict) -> Path | None:
     for folder in folders:
         state = read_sidecar(OutputLayout(folder, name), number)
         if state is not None and _state_key(number, state) == [number, key] and state.options == options:
-            return folder, state
+            return folder
     return None

@@ -8,15 +8,19 @@ conversion or by `--merge` over parts, without reading a shard again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from conversion.encoding import EncodeOptions
 from conversion.items import Failure, Unit
+from dataloaders.catalogue import CatalogueWriter, beside_path, sources_of
 from dataloaders.clip_store import parse_clip_record
 from dataloaders.files import file_sha256, temporary_beside
 from dataloaders.tfrecord_io import iter_records, write_record
@@ -225,41 +229,136 @@ def _same_options(recorded: dict, options: EncodeOptions, plan: ShardPlan) -> bo
 @dataclass
 class Assembled:
     n_written: int
-    failures: list[Failure]
+    failure_counts: dict[str, int]
 
 
-def assemble(output_dir: Path, index: Path, states: Iterable[tuple[Path, ShardState]], input_failures: list[Failure],
+ShardStates = Callable[[], Iterator[tuple[Path, ShardState]]]
+
+
+def assemble(output_dir: Path, index: Path, states: ShardStates, input_failures: list[Failure],
              options: EncodeOptions, labels_path: Path | None) -> Assembled:
-    """path.index, frozen_train_labels.json (when `labels_path`) and failures.tsv over `states` in plan order,
-    each shard given with its folder (index paths are relative to the index's folder). A clip id already stored
-    by an earlier shard is reported (`duplicate_id`) and left out; its record stays in its shard, unlisted."""
-    index_lines, labels, failures = [], [], list(input_failures)
-    seen: set[str] = set()
-    for folder, state in states:
-        shard_path = os.path.relpath(folder / state.file_name, index.parent).replace(os.sep, "/")
-        captions = {label["video_id"]: label["caption"] for label in state.labels}
-        failures += [Failure(*f) for f in state.failures]
-        for clip_id, offset in state.records:
-            if clip_id in seen:
-                where = f"{state.input}:{clip_id}" if state.input else shard_path
-                failures.append(Failure("duplicate_id", clip_id, where,
-                                        "id stored before by an earlier shard; the first kept"))
-                continue
-            seen.add(clip_id)
-            index_lines.append(f"{clip_id}\t{shard_path}\t{offset}\n")
-            if clip_id in captions:
-                labels.append({"video_id": clip_id, "caption": captions[clip_id]})
-    write_atomically(index, "".join(index_lines))
-    if options.is_frame_store:
-        from dataloaders.frame_store import FrameStoreManifest, manifest_path  # torch: only for a frame store
+    """path.index, frozen_train_labels.json and its catalogue (when `labels_path`) and failures.tsv over the shards
+    `states()` yields in plan order, each with its folder (index paths are relative to the index's folder). A clip
+    id already stored by an earlier shard is reported (`duplicate_id`) and left out; its record stays in its
+    shard, unlisted.
 
-        manifest = FrameStoreManifest(options.feature_framerate, options.image_size, options.frame_format)
-        write_atomically(manifest_path(index), manifest.to_json())
-    if labels_path is not None:
-        lines = ",\n".join(json.dumps(label, ensure_ascii=False) for label in labels)
-        write_atomically(labels_path, f"[\n{lines}\n]\n" if labels else "[]\n")
-    write_atomically(output_dir / "failures.tsv", FAILURES_HEADER + "".join(f.tsv_line() + "\n" for f in failures))
-    return Assembled(len(index_lines), failures)
+    Streamed, in memory that does not grow with the corpus but for 8 bytes a clip: a first pass over the sidecars
+    finds the id hashes that occur more than once, and only ids with such a hash are remembered while writing."""
+    repeated = _repeated_id_hashes(states())
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    n_written = 0
+    catalogue_path = beside_path(str(labels_path)) if labels_path is not None else None
+    with contextlib.ExitStack() as files:
+        index_out = files.enter_context(AtomicText(index))
+        labels_out = files.enter_context(LabelsWriter(labels_path)) if labels_path is not None else None
+        failures_out = files.enter_context(AtomicText(output_dir / "failures.tsv"))
+        catalogue = CatalogueWriter(catalogue_path) if catalogue_path is not None else None
+        files.callback(lambda: catalogue is not None and catalogue.temporary.exists() and catalogue.abort())
+        failures_out.write(FAILURES_HEADER)
+        shard_table: list[str] = []
+
+        def report(failure: Failure) -> None:
+            counts[failure.kind] = counts.get(failure.kind, 0) + 1
+            failures_out.write(failure.tsv_line() + "\n")
+
+        for failure in input_failures:
+            report(failure)
+        for folder, state in states():
+            shard_path = os.path.relpath(folder / state.file_name, index.parent).replace(os.sep, "/")
+            shard_table.append(shard_path)
+            captions = {label["video_id"]: label["caption"] for label in state.labels}
+            lengths = _record_lengths(state)
+            for failure in state.failures:
+                report(Failure(*failure))
+            for clip_id, offset in state.records:
+                if hash(clip_id) in repeated:
+                    if clip_id in seen:
+                        where = f"{state.input}:{clip_id}" if state.input else shard_path
+                        report(Failure("duplicate_id", clip_id, where,
+                                       "id stored before by an earlier shard; the first kept"))
+                        continue
+                    seen.add(clip_id)
+                index_out.write(f"{clip_id}\t{shard_path}\t{offset}\n")
+                n_written += 1
+                if labels_out is not None and clip_id in captions:
+                    labels_out.add({"video_id": clip_id, "caption": captions[clip_id]})
+                    catalogue.add(clip_id, captions[clip_id], len(shard_table) - 1, offset, lengths[offset])
+        index_out.commit()
+        if options.is_frame_store:
+            _write_frame_store_manifest(index, options)
+        if labels_out is not None:
+            labels_out.commit()
+            catalogue.finish(shard_table, 0, 0, sources_of(str(labels_path), str(index), catalogue_path))
+        failures_out.commit()
+    return Assembled(n_written, counts)
+
+
+def _write_frame_store_manifest(index: Path, options: EncodeOptions) -> None:
+    from dataloaders.frame_store import FrameStoreManifest, manifest_path  # torch: only for a frame store
+
+    manifest = FrameStoreManifest(options.feature_framerate, options.image_size, options.frame_format)
+    write_atomically(manifest_path(index), manifest.to_json())
+
+
+def _repeated_id_hashes(states: Iterator[tuple[Path, ShardState]]) -> set[int]:
+    """The hashes of the clip ids that more than one record carries (ids repeated, or a rare collision of two)."""
+    hashes = [np.fromiter((hash(clip_id) for clip_id, _ in state.records), dtype=np.int64, count=len(state.records))
+              for _, state in states]
+    every = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.int64)
+    return set(every[1:][every[1:] == every[:-1]].tolist())
+
+
+def _record_lengths(state: ShardState) -> dict[int, int]:
+    """The framed length of each record of a shard, by offset: records lie back to back."""
+    offsets = sorted(offset for _, offset in state.records)
+    return {offset: end - offset for offset, end in zip(offsets, [*offsets[1:], state.size])}
+
+
+class AtomicText:
+    """A text file written to a temp file beside it and renamed into place by `commit` (after an fsync); left
+    unfinished, the temp file is removed and the file is as it was."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temporary = unique_temporary(path)
+        self.handle = self.temporary.open("w", encoding="utf-8", newline="\n")
+        self.committed = False
+
+    def __enter__(self) -> AtomicText:
+        return self
+
+    def write(self, text: str) -> None:
+        self.handle.write(text)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.temporary, self.path)
+        self.committed = True
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.handle.close()
+            self.temporary.unlink(missing_ok=True)
+
+
+class LabelsWriter(AtomicText):
+    """`frozen_train_labels.json` written one object per line: a JSON array any JSON reader takes, and that a
+    reader of lines can stream."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.n_labels = 0
+
+    def add(self, label: dict[str, str]) -> None:
+        self.write(("[\n" if not self.n_labels else ",\n") + json.dumps(label, ensure_ascii=False))
+        self.n_labels += 1
+
+    def commit(self) -> None:
+        self.write("\n]\n" if self.n_labels else "[]\n")
+        super().commit()
 
 
 # ----------------------------------------------------------------------------------------------- parts

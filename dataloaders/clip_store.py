@@ -24,16 +24,21 @@ name next to the index. Absolute paths and `s3://` URLs are used as they are. Du
 from __future__ import annotations
 
 import functools
-import json
+import io
 import logging
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
+import ijson
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 from google.protobuf.message import DecodeError
 
 from dataloaders.tfrecord_io import (
@@ -41,7 +46,7 @@ from dataloaders.tfrecord_io import (
     decode_example,
     encode_example,
     is_s3_url,
-    read_text,
+    s3_client,
     split_s3_url,
 )
 
@@ -190,10 +195,10 @@ def index_file(index_path: str | os.PathLike) -> str:
     )
 
 
-def index_lines(index_path: str, text: str) -> Iterator[tuple[int, str, str, int]]:
-    """(line number, video id, shard path as written, byte offset) of every entry of an index's text, duplicates
-    included; a malformed line is a ValueError naming it."""
-    for line_number, line in enumerate(text.splitlines(), start=1):
+def index_lines(index_path: str, text: str | Iterable[str]) -> Iterator[tuple[int, str, str, int]]:
+    """(line number, video id, shard path as written, byte offset) of every entry of an index's text (or its
+    lines, read as a stream), duplicates included; a malformed line is a ValueError naming it."""
+    for line_number, line in enumerate(text.splitlines() if isinstance(text, str) else text, start=1):
         if not line.strip():
             continue
         fields = line.rstrip("\r\n").split("\t")
@@ -224,26 +229,16 @@ class WebVidIndex:
 
     def __init__(self, index_path: str | os.PathLike) -> None:
         self.index_path = index_file(index_path)
-        ids, shard_numbers, offsets, self.shard_paths = self._parse(read_text(self.index_path))
-        unique_ids, first = np.unique(np.asarray(ids, dtype=bytes), return_index=True)
+        columns = read_index_columns(self.index_path)
+        self.shard_paths = [resolve_shard_path(self.index_path, recorded) for recorded in columns.recorded_shards]
+        ids = np.asarray([video_id.encode("utf-8") for video_id in columns.video_ids.to_pylist()], dtype=bytes)
+        unique_ids, first = np.unique(ids, return_index=True)
         if len(unique_ids) < len(ids):
             logger.warning("%s: %d duplicate video id line(s); the first of each is used",
                            self.index_path, len(ids) - len(unique_ids))
         self._ids = unique_ids
-        self._shards = np.asarray(shard_numbers, dtype=np.int32)[first]
-        self._offsets = np.asarray(offsets, dtype=np.int64)[first]
-
-    def _parse(self, text: str) -> tuple[list[bytes], list[int], list[int], list[str]]:
-        ids, shard_numbers, offsets, shard_paths = [], [], [], []
-        numbers: dict[str, int] = {}
-        for _, video_id, recorded, offset in index_lines(self.index_path, text):
-            if recorded not in numbers:
-                numbers[recorded] = len(shard_paths)
-                shard_paths.append(resolve_shard_path(self.index_path, recorded))
-            ids.append(video_id.encode("utf-8"))
-            shard_numbers.append(numbers[recorded])
-            offsets.append(offset)
-        return ids, shard_numbers, offsets, shard_paths
+        self._shards = columns.shards[first]
+        self._offsets = columns.offsets[first]
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -308,17 +303,131 @@ def read_frames(index_path: str | os.PathLike, video_id: str, *, verify_crc: boo
 
 
 def read_labels(labels_json: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """`frozen_train_labels.json` (a JSON array of `{"video_id", "caption"}`) -> (video ids, captions)."""
-    try:
-        items = json.loads(read_text(labels_json))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{labels_json}, line {error.lineno}: invalid JSON ({error.msg})") from error
-    if not isinstance(items, list):
-        raise ValueError(f"{labels_json}: expected a JSON array of {{'video_id', 'caption'}} objects")
+    """`frozen_train_labels.json` (a JSON array of `{"video_id", "caption"}`) -> (video ids, captions), as lists:
+    for small files (training maps the catalogue instead, dataloaders/catalogue.py)."""
     video_ids, captions = [], []
-    for position, item in enumerate(items):
-        if not isinstance(item, dict) or "video_id" not in item or not isinstance(item.get("caption"), str):
-            raise ValueError(f"{labels_json}: item {position} lacks a video_id or a string caption: {item!r}")
-        video_ids.append(str(item["video_id"]))
-        captions.append(item["caption"])
+    for video_id, caption in iter_labels(str(labels_json)):
+        video_ids.append(video_id)
+        captions.append(caption)
     return video_ids, captions
+
+
+@dataclass
+class IndexColumns:
+    """Every line of an index, duplicates included, in file order."""
+
+    video_ids: pa.Array  # strings
+    shards: np.ndarray  # int32, into `recorded_shards`
+    offsets: np.ndarray  # int64
+    recorded_shards: list[str]  # shard paths as written, in order of first appearance
+
+
+def read_index_columns(index_path: str) -> IndexColumns:
+    """An index (`id<TAB>shard<TAB>offset` lines) read as columns with pyarrow's CSV reader; a file it refuses
+    (a malformed line, extra fields, stray whitespace) is read line by line instead, which names a bad line."""
+    try:
+        return _read_index_arrow(index_path)
+    except (pa.ArrowInvalid, _NotPlain):
+        return _read_index_lines(index_path)
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _read_index_arrow(index_path: str) -> IndexColumns:
+    numbers: dict[str, int] = {}
+    ids, shards, offsets = [], [], []
+    options = dict(
+        read_options=pa_csv.ReadOptions(column_names=["video_id", "shard", "offset"], block_size=16 << 20),
+        parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={"video_id": pa.string(), "shard": pa.dictionary(pa.int32(), pa.string()),
+                          "offset": pa.int64()}, strings_can_be_null=False, null_values=[]),
+    )
+    with open_binary(index_path) as stream:
+        for batch in pa_csv.open_csv(stream, **options):
+            if not batch.num_rows:
+                continue
+            if pc.min(batch.column(2)).as_py() < 0:
+                raise _NotPlain
+            dictionary = batch.column(1)
+            mapping = np.array([numbers.setdefault(name, len(numbers)) for name in dictionary.dictionary.to_pylist()],
+                               dtype=np.int32)
+            ids.append(pc.utf8_trim_whitespace(batch.column(0)))
+            shards.append(mapping[dictionary.indices.to_numpy()])
+            offsets.append(batch.column(2).to_numpy())
+    return _columns(ids, shards, offsets, list(numbers))
+
+
+def _read_index_lines(index_path: str) -> IndexColumns:
+    numbers: dict[str, int] = {}
+    ids, shards, offsets = [], [], []
+    with open_binary(index_path) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        chunk: list[tuple[str, int, int]] = []
+        for _, video_id, recorded, offset in index_lines(index_path, text):
+            chunk.append((video_id, numbers.setdefault(recorded, len(numbers)), offset))
+            if len(chunk) >= 1 << 20:
+                _take_chunk(chunk, ids, shards, offsets)
+        _take_chunk(chunk, ids, shards, offsets)
+    return _columns(ids, shards, offsets, list(numbers))
+
+
+def _take_chunk(chunk: list, ids: list, shards: list, offsets: list) -> None:
+    if chunk:
+        ids.append(pa.array([row[0] for row in chunk], pa.string()))
+        shards.append(np.array([row[1] for row in chunk], dtype=np.int32))
+        offsets.append(np.array([row[2] for row in chunk], dtype=np.int64))
+        chunk.clear()
+
+
+def _columns(ids: list, shards: list, offsets: list, recorded: list[str]) -> IndexColumns:
+    return IndexColumns(
+        pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+        np.concatenate(shards) if shards else np.zeros(0, np.int32),
+        np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
+        recorded,
+    )
+
+
+def iter_labels(labels_path: str) -> Iterator[tuple[str, str]]:
+    """(video id, caption) of every element of a labels file (a JSON array of objects with `video_id` and a
+    string `caption`; other keys are ignored), parsed as a stream: a file of any size in little memory."""
+    with open_binary(labels_path) as stream:
+        first = stream.read(1)
+        while first and first.isspace():
+            first = stream.read(1)
+        if first != b"[":
+            raise ValueError(f"{labels_path}: expected a JSON array of {{'video_id', 'caption'}} objects")
+        try:
+            for position, item in enumerate(ijson.items(_Prefixed(first, stream), "item", use_float=True)):
+                if not isinstance(item, dict) or "video_id" not in item or not isinstance(item.get("caption"), str):
+                    raise ValueError(f"{labels_path}: item {position} lacks a video_id or a string caption: {item!r}")
+                yield str(item["video_id"]), item["caption"]
+        except ijson.JSONError as error:
+            reason = (str(error).strip().splitlines() or ["cut short"])[0]  # the parser's own message spans lines
+            raise ValueError(f"{labels_path}: invalid JSON ({reason})") from error
+
+
+class _Prefixed:
+    """`stream` with `head` (bytes already read from it) put back in front."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self._head, self._stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:
+            return b""
+        head, self._head = self._head, b""
+        if size is None or size < 0:
+            return head + self._stream.read()
+        return head + self._stream.read(max(0, size - len(head)))
+
+
+def open_binary(path: str) -> BinaryIO:
+    """A local file or an S3 object, as a binary stream read from its start."""
+    if is_s3_url(path):
+        bucket, key = split_s3_url(path)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(path, "rb")

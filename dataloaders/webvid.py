@@ -11,12 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataloaders.clip_store import (
-    WebVidIndex,
-    check_record_id,
-    parse_clip_record,
-    read_labels,
-)
+from dataloaders.catalogue import Catalogue, ensure_catalogue
+from dataloaders.clip_store import check_record_id, index_file, parse_clip_record, resolve_shard_path
 from dataloaders.collate import clip_sample
 from dataloaders.tfrecord_io import RecordReader
 from dataloaders.video import ORDER_KEEP, SLICE_UNIFORM, clip_frame_indices, pad_clip, resize_center_crop
@@ -24,26 +20,8 @@ from dataloaders.video import ORDER_KEEP, SLICE_UNIFORM, clip_frame_indices, pad
 logger = logging.getLogger("t2vlp.data")
 
 
-
-
 class TextTokenizer(Protocol):
     def encode(self, text: str, max_words: int, drop_zero_ids: bool = False) -> tuple[list[int], list[int]]: ...
-
-
-class PackedStrings:
-    """Many strings in one numpy byte buffer: no per-string Python objects for forked workers to copy."""
-
-    def __init__(self, strings: list[str]) -> None:
-        encoded = [s.encode("utf-8") for s in strings]
-        self._ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i: int) -> str:
-        start = int(self._ends[i - 1]) if i > 0 else 0
-        return self._data[start : int(self._ends[i])].tobytes().decode("utf-8")
 
 
 class WebVidDataset(Dataset):
@@ -73,18 +51,21 @@ class WebVidDataset(Dataset):
         seed: int = 42,
         tokenizer: TextTokenizer | None = None,
         verify_crc: bool = False,
+        catalogue: Catalogue | None = None,
+        catalogue_cache: str | os.PathLike | None = None,
     ) -> None:
-        video_ids, captions = read_labels(labels_json)
-        index = WebVidIndex(index_path)
-        self._shards, self._offsets = index.locate_many(video_ids)
-        self.shard_paths = index.shard_paths
-        missing = self.n_missing = int((self._shards < 0).sum())
-        self.index_path = index.index_path
+        self.catalogue = catalogue if catalogue is not None else ensure_catalogue(labels_json, index_path,
+                                                                                  catalogue_cache)
+        self.index_path = index_file(index_path)
+        info = self.catalogue.info
+        if info.n_duplicate_ids:
+            logger.warning("%s: %d duplicate video id line(s); the first of each is used", self.index_path,
+                           info.n_duplicate_ids)
+        missing = self.n_missing = info.n_missing
         if missing:
             logger.warning("%d of %d labels in %s have no record in %s; those samples are skipped",
-                           missing, len(video_ids), labels_json, index.index_path)
-        self._video_ids = PackedStrings(video_ids)
-        self._captions = PackedStrings(captions)
+                           missing, len(self.catalogue), labels_json, self.index_path)
+        self._shard_paths: dict[int, str] = {}
         self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
         self.max_words = max_words
         self.max_frames = max_frames
@@ -98,7 +79,14 @@ class WebVidDataset(Dataset):
         self._reader = RecordReader(verify_crc=verify_crc)
 
     def __len__(self) -> int:
-        return len(self._video_ids)
+        return len(self.catalogue)
+
+    def shard_path(self, number: int) -> str:
+        """Shard `number` of the catalogue's table, resolved against the index's location (once per process)."""
+        path = self._shard_paths.get(number)
+        if path is None:
+            path = self._shard_paths[number] = resolve_shard_path(self.index_path, self.catalogue.shards[number])
+        return path
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,35 +94,36 @@ class WebVidDataset(Dataset):
     def stored_frames(self) -> int | None:
         """Frames held by the first readable record (WebVid stores the same number per video), or None."""
         for index in range(min(len(self), 16)):
-            shard = int(self._shards[index])
+            shard, offset, _ = self.catalogue.location(index)
             if shard < 0:
                 continue
             try:
-                return parse_clip_record(self._reader.read(self.shard_paths[shard], int(self._offsets[index]))).num_frames
+                return parse_clip_record(self._reader.read(self.shard_path(shard), offset)).num_frames
             except (OSError, ValueError):
                 continue
         return None
 
     def caption(self, index: int) -> str:
-        return self._captions[index]
+        return self.catalogue.caption(index)
 
     def video_id(self, index: int) -> str:
-        return self._video_ids[index]
+        return self.catalogue.video_id(index)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        video_id = self._video_ids[index]
+        video_id = self.catalogue.video_id(index)
         clip = self._read_clip(index, video_id)
         if clip is None:
             return None
         video, video_mask = clip
-        input_ids, attention_mask = self.tokenizer.encode(self._captions[index], self.max_words, drop_zero_ids=True)
+        input_ids, attention_mask = self.tokenizer.encode(self.catalogue.caption(index), self.max_words,
+                                                          drop_zero_ids=True)
         return clip_sample(input_ids, attention_mask, video, video_mask, video_id, index)
 
     def _read_clip(self, index: int, video_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        shard = int(self._shards[index])
+        shard, offset, _ = self.catalogue.location(index)
         if shard < 0:
             return self._skip(video_id, "not in the TFRecord index")
-        path, offset = self.shard_paths[shard], int(self._offsets[index])
+        path = self.shard_path(shard)
         try:
             record = parse_clip_record(self._reader.read(path, offset))
             check_record_id(record, video_id)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from dataloaders.catalogue import CACHE_ENV
 from engine.tasks.registry import TaskDefinition, task_definition
 from modules.errors import InputError, ModelConfigError
 
@@ -216,6 +217,11 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--max_missing_fraction", type=float, default=0.5,
         help="Refuse to train when more than this share of the WebVid labels has no record in the index "
              "(default 0.5; labels without a record are skipped and counted). None at all is always refused.")
+    add("--catalogue_cache", default=None, metavar="DIR",
+        help="Where the catalogue of a store goes when the labels' folder cannot be written (read-only, or s3://) "
+             f"(default ${CACHE_ENV}, else ~/.cache/t2vlp/catalogues). A store without a catalogue gets one on the "
+             "first run, built by each node's first rank while the others wait; frozen_tfrecord.py --catalogue "
+             "builds it ahead.")
 
 
 def _add_fusion_flags(parser: argparse.ArgumentParser, head_dropout: float) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from dataloaders.catalogue import Catalogue, ensure_catalogue, find_catalogue, wait_for_catalogue
 from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset
 from dataloaders.raw_video_text import RawVideoTextDataset
 from dataloaders.webvid import WebVidDataset
@@ -66,16 +68,31 @@ def build_webvid_dataset(args: argparse.Namespace) -> WebVidDataset | None:
     if training_source(args.data_path) != "webvid":
         return None
     logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
+    catalogue = build_checked(lambda: node_catalogue(args.data_path, args.dir_path, args.catalogue_cache),
+                              "--data_path / --dir_path")
     dataset = build_checked(lambda: WebVidDataset(
         args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames,
         slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
-        verify_crc=args.verify_crc,
+        verify_crc=args.verify_crc, catalogue=catalogue,
     ), "--data_path / --dir_path")
     if len(dataset) == 0:
         raise InputError(f"no training samples in --data_path {args.data_path}")
     _check_stored_frames(dataset, args.max_frames)
     _check_labels_have_records(dataset, args)
     return dataset
+
+
+def node_catalogue(labels_path: str, index_path: str, cache_dir: str | None) -> Catalogue:
+    """The store's catalogue (dataloaders/catalogue.py). Where there is none, each node's first rank (torchrun's
+    LOCAL_RANK 0) builds it while the node's other ranks wait for it: one build per node, not one per rank (and,
+    on a shared filesystem, one in all: the others find it built, under its lock)."""
+    found = find_catalogue(labels_path, index_path, cache_dir)
+    if found is not None:
+        return found
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        logger.info("waiting for this node's first rank to build the catalogue of %s", labels_path)
+        return wait_for_catalogue(labels_path, index_path, cache_dir)
+    return ensure_catalogue(labels_path, index_path, cache_dir)
 
 
 def build_checked(build, flags: str):

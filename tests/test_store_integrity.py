@@ -25,7 +25,7 @@ def test_a_record_of_another_clip_is_skipped_and_counted(webvid_demo, tmp_path, 
     a, b = swapped_store(webvid_demo, tmp_path / "store")
     dataset = WebVidDataset(tmp_path / "store" / "frozen_train_labels.json", tmp_path / "store", max_frames=4,
                             image_size=32)
-    by_id = {dataset._video_ids[i]: i for i in range(len(dataset))}
+    by_id = {dataset.video_id(i): i for i in range(len(dataset))}
     assert dataset[by_id[a]] is None and dataset[by_id[b]] is None and dataset.n_skipped == 2
     assert f"the index entry for {a} points at the record of {b}" in caplog.text
     other = next(video_id for video_id in by_id if video_id not in (a, b))
