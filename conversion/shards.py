@@ -20,7 +20,7 @@ import numpy as np
 
 from conversion.encoding import EncodeOptions
 from conversion.items import Failure, Unit
-from dataloaders.catalogue import CatalogueWriter, beside_path, sources_of
+from dataloaders.catalogue import CatalogueWriter, beside_path, remove_temporaries, sources_of
 from dataloaders.clip_store import parse_clip_record
 from dataloaders.files import file_sha256, temporary_beside
 from dataloaders.tfrecord_io import iter_records, write_record
@@ -244,11 +244,14 @@ def assemble(output_dir: Path, index: Path, states: ShardStates, input_failures:
 
     Streamed, in memory that does not grow with the corpus but for 8 bytes a clip: a first pass over the sidecars
     finds the id hashes that occur more than once, and only ids with such a hash are remembered while writing."""
+    catalogue_path = beside_path(str(labels_path)) if labels_path is not None else None
+    for final in (index, labels_path, catalogue_path, output_dir / "failures.tsv"):
+        if final is not None:  # left by a killed assembly (the folder is this process's alone)
+            remove_temporaries(final)
     repeated = _repeated_id_hashes(states())
     seen: set[str] = set()
     counts: dict[str, int] = {}
     n_written = 0
-    catalogue_path = beside_path(str(labels_path)) if labels_path is not None else None
     with contextlib.ExitStack() as files:
         index_out = files.enter_context(AtomicText(index))
         labels_out = files.enter_context(LabelsWriter(labels_path)) if labels_path is not None else None

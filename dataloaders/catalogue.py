@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -336,7 +337,14 @@ def ensure_catalogue(labels_path: str | os.PathLike, index_path: str | os.PathLi
         found = find_catalogue(labels_path, index_path, cache_dir)  # another process built it while we waited
         if found is not None:
             return found
+        remove_temporaries(target)
         return build_catalogue(labels_path, index_path, target)
+
+
+def remove_temporaries(path: Path) -> None:
+    """The temp files of `path` a killed writer left (only the holder of its lock writes them)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def wait_for_catalogue(labels_path: str | os.PathLike, index_path: str | os.PathLike,
@@ -357,11 +365,23 @@ def wait_for_catalogue(labels_path: str | os.PathLike, index_path: str | os.Path
 def writable_target(labels_path: str, index_path: str, cache_dir: str | os.PathLike | None) -> Path:
     if not is_s3_url(labels_path):
         beside = beside_path(labels_path)
-        if os.access(beside.parent, os.W_OK) and (not beside.exists() or os.access(beside, os.W_OK)):
+        if _can_create_in(beside.parent):
             return beside
     target = cache_path(labels_path, index_path, cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     return target
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Tried, not asked (os.access): a read-only mount, an immutable folder or a root-squashed share answer
+    only to a real attempt."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".t2vlp-write-test.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 class CatalogueLock:
@@ -394,8 +414,6 @@ def build_catalogue(labels_path: str, index_path: str, target: Path) -> Catalogu
     logger.info("building the catalogue of %s and %s in %s", labels_path, index_path, target)
     index = read_index_columns(index_path)
     n_duplicates = len(index.video_ids) - pc.count_distinct(index.video_ids).as_py()
-    if n_duplicates:
-        logger.warning("%s: %d duplicate video id line(s); the first of each is used", index_path, n_duplicates)
     fd, labels_temp = temporary_beside(target)
     os.close(fd)
     writer = None
@@ -423,8 +441,8 @@ def build_catalogue(labels_path: str, index_path: str, target: Path) -> Catalogu
     finally:
         labels_temp.unlink(missing_ok=True)
     catalogue = Catalogue(target)
-    logger.info("catalogue of %d labels (%d not in the index) built in %.1f s: %s", len(catalogue), n_missing,
-                time.monotonic() - started, target)
+    logger.info("catalogue of %d labels (%d not in the index; %d repeated index lines, the first of each used) "
+                "built in %.1f s: %s", len(catalogue), n_missing, n_duplicates, time.monotonic() - started, target)
     return catalogue
 
 

@@ -339,7 +339,7 @@ def _read_index_arrow(index_path: str) -> IndexColumns:
     numbers: dict[str, int] = {}
     ids, shards, offsets = [], [], []
     options = dict(
-        read_options=pa_csv.ReadOptions(column_names=["video_id", "shard", "offset"], block_size=16 << 20),
+        read_options=pa_csv.ReadOptions(column_names=["video_id", "shard", "offset"], block_size=4 << 20),
         parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False),
         convert_options=pa_csv.ConvertOptions(
             column_types={"video_id": pa.string(), "shard": pa.dictionary(pa.int32(), pa.string()),
