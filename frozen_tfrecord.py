@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import posixpath
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from conversion.sources import SampleFields
 from conversion.tables import PRESETS, TableLayout
 from conversion.verify import verify_store
 from conversion.webdataset_input import DEFAULT_MAX_MEMBER_BYTES
+from dataloaders.catalogue import ensure_catalogue, find_catalogue
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -47,6 +49,8 @@ Inputs (one of):
                     DIR ... (default: --output_dir) without copying any shard; index paths are relative.
   --verify DIR      check a store instead of writing one: every index entry's record read (CRCs, Example,
                     frames), its clip id compared with the entry's, the labels checked against the index.
+  --catalogue DIR   build the catalogue training maps for the store in DIR (a store of the original's or of an
+                    earlier version; conversions write their own), so the ranks of a run never build it.
 
 Tables (with --video_dir; repeat each flag for several files; with tables only the listed videos are converted):
   --csv FILE        WebVid metadata (results_2M_*.csv, results_10M_*.csv): columns videoid and name, picked by name.
@@ -84,7 +88,10 @@ Outputs in --output_dir (default ./WebVid_TFRecord, the training scripts' defaul
   <name>-00000.tfrecord ...     --shard_size (1000) clips per shard (one per input shard for --webdataset);
                                 standard TFRecord framing, masked CRC32C
   <name>.index                  video_id<TAB>shard file (relative to the index's folder)<TAB>byte offset
-  frozen_train_labels.json      [{"video_id", "caption"}] for the clips actually written (when there are captions)
+  frozen_train_labels.json      [{"video_id", "caption"}] for the clips actually written (when there are captions),
+                                one object per line
+  frozen_train_labels.catalogue.arrow  the same labels with their shard, offset and record length: what training
+                                maps (Arrow IPC; docs/data.md §4)
   failures.tsv                  every row, sample or clip not stored: kind, video id, where (file:line,
                                 <shard>:<key> or the video's path), detail; and notes on stored clips:
                                 `fewer_frames` (fewer frames than asked for), `decoded_sequentially`
@@ -116,6 +123,7 @@ Examples:
   python frozen_tfrecord.py --video_dir internvid/videos --table InternVid-10M-FLT.jsonl --preset internvid
   python frozen_tfrecord.py --frames_dir webvid_frames --csv results_2M_train.csv --csv results_2M_val.csv --raw
   python frozen_tfrecord.py --video_dir MSRVTT/videos/all --feature_framerate 1 --output_dir MSRVTT/frame_store
+  python frozen_tfrecord.py --catalogue /data/WebVid_TFRecord     # a store converted elsewhere, once
   python main_task_clip.py --data_path WebVid_TFRecord/frozen_train_labels.json --dir_path WebVid_TFRecord ...
 """
 
@@ -133,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--verify", metavar="DIR",
                         help="check the store in DIR: every record readable and naming its clip, the labels "
                              "(--labels_name) all in the index; exit 0 when it is sound, 1 when not")
+    source.add_argument("--catalogue", metavar="DIR",
+                        help="build the catalogue training maps for the store in DIR (its labels --labels_name and "
+                             "index <--output_name>.index), once, ahead of a run: beside the labels, or in "
+                             "--catalogue_cache when DIR cannot be written; nothing is done when it is up to date")
+    parser.add_argument("--catalogue_cache", metavar="DIR", default=None,
+                        help="with --catalogue: where the catalogue goes when the store's folder cannot be written "
+                             "(default $T2VLP_CATALOGUE_CACHE, else ~/.cache/t2vlp/catalogues; give training the "
+                             "same --catalogue_cache)")
     parser.add_argument("--csv", action="append", default=[], dest="csv_paths", metavar="FILE",
                         help="WebVid csv with videoid and name columns; repeat for several files")
     tables = parser.add_argument_group("tables of videos or clips (with --video_dir)")
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verify is not None:
         return run_verify(args.verify, args.labels_name)
+    if args.catalogue is not None:
+        return run_catalogue(args.catalogue, args.labels_name, args.output_name, args.catalogue_cache)
     config = parse_args(argv)
     try:
         summary = convert(config)
@@ -294,6 +312,21 @@ def run_verify(folder: str, labels_name: str) -> int:
         return 2
     print("\n".join(check.report()), flush=True)
     return 0 if check.ok else 1
+
+
+def run_catalogue(folder: str, labels_name: str, output_name: str, cache_dir: str | None) -> int:
+    labels, index = posixpath.join(folder, labels_name), posixpath.join(folder, f"{output_name}.index")
+    try:
+        found = find_catalogue(labels, index, cache_dir)
+        catalogue = found or ensure_catalogue(labels, index, cache_dir)
+    except (OSError, ValueError) as error:  # no labels or index, a malformed index line, labels that are not JSON
+        print(f"frozen_tfrecord.py: error: --catalogue {folder}: {error}", file=sys.stderr, flush=True)
+        return 2
+    info = catalogue.info
+    print(f"{'up to date' if found else 'built'}: {catalogue.path}: {info.n_rows} labels in {len(info.shards)} "
+          f"shard(s), {info.n_missing} without a record in the index, {info.n_duplicate_ids} repeated index "
+          f"line(s) (the first of each used)", flush=True)
+    return 0
 
 
 def report(config: ConversionConfig, summary: ConversionSummary) -> int:

@@ -154,7 +154,7 @@ def decode_example(payload: bytes) -> dict[str, list]:
 class ByteSource(Protocol):
     costly_requests: bool  # True: worth reading ahead speculatively to save a request
 
-    def read_at(self, offset: int, size: int) -> bytes: ...
+    def read_at(self, offset: int, size: int | None) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -167,7 +167,10 @@ class LocalFileSource:
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
 
-    def read_at(self, offset: int, size: int) -> bytes:
+    def read_at(self, offset: int, size: int | None) -> bytes:
+        """`size` bytes from `offset` (fewer at the end of the file); None: up to the end."""
+        if size is None:
+            size = max(0, os.fstat(self.fd).st_size - offset)
         chunks = []
         while size > 0:
             chunk = os.pread(self.fd, size, offset)
@@ -237,14 +240,14 @@ class S3Source:
     def __init__(self, url: str) -> None:
         self.bucket, self.key = split_s3_url(url)
 
-    def read_at(self, offset: int, size: int) -> bytes:
-        if size <= 0:
+    def read_at(self, offset: int, size: int | None) -> bytes:
+        """One ranged GET: `size` bytes from `offset`, or (None) everything from `offset` on."""
+        if size is not None and size <= 0:
             return b""
         client = s3_client()
+        last = "" if size is None else offset + size - 1
         try:
-            response = client.get_object(
-                Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{offset + size - 1}"
-            )
+            response = client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{last}")
             return response["Body"].read()
         except _botocore_errors() as error:  # not OSErrors; readers treat every I/O failure alike
             if _is_s3_range_past_end(error):
@@ -291,7 +294,7 @@ class RecordReader:
     def read(self, path: str | os.PathLike, offset: int) -> bytes:
         """The payload of the record whose header starts at `offset` in `path`."""
         path = str(path)
-        source = self._source(path)
+        source = self.source(path)
         head = source.read_at(offset, HEADER_SIZE + (self.prefetch if source.costly_requests else 0))
         length = parse_header(head[:HEADER_SIZE], verify_crc=self.verify_crc, source=path, offset=offset)
         end = HEADER_SIZE + length + FOOTER_SIZE
@@ -311,7 +314,8 @@ class RecordReader:
                 source.close()
             self._sources.clear()
 
-    def _source(self, path: str) -> ByteSource:
+    def source(self, path: str) -> ByteSource:
+        """The open source of `path` (opened in this process on first use; at most `max_open` kept)."""
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's handles belong to the parent
                 self._sources = OrderedDict()

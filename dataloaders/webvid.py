@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataloaders.blocks import BlockLayout, BlockReader
 from dataloaders.catalogue import Catalogue, ensure_catalogue
 from dataloaders.clip_store import check_record_id, index_file, parse_clip_record, resolve_shard_path
 from dataloaders.collate import clip_sample
@@ -53,6 +54,8 @@ class WebVidDataset(Dataset):
         verify_crc: bool = False,
         catalogue: Catalogue | None = None,
         catalogue_cache: str | os.PathLike | None = None,
+        blocks: BlockLayout | None = None,
+        block_buffer: int = 8,
     ) -> None:
         self.catalogue = catalogue if catalogue is not None else ensure_catalogue(labels_json, index_path,
                                                                                   catalogue_cache)
@@ -77,6 +80,8 @@ class WebVidDataset(Dataset):
         self.n_skipped = 0
         self._warned: set[str] = set()
         self._reader = RecordReader(verify_crc=verify_crc)
+        self.block_layout, self.block_buffer = blocks, block_buffer  # block mode: the sampler reads these
+        self._blocks = BlockReader(blocks, self.shard_path, block_buffer + 1, self._reader) if blocks else None
 
     def __len__(self) -> int:
         return len(self.catalogue)
@@ -125,7 +130,8 @@ class WebVidDataset(Dataset):
             return self._skip(video_id, "not in the TFRecord index")
         path = self.shard_path(shard)
         try:
-            record = parse_clip_record(self._reader.read(path, offset))
+            payload = self._blocks.payload(shard, offset) if self._blocks else self._reader.read(path, offset)
+            record = parse_clip_record(payload)
             check_record_id(record, video_id)
             rng = np.random.default_rng([self.seed, self.epoch, index])
             indices = clip_frame_indices(record.num_frames, self.max_frames, self.slice_framepos, self.frame_order,

@@ -222,6 +222,12 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
              f"(default ${CACHE_ENV}, else ~/.cache/t2vlp/catalogues). A store without a catalogue gets one on the "
              "first run, built by each node's first rank while the others wait; frozen_tfrecord.py --catalogue "
              "builds it ahead.")
+    add("--block_records", type=int, default=0, metavar="K",
+        help="Block mode, for stores on s3:// or a slow network filesystem (off by default): read the store in "
+             "blocks of up to K records that lie together in one shard, each with one ranged read; the epoch's "
+             "order is a permutation of blocks, shuffled within --block_buffer blocks (docs/data.md §4.3).")
+    add("--block_buffer", type=int, default=8, metavar="B",
+        help="Block mode: blocks whose samples are shuffled together (each DataLoader worker holds B + 1 blocks).")
 
 
 def _add_fusion_flags(parser: argparse.ArgumentParser, head_dropout: float) -> None:
@@ -292,6 +298,7 @@ def validation_error(args: argparse.Namespace, world_size: int) -> str | None:
         (args.coef_lr >= 0 and args.new_params_lr >= 0, "--coef_lr and --new_params_lr must be >= 0"),
         (0 <= args.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
         (0 <= args.max_missing_fraction <= 1, "--max_missing_fraction must be in [0, 1]"),
+        (args.block_records >= 0 and args.block_buffer >= 1, "--block_records must be >= 0 and --block_buffer >= 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
         (args.batch_size >= 1 and args.batch_size_val >= 1, "--batch_size and --batch_size_val must be >= 1"),
         (args.max_words >= 2, "--max_words must be >= 2 (SOT and EOT)"),

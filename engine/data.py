@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from dataloaders.blocks import block_layout
 from dataloaders.catalogue import Catalogue, ensure_catalogue, find_catalogue, wait_for_catalogue
 from dataloaders.msrvtt import MSRVTTTestDataset, MSRVTTTrainDataset
 from dataloaders.raw_video_text import RawVideoTextDataset
@@ -70,10 +71,15 @@ def build_webvid_dataset(args: argparse.Namespace) -> WebVidDataset | None:
     logger.info("training on WebVid TFRecords: labels %s, index in %s", args.data_path, args.dir_path)
     catalogue = build_checked(lambda: node_catalogue(args.data_path, args.dir_path, args.catalogue_cache),
                               "--data_path / --dir_path")
+    blocks = None
+    if args.block_records:
+        blocks = block_layout(catalogue, args.block_records)
+        logger.info("block mode: %d samples in %d blocks of up to %d records, a shuffle buffer of %d blocks",
+                    blocks.n_samples, blocks.n_blocks, args.block_records, args.block_buffer)
     dataset = build_checked(lambda: WebVidDataset(
         args.data_path, args.dir_path, max_words=args.max_words, max_frames=args.max_frames,
         slice_framepos=args.slice_framepos, frame_order=args.train_frame_order, seed=args.seed,
-        verify_crc=args.verify_crc, catalogue=catalogue,
+        verify_crc=args.verify_crc, catalogue=catalogue, blocks=blocks, block_buffer=args.block_buffer,
     ), "--data_path / --dir_path")
     if len(dataset) == 0:
         raise InputError(f"no training samples in --data_path {args.data_path}")

@@ -1,11 +1,15 @@
-"""Samplers for map-style datasets: a resumable training sampler and an exactly-once evaluation sampler."""
+"""Samplers for map-style datasets: a resumable training sampler, its block-mode variant for object storage, and an
+exactly-once evaluation sampler."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from dataloaders.blocks import BlockLayout
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -109,3 +113,83 @@ def eval_shard(dataset_len: int, num_replicas: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+
+
+class BlockSampler(Sampler[int]):
+    """Block mode (docs/data.md §4.3): the store read by the block, for object storage.
+
+    Each epoch draws a permutation of the layout's blocks from (seed + epoch), the same on every rank, and cuts it
+    into groups of `buffer_blocks` blocks; a group's samples are shuffled together (a shuffle buffer of that many
+    blocks, from (seed, epoch, group)). The groups, one after the other, are the epoch's global order; rank r takes
+    its r-th contiguous part (the last len % num_replicas samples are dropped), so a block is read by one rank
+    (two, where a part ends inside it). Within a rank the part is cut into one contiguous stretch per DataLoader
+    worker and its batches are dealt out in turn, so that worker k, which the DataLoader gives batches k,
+    k + W, ..., reads its own blocks. Resuming needs the number of samples consumed by all ranks, with the same
+    number of ranks and workers and the same batch (the order depends on them).
+    """
+
+    def __init__(self, layout: BlockLayout, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 buffer_blocks: int = 8, num_workers: int = 0, batch_size: int = 1) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
+        if buffer_blocks < 1 or batch_size < 1:
+            raise ValueError("buffer_blocks and batch_size must be at least 1")
+        self.layout = layout
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.buffer_blocks = buffer_blocks
+        self.num_workers = max(1, num_workers)
+        self.batch_size = batch_size
+        self.num_samples = layout.n_samples // num_replicas
+        if self.num_samples < 1:
+            raise ValueError(f"{layout.n_samples} readable samples cannot be shared by {num_replicas} processes")
+        self.total_size = self.num_samples * num_replicas
+        self.epoch = 0
+        self.start = 0  # samples of this rank's order already consumed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def skip(self, n_samples: int) -> None:
+        """Resume after `n_samples` samples of this epoch consumed by all ranks together."""
+        if not 0 <= n_samples <= self.total_size or n_samples % self.num_replicas:
+            raise ValueError(f"cannot skip {n_samples} of {self.total_size} samples over {self.num_replicas} ranks")
+        self.start = n_samples // self.num_replicas
+
+    def set_start(self, batch_index: int, batch_size: int) -> None:
+        self.skip(batch_index * batch_size * self.num_replicas)
+
+    def rank_positions(self) -> np.ndarray:
+        """This rank's whole order for the epoch, as positions of the layout (int64)."""
+        layout = self.layout
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        blocks = torch.randperm(layout.n_blocks, generator=generator).numpy()
+        sizes = np.diff(layout.starts)[blocks]
+        group_ends = np.cumsum(np.add.reduceat(sizes, np.arange(0, len(blocks), self.buffer_blocks)))
+        begin, end = self.rank * self.num_samples, (self.rank + 1) * self.num_samples
+        first, last = np.searchsorted(group_ends, [begin, end - 1], side="right")
+        pieces = []
+        for group in range(int(first), int(last) + 1):
+            members = blocks[group * self.buffer_blocks:(group + 1) * self.buffer_blocks]
+            positions = np.concatenate([np.arange(layout.starts[b], layout.starts[b + 1]) for b in members])
+            pieces.append(np.random.default_rng([self.seed, self.epoch, group]).permutation(positions))
+        group_begin = int(group_ends[first - 1]) if first > 0 else 0
+        part = np.concatenate(pieces)[begin - group_begin:end - group_begin]
+        return self._dealt_to_workers(part)
+
+    def _dealt_to_workers(self, part: np.ndarray) -> np.ndarray:
+        if self.num_workers == 1:
+            return part
+        stretches = np.array_split(np.arange(len(part)), self.num_workers)
+        worker = np.concatenate([np.full(len(s), w) for w, s in enumerate(stretches)])
+        batch = np.concatenate([np.arange(len(s)) // self.batch_size for s in stretches])
+        return part[np.lexsort((np.arange(len(part)), worker, batch))]
+
+    def __iter__(self) -> Iterator[int]:
+        return map(int, self.layout.rows(self.rank_positions()[self.start:]))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

@@ -39,8 +39,9 @@ from engine.checkpointing import (
 from engine.optim import apply_freeze_rule, build_optimizer, build_scheduler, clamp_logit_scale
 from engine.precision import autocast_context
 from engine.run_logging import RunLogger, read_metrics
-from engine.sampler import ResumableDistributedSampler
+from engine.sampler import BlockSampler, ResumableDistributedSampler
 from engine.tasks.base import ObjectiveModule, StepContext, Task
+from modules.errors import InputError
 
 logger = logging.getLogger("t2vlp.train")
 
@@ -76,6 +77,27 @@ class TrainSettings:
     max_empty_batches: int = 20  # consecutive micro-batches without one readable video that stop the run
     keep_checkpoints: int = 1  # newest model checkpoints kept (and the best); 0 keeps all
     allow_changed_settings: bool = False  # resume even if fixed settings changed (the new ones take effect)
+
+
+def training_sampler(dataset: Dataset, settings: TrainSettings, dist_info: distributed.DistInfo
+                     ) -> ResumableDistributedSampler | BlockSampler:
+    """The training order: over samples, or, for a dataset read by the block (`block_layout`), over blocks."""
+    layout = getattr(dataset, "block_layout", None)
+    if layout is not None:
+        return BlockSampler(layout, dist_info.world_size, dist_info.rank, settings.seed, dataset.block_buffer,
+                            settings.num_workers, settings.micro_batch_size)
+    return ResumableDistributedSampler(len(dataset), dist_info.world_size, dist_info.rank, shuffle=True,
+                                       seed=settings.seed, drop_last=dist_info.world_size > 1)
+
+
+def check_block_resume(state: dict, settings: TrainSettings, world_size: int) -> None:
+    """Block mode's order depends on the processes and the workers: resuming in the middle of an epoch with
+    others would repeat and leave out samples, so it is refused (at an epoch's end any number will do)."""
+    saved_workers = state.get("settings", {}).get("num_workers")
+    if state.get("world_size") != world_size or saved_workers != settings.num_workers:
+        raise InputError(f"block mode: this run stopped in the middle of an epoch with {state.get('world_size')} "
+                         f"processes and --num_thread_reader {saved_workers}; resume it with the same (now "
+                         f"{world_size} and {settings.num_workers}), since the epoch's order depends on them")
 
 
 class Outcome(enum.Enum):
@@ -162,10 +184,7 @@ class Trainer:
         frozen = apply_freeze_rule(self.model, freeze_layer_num)
         logger.info("--freeze_layer_num %d froze %d parameter tensors", freeze_layer_num, len(frozen))
         self.train_dataset = train_dataset
-        self.sampler = ResumableDistributedSampler(
-            len(train_dataset), dist_info.world_size, dist_info.rank, shuffle=True, seed=settings.seed,
-            drop_last=dist_info.world_size > 1,
-        )
+        self.sampler = training_sampler(train_dataset, settings, dist_info)
         self.batches_per_epoch = self.sampler.num_samples // settings.micro_batch_size
         self.steps_per_epoch = self.batches_per_epoch // settings.accumulation_steps
         if self.steps_per_epoch < 1:
@@ -247,6 +266,8 @@ class Trainer:
                 logger.warning("--%s changed on resume: %s -> %s (the schedule follows the new total of %d steps)",
                                key, before, getattr(self.settings, key), self.total_steps)
         rng_states = state["rng_state"]
+        if isinstance(self.sampler, BlockSampler) and self.progress.samples_in_epoch:
+            check_block_resume(state, self.settings, self.dist.world_size)
         if state.get("world_size") != self.dist.world_size:
             logger.warning("resuming a run saved with %s processes on %d", state.get("world_size"), self.dist.world_size)
         restore_rng_state(rng_states[self.dist.rank % len(rng_states)])
