@@ -15,6 +15,15 @@ from modules.checkpoint import write_random_clip_checkpoint
 from tests.model_helpers import TINY_CLIP, TINY_FUSION_CLIP
 
 
+@pytest.fixture(autouse=True)
+def catalogue_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Catalogues of stores that cannot be written beside (s3://, read-only) go to a test folder, never to the
+    user's cache."""
+    folder = tmp_path_factory.getbasetemp() / "catalogue_cache"
+    monkeypatch.setenv("T2VLP_CATALOGUE_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     return write_random_clip_checkpoint(tmp_path_factory.mktemp("clip") / "ViT-tiny.pt", TINY_CLIP, seed=7)
