@@ -91,7 +91,7 @@ Outputs in --output_dir (default ./WebVid_TFRecord, the training scripts' defaul
   frozen_train_labels.json      [{"video_id", "caption"}] for the clips actually written (when there are captions),
                                 one object per line
   frozen_train_labels.catalogue.arrow  the same labels with their shard, offset and record length: what training
-                                maps (Arrow IPC; docs/data.md §4)
+                                maps (Arrow IPC; docs/data.md §2.1)
   failures.tsv                  every row, sample or clip not stored: kind, video id, where (file:line,
                                 <shard>:<key> or the video's path), detail; and notes on stored clips:
                                 `fewer_frames` (fewer frames than asked for), `decoded_sequentially`

@@ -1,4 +1,4 @@
-"""Reading a clip store by the block, for object storage and slow network filesystems (docs/data.md §4.3): the
+"""Reading a clip store by the block, for object storage and slow network filesystems (docs/data.md §2.2): the
 samples of a catalogue in shard-and-offset order are cut into blocks of at most K records that lie next to each
 other in one shard; a block is fetched with one ranged read (one GET on S3) and its records are parsed from it.
 The epoch order over blocks is the sampler's (engine/sampler.py, `BlockSampler`). Free of torch.

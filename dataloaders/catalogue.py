@@ -1,4 +1,4 @@
-"""The catalogue of a clip store (docs/data.md §4): one row per training sample, in the labels file's order, with
+"""The catalogue of a clip store (docs/data.md §2.1): one row per training sample, in the labels file's order, with
 the clip id, its caption, its shard (a number into the catalogue's shard table), the record's byte offset and, where
 known, its framed length. Training maps it instead of parsing the labels and the index.
 

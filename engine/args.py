@@ -225,7 +225,7 @@ def _add_new_flags(parser: argparse.ArgumentParser) -> None:
     add("--block_records", type=int, default=0, metavar="K",
         help="Block mode, for stores on s3:// or a slow network filesystem (off by default): read the store in "
              "blocks of up to K records that lie together in one shard, each with one ranged read; the epoch's "
-             "order is a permutation of blocks, shuffled within --block_buffer blocks (docs/data.md §4.3).")
+             "order is a permutation of blocks, shuffled within --block_buffer blocks (docs/data.md §2.2).")
     add("--block_buffer", type=int, default=8, metavar="B",
         help="Block mode: blocks whose samples are shuffled together (each DataLoader worker holds B + 1 blocks).")
 

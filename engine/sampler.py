@@ -116,7 +116,7 @@ def eval_shard(dataset_len: int, num_replicas: int, rank: int) -> range:
 
 
 class BlockSampler(Sampler[int]):
-    """Block mode (docs/data.md §4.3): the store read by the block, for object storage.
+    """Block mode (docs/data.md §2.2): the store read by the block, for object storage.
 
     Each epoch draws a permutation of the layout's blocks from (seed + epoch), the same on every rank, and cuts it
     into groups of `buffer_blocks` blocks; a group's samples are shuffled together (a shuffle buffer of that many

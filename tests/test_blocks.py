@@ -153,3 +153,20 @@ def test_a_mid_epoch_resume_in_block_mode_needs_the_same_processes_and_workers()
                          ({"world_size": 4, "settings": {"num_workers": 4}}, 4)):
         with pytest.raises(InputError, match="block mode: this run stopped in the middle of an epoch"):
             check_block_resume(state, settings, world)
+
+
+def test_stage1_trains_and_resumes_in_block_mode(webvid_demo, tiny_clip_checkpoint, tmp_path, caplog, capsys):
+    import main_task_clip
+    from tests.test_hostile_inputs import stage1_on
+
+    store = webvid_demo["tfrecord_dir"]
+    argv = stage1_on(store, webvid_demo, tiny_clip_checkpoint, tmp_path / "run", "--block_records=8",
+                     "--block_buffer=2", "--num_thread_reader=2")
+    with caplog.at_level("INFO"):
+        assert main_task_clip.main(argv) == 0
+        assert "block mode: 64 samples in 8 blocks of up to 8 records" in caplog.text
+        assert main_task_clip.main([*argv, "--max_steps=3", "--num_thread_reader=1"]) == 2  # other workers
+        assert "block mode: this run stopped in the middle of an epoch" in capsys.readouterr().err
+        assert main_task_clip.main([*argv, "--max_steps=3"]) == 0  # resumed in the middle of the epoch
+    assert "resumed from restore.bin: epoch 0, 8 samples into the epoch, step 1" in caplog.text
+    assert "step 3/8" in caplog.text
