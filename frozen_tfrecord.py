@@ -323,9 +323,9 @@ def run_catalogue(folder: str, labels_name: str, output_name: str, cache_dir: st
         print(f"frozen_tfrecord.py: error: --catalogue {folder}: {error}", file=sys.stderr, flush=True)
         return 2
     info = catalogue.info
-    print(f"{'up to date' if found else 'built'}: {catalogue.path}: {info.n_rows} labels in {len(info.shards)} "
-          f"shard(s), {info.n_missing} without a record in the index, {info.n_duplicate_ids} repeated index "
-          f"line(s) (the first of each used)", flush=True)
+    print(f"{'up to date' if found else 'built'}: {catalogue.path}: {info.n_rows} labels, {len(info.shards)} "
+          f"shard path(s) in the index, {info.n_missing} without a record in the index, {info.n_duplicate_ids} "
+          f"repeated index line(s) (the first of each used)", flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -336,3 +337,31 @@ def test_merge_streams_under_a_memory_cap_where_holding_every_state_fails(tmp_pa
         shard, offset, length = catalogue.location(row)
         recorded = index_lines[catalogue.video_id(row)]
         assert (catalogue.shards[shard], offset, length) == (recorded[1], int(recorded[2]), 1000)
+
+
+def test_the_other_ranks_of_a_node_wait_for_its_first_rank_to_build_it(store, tmp_path, monkeypatch):  # noqa: F811
+    from engine.data import node_catalogue
+
+    labels, index = original_layout(store, tmp_path / "s")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    found = {}
+    waiter = threading.Thread(target=lambda: found.update(catalogue=node_catalogue(str(labels), str(index), None)))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not beside_path(str(labels)).exists()  # waiting, building nothing
+    built = ensure_catalogue(labels, index)  # what LOCAL_RANK 0 does
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and found["catalogue"].path == built.path
+
+
+def test_the_catalogue_command(store, tmp_path, capsys):  # noqa: F811
+    import frozen_tfrecord as ft
+
+    labels, _ = original_layout(store, tmp_path / "s")
+    assert ft.main(["--catalogue", str(labels.parent)]) == 0
+    assert capsys.readouterr().out.startswith(f"built: {beside_path(str(labels))}: {N_VIDEOS + 2} labels, 5 shard path(s) in the index,"
+                                              f" 1 without a record in the index, 1 repeated index line(s)")
+    assert ft.main(["--catalogue", str(labels.parent)]) == 0
+    assert capsys.readouterr().out.startswith("up to date: ")
+    assert ft.main(["--catalogue", str(tmp_path / "nothing")]) == 2
+    assert "--catalogue" in capsys.readouterr().err
