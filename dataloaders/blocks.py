@@ -52,37 +52,87 @@ class BlockLayout:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         return positions if self.order is None else self.order[positions]
 
+    def __post_init__(self) -> None:
+        self._keys = (self.shards.astype(np.int64) << OFFSET_BITS) | self.begins
+
     def block_of(self, shard: int, offset: int) -> int:
         """The block whose byte range holds the record at `offset` of `shard`."""
-        keys = (self.shards.astype(np.int64) << OFFSET_BITS) | self.begins
-        return int(np.searchsorted(keys, (shard << OFFSET_BITS) | offset, side="right")) - 1
+        return int(np.searchsorted(self._keys, (shard << OFFSET_BITS) | offset, side="right")) - 1
 
 
 def block_layout(catalogue: Catalogue, records_per_block: int) -> BlockLayout:
-    """The blocks of a catalogue. A catalogue whose rows are already in (shard, offset) order (the converter's)
-    costs a scan of two columns; another is sorted (8 bytes a sample, held by each rank)."""
+    """The blocks of a catalogue. One whose rows are already in (shard, offset) order, all with a record (the
+    converter's), is read as a stream: memory for the blocks alone. Another is sorted: 8 bytes a sample, in each
+    rank that uses it."""
     if records_per_block < 1:
         raise ValueError(f"records per block must be at least 1, got {records_per_block}")
-    shards = np.concatenate(list(catalogue.column("shard"))) if len(catalogue) else np.zeros(0, np.int32)
-    offsets = np.concatenate(list(catalogue.column("offset"))) if len(catalogue) else np.zeros(0, np.int64)
-    lengths = np.concatenate(list(catalogue.column("length"))) if len(catalogue) else np.zeros(0, np.int64)
+    shard_changes = _shard_changes_if_in_order(catalogue)
+    if shard_changes is None:
+        return _sorted_layout(catalogue, records_per_block)
+    n = len(catalogue)
+    starts = _block_starts(shard_changes, n, records_per_block)
+    first, last = starts[:-1], starts[1:] - 1
+    shards, begins = _gather(catalogue, "shard", first), _gather(catalogue, "offset", first)
+    last_offsets, last_lengths = _gather(catalogue, "offset", last), _gather(catalogue, "length", last)
+    ends = np.where(last_lengths >= 0, last_offsets + last_lengths, -1)
+    for block in np.flatnonzero(last_lengths < 0):  # up to the next record of the shard, or to its end
+        row = int(last[block]) + 1
+        while row < n and catalogue.location(row)[:2] == (int(shards[block]), int(last_offsets[block])):
+            row += 1  # rows that share the record (one clip, several captions)
+        if row < n and catalogue.location(row)[0] == shards[block]:
+            ends[block] = catalogue.location(row)[1]
+    return BlockLayout(None, starts, shards.astype(np.int32), begins.astype(np.int64), ends.astype(np.int64),
+                       records_per_block)
+
+
+def _shard_changes_if_in_order(catalogue: Catalogue) -> np.ndarray | None:
+    """The rows where the shard changes, when every row has a record and the rows are in (shard, offset) order;
+    else None. One pass over two columns, a batch at a time."""
+    changes, previous, row = [], None, 0
+    for shards, offsets in zip(catalogue.column("shard"), catalogue.column("offset")):
+        if len(shards) == 0:
+            continue
+        if shards.min() < 0:
+            return None
+        keys = (shards.astype(np.int64) << OFFSET_BITS) | offsets
+        if np.any(keys[1:] < keys[:-1]) or (previous is not None and keys[0] < previous[1]):
+            return None
+        new = np.flatnonzero(shards[1:] != shards[:-1]) + 1
+        if previous is None or shards[0] != previous[0]:
+            new = np.concatenate([[0], new])
+        changes.append(new + row)
+        previous, row = (shards[-1], keys[-1]), row + len(shards)
+    return np.concatenate(changes).astype(np.int64) if changes else np.zeros(0, np.int64)
+
+
+def _block_starts(shard_changes: np.ndarray, n: int, records_per_block: int) -> np.ndarray:
+    runs = zip(shard_changes, [*shard_changes[1:], n])
+    starts = [np.arange(start, end, records_per_block) for start, end in runs]
+    return np.append(np.concatenate(starts) if starts else np.zeros(0, np.int64), n).astype(np.int64)
+
+
+def _gather(catalogue: Catalogue, name: str, rows: np.ndarray) -> np.ndarray:
+    """A column's values at ascending `rows`, batch by batch."""
+    out, per_batch = np.zeros(len(rows), np.int64), catalogue.info.rows_per_batch
+    for number, values in enumerate(catalogue.column(name)):
+        lo, hi = np.searchsorted(rows, [number * per_batch, number * per_batch + len(values)])
+        out[lo:hi] = values[rows[lo:hi] - number * per_batch]
+    return out
+
+
+def _sorted_layout(catalogue: Catalogue, records_per_block: int) -> BlockLayout:
+    shards = np.concatenate(list(catalogue.column("shard")))
+    offsets = np.concatenate(list(catalogue.column("offset")))
+    lengths = np.concatenate(list(catalogue.column("length")))
     keys = (shards.astype(np.int64) << OFFSET_BITS) | offsets
-    present = shards >= 0
-    if present.all() and (len(keys) < 2 or bool(np.all(keys[1:] >= keys[:-1]))):
-        order = None
-    else:
-        order = np.flatnonzero(present)
-        order = order[np.argsort(keys[order], kind="stable")]
-    positions = np.arange(len(keys)) if order is None else order
-    sorted_shards, sorted_offsets, sorted_lengths = shards[positions], offsets[positions], lengths[positions]
+    order = np.flatnonzero(shards >= 0)
+    order = order[np.argsort(keys[order], kind="stable")]
+    sorted_shards, sorted_offsets, sorted_lengths = shards[order], offsets[order], lengths[order]
     del shards, offsets, lengths, keys
-    n = len(positions)
+    n = len(order)
     new_shard = np.ones(n, dtype=bool)
     new_shard[1:] = sorted_shards[1:] != sorted_shards[:-1]
-    run_starts = np.flatnonzero(new_shard)
-    starts = np.concatenate([np.arange(s, e, records_per_block) for s, e in
-                             zip(run_starts, [*run_starts[1:], n])]).astype(np.int64) if n else np.zeros(0, np.int64)
-    starts = np.append(starts, n)
+    starts = _block_starts(np.flatnonzero(new_shard), n, records_per_block)
     first, last = starts[:-1], starts[1:] - 1
     ends = np.full(len(first), -1, dtype=np.int64)
     known = sorted_lengths[last] >= 0
@@ -90,8 +140,9 @@ def block_layout(catalogue: Catalogue, records_per_block: int) -> BlockLayout:
     # otherwise: up to the next record of the same shard (records sharing an offset, one clip with several
     # captions, are passed over), or to the shard's end
     sorted_keys = (sorted_shards.astype(np.int64) << OFFSET_BITS) | sorted_offsets
-    run_starts = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]])) if n else run_starts
-    next_run = np.append(run_starts[1:], n)[np.searchsorted(run_starts, last[~known], side="right") - 1]
+    key_runs = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]])) if n else \
+        np.zeros(0, np.int64)
+    next_run = np.append(key_runs[1:], n)[np.searchsorted(key_runs, last[~known], side="right") - 1]
     same_shard = next_run < n
     same_shard[same_shard] = sorted_shards[next_run[same_shard]] == sorted_shards[last[~known][same_shard]]
     unknown_ends = ends[~known]

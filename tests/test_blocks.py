@@ -170,3 +170,32 @@ def test_stage1_trains_and_resumes_in_block_mode(webvid_demo, tiny_clip_checkpoi
         assert main_task_clip.main([*argv, "--max_steps=3"]) == 0  # resumed in the middle of the epoch
     assert "resumed from restore.bin: epoch 0, 8 samples into the epoch, step 1" in caplog.text
     assert "step 3/8" in caplog.text
+
+
+@pytest.mark.parametrize("written_by", ["converter", "derived"])
+def test_a_catalogue_in_shard_order_is_cut_as_a_stream_into_the_blocks_sorting_gives(webvid_demo, tmp_path,
+                                                                                      written_by):
+    from dataloaders.blocks import _sorted_layout
+    from dataloaders.catalogue import Catalogue, beside_path, build_catalogue
+
+    store = webvid_demo["tfrecord_dir"]
+    labels = store / "frozen_train_labels.json"
+    if written_by == "converter":
+        catalogue = Catalogue(beside_path(str(labels)))
+    else:
+        catalogue = build_catalogue(str(labels), str(store), tmp_path / "derived.catalogue.arrow")
+    known = {catalogue.location(r)[2] >= 0 for r in range(len(catalogue))}
+    assert known == ({True} if written_by == "converter" else {False})
+    for k in (1, 3, 7, 64):
+        streamed, in_memory = block_layout(catalogue, k), _sorted_layout(catalogue, k)
+        assert streamed.order is None and np.array_equal(in_memory.order, np.arange(len(catalogue)))
+        for field in ("starts", "shards", "begins", "ends"):
+            assert np.array_equal(getattr(streamed, field), getattr(in_memory, field)), (k, field)
+        following = streamed.shards[1:] == streamed.shards[:-1]  # a block ends where the next of its shard begins
+        assert np.array_equal(streamed.ends[:-1][following], streamed.begins[1:][following])
+        if written_by == "derived":  # the last record of a shard: read to the shard's end
+            assert np.all(streamed.ends[:-1][~following] == -1) and streamed.ends[-1] == -1
+        else:  # the converter knows every record's length: a shard's last block ends at the shard's size
+            sizes = {p.name: p.stat().st_size for p in store.glob("*.tfrecord")}
+            ends = streamed.ends[np.append(~following, True)]
+            assert ends.tolist() == [sizes[catalogue.shards[s]] for s in streamed.shards[np.append(~following, True)]]
