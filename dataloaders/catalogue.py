@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from dataloaders.clip_store import index_file, iter_labels, read_index_columns
 from dataloaders.files import temporary_beside
-from dataloaders.tfrecord_io import is_s3_url, s3_client, split_s3_url
+from dataloaders.tfrecord_io import head_s3_object, is_s3_url, split_s3_url
 
 logger = logging.getLogger("t2vlp.data")
 
@@ -238,8 +238,7 @@ class Catalogue:
 def fingerprint(path: str) -> dict:
     """What tells a changed file: size and modification time (local), size and ETag (S3)."""
     if is_s3_url(path):
-        bucket, key = split_s3_url(path)
-        head = s3_client().head_object(Bucket=bucket, Key=key)
+        head = head_s3_object(path)
         return {"path": path, "size": head["ContentLength"], "etag": head["ETag"]}
     stat = os.stat(path)
     return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

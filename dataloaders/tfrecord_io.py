@@ -221,6 +221,19 @@ def read_s3_object(url: str) -> bytes:
         raise OSError(f"{url}: GET failed: {error}") from error
 
 
+def head_s3_object(url: str) -> dict:
+    """HEAD of an S3 object (its ContentLength, ETag, ...); a missing object is FileNotFoundError, any other
+    failure OSError."""
+    bucket, key = split_s3_url(url)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except _botocore_errors() as error:
+        code = str(getattr(error, "response", {}).get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(2, "no such S3 object", url) from error
+        raise OSError(f"{url}: HEAD failed: {error}") from error
+
+
 def _botocore_errors() -> tuple[type[Exception], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
 

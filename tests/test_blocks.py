@@ -199,3 +199,11 @@ def test_a_catalogue_in_shard_order_is_cut_as_a_stream_into_the_blocks_sorting_g
             sizes = {p.name: p.stat().st_size for p in store.glob("*.tfrecord")}
             ends = streamed.ends[np.append(~following, True)]
             assert ends.tolist() == [sizes[catalogue.shards[s]] for s in streamed.shards[np.append(~following, True)]]
+
+
+def test_a_store_on_s3_without_its_labels_is_a_missing_file(s3_env, tmp_path):  # noqa: F811
+    write_store(tmp_path / "store")
+    url = upload(s3_env, tmp_path / "store", "nolabels")
+    s3_env.delete_object(Bucket="webvid", Key="nolabels/frozen_train_labels.json")
+    with pytest.raises(FileNotFoundError, match="nolabels/frozen_train_labels.json"):
+        ensure_catalogue(f"{url}/frozen_train_labels.json", url)
