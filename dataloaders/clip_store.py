@@ -253,18 +253,6 @@ class WebVidIndex:
             return None
         return self.shard_paths[self._shards[row]], int(self._offsets[row])
 
-    def locate_many(self, video_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Shard numbers (into `shard_paths`, -1 when absent) and byte offsets for many ids at once."""
-        wanted = np.asarray([str(v).encode("utf-8") for v in video_ids], dtype=bytes)
-        shards = np.full(len(wanted), -1, dtype=np.int32)
-        offsets = np.zeros(len(wanted), dtype=np.int64)
-        if len(self._ids) and len(wanted):
-            rows = np.minimum(np.searchsorted(self._ids, wanted), len(self._ids) - 1)
-            found = self._ids[rows] == wanted
-            shards[found] = self._shards[rows[found]]
-            offsets[found] = self._offsets[rows[found]]
-        return shards, offsets
-
     def _row(self, video_id: str) -> int:
         key = str(video_id).encode("utf-8")
         row = int(np.searchsorted(self._ids, key))

@@ -1,5 +1,6 @@
-"""WebVid-style pre-training (docs/method.md §9.1-9.2): the Dataset over a clip store (the labels file, the
-records and the index: dataloaders/clip_store.py)."""
+"""WebVid-style pre-training (docs/method.md §9.1-9.2): the Dataset over a clip store, read through its catalogue
+(dataloaders/catalogue.py: ids, captions and record locations, memory-mapped) and its records
+(dataloaders/clip_store.py), one at a time or by the block (dataloaders/blocks.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class WebVidDataset(Dataset):
     (bicubic, antialiased), center crop. Captions: CLIP BPE with id 0 ("!") deleted, as the original WebVid
     loaders did (so "!" never reaches the model from WebVid; the attention mask, not id > 0, marks tokens).
 
+    The labels and the index are read through the store's catalogue (`catalogue`, else found or built:
+    docs/data.md §2.1); with `blocks`, records are read by the block (docs/data.md §2.2).
     A label whose id is not in the index, or whose record cannot be read, gives `None` (logged once per id).
     Shard files / S3 clients are opened lazily in the process that reads, so the dataset can be built before
     DataLoader workers fork; rank sharding is the sampler's job (e.g. DistributedSampler).
