@@ -365,3 +365,21 @@ def test_the_catalogue_command(store, tmp_path, capsys):  # noqa: F811
     assert capsys.readouterr().out.startswith("up to date: ")
     assert ft.main(["--catalogue", str(tmp_path / "nothing")]) == 2
     assert "--catalogue" in capsys.readouterr().err
+
+
+def test_the_index_reads_the_same_by_columns_and_by_lines(tmp_path):
+    from dataloaders.clip_store import _read_index_arrow, _read_index_lines, read_index_columns
+
+    plain = tmp_path / "plain.index"
+    plain.write_text("a\tp-0.tfrecord\t0\r\nb\tp-0.tfrecord\t120\n\nc\t/abs/p-1.tfrecord\t7\na\tp-1.tfrecord\t9\n")
+    odd = tmp_path / "odd.index"  # a padded id, an extra field, a line of spaces: only the line reader takes it
+    odd.write_text(" a \tp-0.tfrecord\t0\textra\nb\tp-0.tfrecord\t120\n   \nc\t/abs/p-1.tfrecord\t7\na\tp-1.tfrecord\t9\n")
+    expected = (["a", "b", "c", "a"], [0, 0, 1, 2], [0, 120, 7, 9], ["p-0.tfrecord", "/abs/p-1.tfrecord",
+                                                                       "p-1.tfrecord"])
+    for columns in (_read_index_arrow(str(plain)), _read_index_lines(str(plain)), read_index_columns(str(odd))):
+        assert (columns.video_ids.to_pylist(), columns.shards.tolist(), columns.offsets.tolist(),
+                columns.recorded_shards) == expected
+    bad = tmp_path / "bad.index"
+    bad.write_text("a\tp-0.tfrecord\t0\nb\tp-0.tfrecord\t-3\n")
+    with pytest.raises(ValueError, match=r"bad\.index, line 2: expected 'id<TAB>shard<TAB>offset'"):
+        read_index_columns(str(bad))
