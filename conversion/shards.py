@@ -117,16 +117,9 @@ def unique_temporary(path: Path) -> Path:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    temporary = unique_temporary(path)
-    try:
-        with temporary.open("w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with AtomicText(path) as handle:
+        handle.write(text)
+        handle.commit()
 
 
 class ShardWriter:

@@ -181,7 +181,6 @@ class Catalogue:
         if self._reader.num_record_batches != expected_batches:
             raise CatalogueError(f"{self.path}: {self._reader.num_record_batches} batches for {self.info.n_rows} rows")
         self._batches: dict[int, _Batch] = {}
-        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
