@@ -113,8 +113,6 @@ def eval_shard(dataset_len: int, num_replicas: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-
-
 class BlockSampler(Sampler[int]):
     """Block mode (docs/data.md §2.2): the store read by the block, for object storage.
 
