@@ -54,7 +54,7 @@ from conversion.shards import (
 from conversion.sources import SampleFields, select_files
 from conversion.tables import PRESETS, TableLayout
 from conversion.webdataset_input import DEFAULT_MAX_MEMBER_BYTES, convert_input_shard, expand_shard_specs
-from dataloaders.files import LOCK_NAME, FolderLock
+from dataloaders.files import LOCK_NAME, FolderLock, remove_temporaries
 from modules.errors import InputError
 
 logger = logging.getLogger("frozen_tfrecord")
@@ -224,8 +224,7 @@ def remove_stale_temporaries(layout: OutputLayout, numbers: list[int]) -> None:
     """Temp files of this run's shards left by an interrupted run (never another part's)."""
     for number in numbers:
         for final in (layout.shard(number), layout.sidecar(number)):
-            for stale in layout.dir.glob(f".{final.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            remove_temporaries(final)
 
 
 def _plan_key(plan: ShardPlan) -> list:

@@ -20,9 +20,9 @@ import numpy as np
 
 from conversion.encoding import EncodeOptions
 from conversion.items import Failure, Unit
-from dataloaders.catalogue import CatalogueWriter, beside_path, remove_temporaries, sources_of
+from dataloaders.catalogue import CatalogueWriter, beside_path, sources_of
 from dataloaders.clip_store import parse_clip_record
-from dataloaders.files import file_sha256, temporary_beside
+from dataloaders.files import file_sha256, remove_temporaries, unique_temporary
 from dataloaders.tfrecord_io import iter_records, write_record
 from modules.errors import InputError
 
@@ -107,13 +107,6 @@ class OutputLayout:
 
     def part_manifests(self) -> list[Path]:
         return sorted(self.dir.glob(f"{self.name}.part-*-of-*.json"))
-
-
-def unique_temporary(path: Path) -> Path:
-    """A new, empty temp file beside `path` (`.<name>.<random>.tmp`): no two writers ever share one."""
-    fd, name = temporary_beside(path)
-    os.close(fd)
-    return name
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -249,8 +242,7 @@ def assemble(output_dir: Path, index: Path, states: ShardStates, input_failures:
         index_out = files.enter_context(AtomicText(index))
         labels_out = files.enter_context(LabelsWriter(labels_path)) if labels_path is not None else None
         failures_out = files.enter_context(AtomicText(output_dir / "failures.tsv"))
-        catalogue = CatalogueWriter(catalogue_path) if catalogue_path is not None else None
-        files.callback(lambda: catalogue is not None and catalogue.temporary.exists() and catalogue.abort())
+        catalogue = files.enter_context(CatalogueWriter(catalogue_path)) if catalogue_path is not None else None
         failures_out.write(FAILURES_HEADER)
         shard_table: list[str] = []
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataloaders.clip_store import index_file, iter_labels, read_index_columns
-from dataloaders.files import temporary_beside
+from dataloaders.files import remove_temporaries, unique_temporary
 from dataloaders.tfrecord_io import head_s3_object, is_s3_url, split_s3_url
 
 logger = logging.getLogger("t2vlp.data")
@@ -76,19 +76,27 @@ class CatalogueInfo:
 
 class CatalogueWriter:
     """Rows appended in labels order, written in uniform batches to a temp file beside `path`; `finish` adds the
-    trailer and renames it into place. Memory: at most two batches of rows, whatever the number of rows."""
+    trailer and renames it into place. Memory: at most two batches of rows, whatever the number of rows. As a
+    context manager, left without `finish`, the temp file is removed."""
 
     def __init__(self, path: str | os.PathLike, rows_per_batch: int = ROWS_PER_BATCH) -> None:
         self.path = Path(path)
         self.rows_per_batch = rows_per_batch
-        fd, self.temporary = temporary_beside(self.path)
-        os.close(fd)
+        self.temporary = unique_temporary(self.path)
         self._sink = pa.OSFile(str(self.temporary), "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self._rows: dict[str, list] = {name: [] for name in SCHEMA.names}
         self._pieces: list[pa.Table] = []
         self._pending = 0
         self.n_rows = 0
+        self.finished = False
+
+    def __enter__(self) -> CatalogueWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.finished:
+            self.abort()
 
     def add(self, video_id: str, caption: str, shard: int, offset: int, length: int = -1) -> None:
         for name, value in zip(SCHEMA.names, (video_id, caption, shard, offset, length)):
@@ -129,6 +137,7 @@ class CatalogueWriter:
         with open(self.temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.temporary, self.path)
+        self.finished = True
         return self.path
 
     def abort(self) -> None:
@@ -339,12 +348,6 @@ def ensure_catalogue(labels_path: str | os.PathLike, index_path: str | os.PathLi
         return build_catalogue(labels_path, index_path, target)
 
 
-def remove_temporaries(path: Path) -> None:
-    """The temp files of `path` a killed writer left (only the holder of its lock writes them)."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
 def wait_for_catalogue(labels_path: str | os.PathLike, index_path: str | os.PathLike,
                        cache_dir: str | os.PathLike | None = None, poll_s: float = 2.0) -> Catalogue:
     """The catalogue another process (the node's first rank) is building: polled until it is complete."""
@@ -412,16 +415,13 @@ def build_catalogue(labels_path: str, index_path: str, target: Path) -> Catalogu
     logger.info("building the catalogue of %s and %s in %s", labels_path, index_path, target)
     index = read_index_columns(index_path)
     n_duplicates = len(index.video_ids) - pc.count_distinct(index.video_ids).as_py()
-    fd, labels_temp = temporary_beside(target)
-    os.close(fd)
-    writer = None
+    labels_temp = unique_temporary(target)
     try:
         _write_labels_table(labels_path, labels_temp)
-        with pa.memory_map(str(labels_temp)) as mapped:
+        with pa.memory_map(str(labels_temp)) as mapped, CatalogueWriter(target) as writer:
             labels = pa.ipc.open_file(mapped).read_all()
             rows = pc.index_in(labels.column("video_id"), value_set=index.video_ids)
             n_missing = rows.null_count
-            writer = CatalogueWriter(target)
             start = 0
             for batch in labels.to_batches():
                 found = rows.slice(start, batch.num_rows)
@@ -432,10 +432,6 @@ def build_catalogue(labels_path: str, index_path: str, target: Path) -> Catalogu
                 offsets = np.where(present, index.offsets[np.maximum(known, 0)], 0)
                 writer.add_columns(batch.column(0), batch.column(1), shards, offsets, np.full(len(known), -1))
             writer.finish(index.recorded_shards, n_missing, n_duplicates, sources)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
     finally:
         labels_temp.unlink(missing_ok=True)
     catalogue = Catalogue(target)

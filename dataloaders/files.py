@@ -92,6 +92,20 @@ def temporary_beside(path: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
+def unique_temporary(path: Path) -> Path:
+    """A new, empty temp file beside `path` (`temporary_beside`, closed): no two writers ever share one."""
+    fd, name = temporary_beside(path)
+    os.close(fd)
+    return name
+
+
+def remove_temporaries(path: Path) -> None:
+    """The temp files of `path` (`temporary_beside`'s) a killed writer left: only for the writer that holds
+    `path`'s lock or its folder's."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's contents, as hex (read in blocks: any size)."""
     with open(path, "rb") as handle:
